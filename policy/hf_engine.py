@@ -1,0 +1,117 @@
+"""The fallback rollout engine: transformers `generate`, one prompt at a time.
+
+Slower than vLLM but needs nothing beyond transformers. Each prompt samples its K responses together
+(num_return_sequences) from an RNG seeded with prompt_seed(sampling.seed, prompt.index), so a prompt's responses do
+not depend on which other prompts share the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policy.config import PolicyConfig, RolloutConfig
+from policy.rollout import Sampling, prompt_seed
+from rlhf_loop.records import Prompt, Response, Rollout
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """PolicyConfig.dtype as a concrete dtype name: "auto" is float32 on CPU and bfloat16 on CUDA."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+class HFEngine:
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"HFEngine device must be cpu or cuda, got {device!r}")
+        self.device = torch.device(device)
+        self.max_model_len = max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            policy.tokenizer_path or policy.model_path, trust_remote_code=policy.trust_remote_code
+        )
+        self.model = AutoModelForCausalLM.from_pretrained(
+            policy.model_path,
+            dtype=getattr(torch, resolve_dtype(policy.dtype, device)),
+            trust_remote_code=policy.trust_remote_code,
+        ).to(self.device)
+        self.model.eval()
+        self.eos_token_ids = _eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        return [Rollout(prompt=prompt, responses=self._sample(prompt, sampling)) for prompt in prompts]
+
+    @torch.inference_mode()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        result = self.model.load_state_dict(dict(named_tensors), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"update_weights got names the policy does not have: {result.unexpected_keys[:5]}")
+
+    @torch.inference_mode()
+    def _sample(self, prompt: Prompt, sampling: Sampling) -> list[Response]:
+        if len(prompt.token_ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt {prompt.index} has {len(prompt.token_ids)} tokens; with max_tokens {sampling.max_tokens} "
+                f"it exceeds max_model_len {self.max_model_len}"
+            )
+        input_ids = torch.tensor([prompt.token_ids], device=self.device)
+        greedy = sampling.temperature == 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        # fork_rng keeps the caller's global RNG untouched; generate samples from the global RNG.
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(prompt_seed(sampling.seed, prompt.index))
+            sequences = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=sampling.max_tokens,
+                # Greedy decoding gives K identical responses: decode once, copy below.
+                num_return_sequences=1 if greedy else sampling.n,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self._pad_token_id(),
+                **_sampling_knobs(sampling),
+            )
+        responses = [self._response(row[len(prompt.token_ids) :].tolist()) for row in sequences]
+        return responses * sampling.n if greedy else responses
+
+    def _response(self, generated: list[int]) -> Response:
+        """Cut the padding that follows the first EOS; keep the EOS itself, since DPO trains on it."""
+        stop_at = next((i for i, token in enumerate(generated) if token in self.eos_token_ids), None)
+        token_ids = generated if stop_at is None else generated[: stop_at + 1]
+        return Response(
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            token_ids=token_ids,
+            finish_reason="length" if stop_at is None else "stop",
+        )
+
+    def _pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.eos_token_ids[0] if pad is None else pad
+
+
+def _sampling_knobs(sampling: Sampling) -> dict:
+    """Every knob set explicitly: generate fills unset ones from the checkpoint's generation_config.json (top_k=50,
+    repetition penalties, ...), while vLLM samples with exactly the temperature and top_p given."""
+    greedy = sampling.temperature == 0
+    return dict(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+    )
+
+
+def _eos_token_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
+    """The tokens that end a response: the generation config's, plus the tokenizer's (vLLM stops on both)."""
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    if tokenizer_eos is not None and tokenizer_eos not in ids:
+        ids.append(tokenizer_eos)
+    if not ids:
+        raise ValueError("the policy has no EOS token in its tokenizer or generation config; set eos_token_id")
+    return ids

@@ -1,0 +1,41 @@
+"""The rollout seam: an engine samples K responses per prompt and takes new weights in memory.
+
+Two engines implement it: `policy.vllm_engine.VLLMEngine` (default) and `policy.hf_engine.HFEngine` (fallback).
+Both live inside `policy.actors.RolloutActor`, a Ray actor, so the loop never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlhf_loop.records import Prompt, Rollout
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int  # responses per prompt
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int  # base seed; each prompt samples with prompt_seed(seed, prompt.index)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        """K = sampling.n responses for every prompt, in prompt order."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (HF parameter names) in place, without restarting the engine."""
+        ...
+
+
+def prompt_seed(base_seed: int, prompt_index: int) -> int:
+    """A per-prompt sampling seed: the same prompt gets the same samples whichever engine or shard it lands in."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

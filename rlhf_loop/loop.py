@@ -1,0 +1,91 @@
+"""Online iterative DPO, top to bottom.
+
+    for each iteration:
+        the rollout engines sample K responses per prompt from the current policy
+        the reward model scores every response
+        best-vs-worst pairs are built from the scores
+        the learner runs DPO on the fresh pairs (the policy stays in its memory across iterations)
+        the new weights go to the rollout engines in memory, and the policy is evaluated
+
+Sampling from the current policy each round is the point: the pairs stay on-policy, which limits the distribution
+shift that makes one round of offline DPO fall behind. Every stage writes its output to the run directory and marks
+it finished in the manifest, so `resume` continues from the first unfinished unit of work.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from rlhf_loop import stages
+from rlhf_loop.cluster import resolve_device, start_ray, stop_ray
+from rlhf_loop.config import RunConfig
+from rlhf_loop.data import evaluation_prompts, iteration_prompts
+from rlhf_loop.metrics import Tracker, reward_metrics
+from rlhf_loop.rundir import Manifest, RunDir
+
+
+def run(cfg: RunConfig, run_dir: RunDir) -> None:
+    from policy.learner_group import LearnerGroup
+    from policy.rollout_group import RolloutGroup
+    from reward.actor import RewardScorer
+
+    run = stages.Run(cfg, run_dir, Manifest.load(run_dir))
+    device = resolve_device(cfg.device)
+    tracker = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    start_ray(cfg.cluster)
+    try:
+        # ---- pi_0: the policy every role starts from (after an optional SFT warm start) -------------------------
+        initial_policy = stages.sft_warm_start(run, device) if cfg.sft.enabled else cfg.policy
+        tokenizer = stages.load_tokenizer(initial_policy)
+
+        # ---- the actors: rollout engines, reward model, DPO learner ------------------------------------------
+        rollout = RolloutGroup(initial_policy, cfg.rollout, device, stages.max_model_len(cfg), cfg.seed)
+        reward = RewardScorer(cfg.reward, device)
+        learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed)
+
+        # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
+        checkpoint = stages.latest_checkpoint(run)
+        if checkpoint is not None:
+            learner.load_checkpoint(str(checkpoint))
+            stages.sync_weights(learner, rollout)
+
+        # ---- the baseline: pi_0 on the evaluation prompts, for win rates and the gold curve ------------------
+        eval_set = evaluation_prompts(cfg, tokenizer)
+        gold = stages.load_gold(cfg.eval)
+        stages.evaluate(run, rollout, reward, learner, eval_set, None, gold)
+
+        for iteration in range(1, cfg.iterations + 1):
+            if run.manifest.done(run.unit(iteration, "done")):
+                continue
+            # ---- generate: K samples per prompt from the current policy -------------------------------------
+            prompt_set = iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+            rollouts = stages.generate(run, rollout, prompt_set.prompts, iteration)
+
+            # ---- score, then pair best vs worst (ties and identical texts dropped) -------------------------------
+            scored = stages.score(run, reward, rollouts, iteration)
+            selection = stages.build_pairs(run, scored, iteration)
+
+            # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ----------------------------
+            reference = stages.reference_policy(run, initial_policy, iteration)
+            train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
+            stages.export_policy(run, learner, iteration)
+
+            # ---- sync: the new weights go to every rollout engine, in memory ----------------------------------
+            stages.sync(run, learner, rollout, iteration)
+
+            # ---- evaluate and log ------------------------------------------------------------------------
+            eval_metrics = stages.evaluate(run, rollout, reward, learner, eval_set, iteration, gold)
+            metrics = stages.finish_iteration(run, iteration, {
+                **reward_metrics(scored, selection.pairs),
+                "prompts/count": len(prompt_set.prompts),
+                "prompts/skipped_too_long": prompt_set.skipped_too_long,
+                "pairs/count": len(selection.pairs),
+                "pairs/dropped": sum(selection.dropped.values()),
+                **{f"pairs/dropped_{reason}": count for reason, count in selection.dropped.items()},
+                **{f"dpo/{key}": value for key, value in train_metrics.items()},
+                **eval_metrics,
+            })
+            tracker.log(iteration, metrics)
+    finally:
+        tracker.close()
+        stop_ray()

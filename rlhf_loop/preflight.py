@@ -1,0 +1,55 @@
+"""Checks that a run can start, done before anything is written or any actor started: a bad path or column
+costs seconds, not a cluster start-up."""
+
+from __future__ import annotations
+
+from rlhf_loop.config import RunConfig
+from rlhf_loop.errors import UserError
+
+
+def preflight(cfg: RunConfig) -> None:
+    if cfg.toy_task.enabled:
+        from rlhf_loop.toy_task import ensure_toy_assets
+
+        ensure_toy_assets(cfg.toy_task)
+    check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
+    tokenizer = load_checked_tokenizer(cfg)
+
+    from rlhf_loop.data import evaluation_prompts, iteration_prompts, load_rows
+    from rlhf_loop.stages import load_gold
+
+    for iteration in range(1, len(cfg.data.prompts) + 1):
+        iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+    evaluation_prompts(cfg, tokenizer)
+    load_gold(cfg.eval)
+    if cfg.sft.enabled:
+        rows = load_rows(cfg.sft.dataset, "train")
+        if cfg.sft.messages_column not in rows.column_names:
+            raise UserError(f"sft.messages_column {cfg.sft.messages_column!r} is not in {cfg.sft.dataset} "
+                            f"(columns: {', '.join(rows.column_names)})")
+
+
+def check_model(path: str, key: str, trust_remote_code: bool) -> None:
+    """The model's config loads (a local directory, or a hub id in the local cache / online)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot use this path"
+        raise UserError(f"{key} {path!r} cannot be loaded ({str(e).splitlines()[0][:160]}); "
+                        f"give a local model directory or a hub id") from None
+
+
+def load_checked_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.policy.tokenizer_path or cfg.policy.model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.policy.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot load the policy tokenizer from {source!r} ({str(e).splitlines()[0][:160]}); "
+                        f"set policy.tokenizer_path") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {source!r} has no chat template; use a chat (SFT) model or set "
+                        f"policy.tokenizer_path to a tokenizer with one")
+    return tokenizer

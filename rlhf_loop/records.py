@@ -1,0 +1,103 @@
+"""Typed records that flow between the stages of an iteration.
+
+prompts -> Rollout (K responses each) -> Scored -> Pair -> learner.
+Every record round-trips through JSON (`to_json` / `from_json`) because each stage leaves its output in the run
+directory, and `policy/` and `reward/` use these types without importing the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of an iteration, rendered with the policy's chat template."""
+
+    index: int  # position in the iteration's prompt list: the stable id used for shards and seeds
+    messages: Messages  # the conversation so far (system/user turns), as chat messages
+    token_ids: list[int]  # the messages rendered by the policy tokenizer, generation prompt appended
+    meta: dict[str, Any] = field(default_factory=dict)  # the dataset row's other columns (answers, labels, ...)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One sampled continuation of a prompt."""
+
+    text: str
+    token_ids: list[int]  # exactly the sampled tokens (EOS included when it stopped), so DPO trains on them
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The K responses sampled for one prompt."""
+
+    prompt: Prompt
+    responses: list[Response]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Reward-model scores for the K responses of one rollout, in the same order."""
+
+    rollout: Rollout
+    scores: list[float]
+    objectives: dict[str, list[float]] = field(default_factory=dict)  # per-objective scores, e.g. ArmoRM's
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair for DPO: same prompt, chosen preferred over rejected."""
+
+    prompt_index: int
+    prompt_messages: Messages
+    prompt_token_ids: list[int]
+    chosen: Response
+    rejected: Response
+    chosen_score: float
+    rejected_score: float
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """A record as plain JSON-able data."""
+    return dataclasses.asdict(record)
+
+
+def prompt_from_json(data: dict[str, Any]) -> Prompt:
+    return Prompt(**data)
+
+
+def response_from_json(data: dict[str, Any]) -> Response:
+    return Response(**data)
+
+
+def rollout_from_json(data: dict[str, Any]) -> Rollout:
+    return Rollout(
+        prompt=prompt_from_json(data["prompt"]),
+        responses=[response_from_json(r) for r in data["responses"]],
+    )
+
+
+def scored_from_json(data: dict[str, Any]) -> Scored:
+    return Scored(
+        rollout=rollout_from_json(data["rollout"]),
+        scores=list(data["scores"]),
+        objectives={k: list(v) for k, v in data.get("objectives", {}).items()},
+    )
+
+
+def pair_from_json(data: dict[str, Any]) -> Pair:
+    return Pair(
+        prompt_index=data["prompt_index"],
+        prompt_messages=data["prompt_messages"],
+        prompt_token_ids=data["prompt_token_ids"],
+        chosen=response_from_json(data["chosen"]),
+        rejected=response_from_json(data["rejected"]),
+        chosen_score=data["chosen_score"],
+        rejected_score=data["rejected_score"],
+    )

@@ -1,0 +1,282 @@
+"""The stages of one iteration. Each is resumable: it skips the units that the manifest marks finished and
+re-reads their outputs, so a crash costs at most the unit in flight (a shard, `save_steps` training steps, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from policy.rollout import Sampling
+from reward.base import RewardQuery
+from rlhf_loop import records
+from rlhf_loop.config import RunConfig
+from rlhf_loop.pairs import PairSelection, select_pairs
+from rlhf_loop.records import Pair, Prompt, Rollout, Scored
+from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass
+class Run:
+    """What every stage needs: the config, where outputs go, and what is already finished."""
+
+    cfg: RunConfig
+    run_dir: RunDir
+    manifest: Manifest
+
+    def unit(self, iteration: int, name: str) -> str:
+        return f"iter_{iteration:03d}/{name}"
+
+    def seconds(self, iteration: int, stage: str = "") -> float:
+        """Time spent in an iteration (or one of its stages) over all processes of the run, resumed ones included."""
+        prefix = self.unit(iteration, stage)
+        return sum(info.get("seconds", 0.0) for unit, info in self.manifest.units.items()
+                   if unit == prefix or unit.startswith(prefix.rstrip("/") + "/"))
+
+
+def derived_seed(*parts: Any) -> int:
+    """A seed for one purpose of one iteration, independent of how work is split into shards or processes."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ---- sharded stages: generation and scoring ---------------------------------------------------------------------
+
+def run_sharded(
+    run: Run,
+    iteration: int,
+    stage: str,
+    items: Sequence[Item],
+    shard_size: int,
+    work: Callable[[Sequence[Item]], list[Result]],
+    encode: Callable[[Result], dict],
+    decode: Callable[[dict], Result],
+) -> list[Result]:
+    """Apply `work` shard by shard; a finished shard is read back from disk, never redone."""
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    results: list[Result] = []
+    for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False)):
+        unit = run.unit(iteration, f"{stage}/shard_{index:05d}")
+        if run.manifest.done(unit):
+            results += [decode(row) for row in read_jsonl(run.manifest.verified_file(unit))]
+            continue
+        start = time.perf_counter()
+        shard_results = work(shard)
+        path = run.run_dir.iteration(iteration) / stage / f"shard_{index:05d}.jsonl"
+        atomic_write_jsonl(path, map(encode, shard_results))
+        run.manifest.record(unit, files=[path], items=len(shard), of_shards=len(shards),
+                            seconds=time.perf_counter() - start)
+        results += shard_results
+    return results
+
+
+def generate(run: Run, rollout, prompts: Sequence[Prompt], iteration: int) -> list[Rollout]:
+    cfg = run.cfg.rollout
+    sampling = Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_tokens=cfg.max_tokens, seed=derived_seed(run.cfg.seed, "rollout", iteration))
+    return run_sharded(run, iteration, "rollouts", prompts, cfg.shard_size,
+                       lambda shard: rollout.generate(shard, sampling), records.to_json, records.rollout_from_json)
+
+
+def score(run: Run, reward, rollouts: Sequence[Rollout], iteration: int) -> list[Scored]:
+    return run_sharded(run, iteration, "scores", rollouts, run.cfg.reward.shard_size,
+                       lambda shard: score_rollouts(reward, shard), records.to_json, records.scored_from_json)
+
+
+def score_rollouts(reward, rollouts: Sequence[Rollout]) -> list[Scored]:
+    queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta) for r in rollouts]
+    results = reward.score(queries)
+    return [Scored(r, res.scores, res.objectives) for r, res in zip(rollouts, results, strict=True)]
+
+
+# ---- pairs ----------------------------------------------------------------------------------------------------------
+
+def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelection:
+    unit = run.unit(iteration, "pairs")
+    if run.manifest.done(unit):
+        rows = read_jsonl(run.manifest.verified_file(unit))
+        return PairSelection([records.pair_from_json(row) for row in rows], run.manifest.info(unit)["dropped"])
+    selection = select_pairs(scored, run.cfg.pairs.strategy, run.cfg.pairs.min_margin,
+                             derived_seed(run.cfg.seed, "pairs", iteration))
+    path = run.run_dir.iteration(iteration) / "pairs.jsonl"
+    atomic_write_jsonl(path, map(records.to_json, selection.pairs))
+    run.manifest.record(unit, files=[path], count=len(selection.pairs), dropped=selection.dropped)
+    return selection
+
+
+# ---- training ---------------------------------------------------------------------------------------------------------
+
+TRAIN_STAT_KEYS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+def train(run: Run, learner, pairs: Sequence[Pair], iteration: int, reference_dir: str | None) -> dict[str, float]:
+    """DPO on the iteration's pairs, checkpointing every `train.save_steps` steps; returns step-weighted means."""
+    total_steps = learner.begin_iteration(iteration, list(pairs), reference_dir)
+    step = _last_train_step(run, iteration)
+    save_steps = run.cfg.train.save_steps
+    with tqdm(total=total_steps, initial=step, desc=f"iter {iteration} train", unit="step", leave=False) as bar:
+        while step < total_steps:
+            start = time.perf_counter()
+            stats = learner.train_steps(min(save_steps, total_steps - step))
+            checkpoint = run.run_dir.iteration(iteration) / "learner" / f"step_{stats.step:06d}"
+            learner.save_checkpoint(str(checkpoint))
+            run.manifest.record(
+                run.unit(iteration, f"train/step_{stats.step:06d}"),
+                checkpoint=str(checkpoint.relative_to(run.run_dir.root)),
+                steps=stats.step - step,
+                seconds=time.perf_counter() - start,
+                **{key: getattr(stats, key) for key in TRAIN_STAT_KEYS},
+            )
+            _remove_older_checkpoints(run, keep=checkpoint)
+            bar.update(stats.step - step)
+            step = stats.step
+    return _train_means(run, iteration)
+
+
+def latest_checkpoint(run: Run) -> Path | None:
+    """The newest learner checkpoint of the run (only the newest is kept)."""
+    checkpoints = [info["checkpoint"] for unit, info in run.manifest.units.items() if "/train/step_" in unit]
+    return run.run_dir.root / checkpoints[-1] if checkpoints else None
+
+
+def _last_train_step(run: Run, iteration: int) -> int:
+    prefix = run.unit(iteration, "train/step_")
+    return max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(prefix)), default=0)
+
+
+def _remove_older_checkpoints(run: Run, keep: Path) -> None:
+    for directory in run.run_dir.root.glob("iter_*/learner/step_*"):
+        if directory != keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _train_means(run: Run, iteration: int) -> dict[str, float]:
+    prefix = run.unit(iteration, "train/step_")
+    chunks = [info for unit, info in run.manifest.units.items() if unit.startswith(prefix)]
+    steps = sum(chunk["steps"] for chunk in chunks)
+    return {key: sum(chunk[key] * chunk["steps"] for chunk in chunks) / steps for key in TRAIN_STAT_KEYS}
+
+
+# ---- export, sync ------------------------------------------------------------------------------------------------
+
+def export_policy(run: Run, learner, iteration: int) -> Path:
+    """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`."""
+    unit = run.unit(iteration, "export")
+    directory = run.run_dir.iteration(iteration) / "policy"
+    if not run.manifest.done(unit):
+        start = time.perf_counter()
+        learner.export_hf(str(directory))
+        run.manifest.record(unit, path=str(directory.relative_to(run.run_dir.root)),
+                            seconds=time.perf_counter() - start)
+    return directory
+
+
+def sync_weights(learner, rollout) -> float:
+    """Push the learner's weights to every rollout engine in memory (through Ray's object store, no disk)."""
+    start = time.perf_counter()
+    rollout.update_weights(learner.named_weights())
+    return time.perf_counter() - start
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+EVAL_INITIAL = "eval_initial"
+
+
+def evaluate(run: Run, rollout, reward, learner, prompts: Sequence[Prompt], iteration: int | None,
+             gold: Callable | None) -> dict[str, float]:
+    """Held-out evaluation of the current policy; iteration None evaluates pi_0, the baseline for win rates."""
+    unit = EVAL_INITIAL if iteration is None else run.unit(iteration, "eval")
+    if run.manifest.done(unit):
+        return run.manifest.info(unit)["metrics"]
+    start = time.perf_counter()
+    cfg = run.cfg.eval
+    sampling = Sampling(n=1, temperature=cfg.temperature, top_p=run.cfg.rollout.top_p, max_tokens=cfg.max_tokens,
+                        seed=derived_seed(run.cfg.seed, "eval"))  # same seed each iteration: less noisy deltas
+    samples = score_rollouts(reward, rollout.generate(prompts, sampling))
+    responses = [item.rollout.responses[0] for item in samples]
+    rm_scores = [item.scores[0] for item in samples]
+    rows = [{"prompt_index": item.rollout.prompt.index, "response": r.text, "tokens": len(r.token_ids),
+             "reward": s} for item, r, s in zip(samples, responses, rm_scores, strict=True)]
+    metrics = {"eval/reward_mean": statistics.fmean(rm_scores),
+               "eval/response_tokens_mean": statistics.fmean(len(r.token_ids) for r in responses)}
+    if gold is not None:
+        golds = [gold(item.rollout.prompt.messages, r.text, item.rollout.prompt.meta) for item, r in
+                 zip(samples, responses, strict=True)]
+        for row, value in zip(rows, golds, strict=True):
+            row["gold"] = value
+        metrics["eval/gold_mean"] = statistics.fmean(golds)
+    if iteration is not None:
+        log_ratios = learner.log_ratios([item.rollout.prompt.token_ids for item in samples],
+                                        [r.token_ids for r in responses])
+        metrics["kl/ref"] = statistics.fmean(log_ratios)  # E_{y~pi}[log pi(y) - log ref(y)], on fresh samples
+        initial = read_jsonl(run.manifest.verified_file(EVAL_INITIAL))
+        wins = [1.0 if row["reward"] > base["reward"] else 0.5 if row["reward"] == base["reward"] else 0.0
+                for row, base in zip(rows, initial, strict=True)]
+        metrics["eval/win_rate_vs_initial"] = statistics.fmean(wins)
+    path = (run.run_dir.root / "eval_initial.jsonl" if iteration is None
+            else run.run_dir.iteration(iteration) / "eval.jsonl")
+    atomic_write_jsonl(path, rows)
+    run.manifest.record(unit, files=[path], metrics=metrics, seconds=time.perf_counter() - start)
+    return metrics
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+
+STAGE_TIMES = {"time/generate_s": "rollouts", "time/score_s": "scores", "time/train_s": "train",
+               "time/sync_s": "sync", "time/eval_s": "eval"}
+
+
+def finish_iteration(run: Run, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+    """Write the iteration's metrics (stage times summed over every process that worked on it) and mark it done."""
+    metrics = {"iteration": iteration, **metrics}
+    metrics.update({key: run.seconds(iteration, stage) for key, stage in STAGE_TIMES.items()})
+    metrics["time/iteration_s"] = run.seconds(iteration)
+    path = run.run_dir.iteration(iteration) / "metrics.json"
+    atomic_write_json(path, metrics)
+    run.manifest.record(run.unit(iteration, "done"), files=[path])
+    return metrics
+
+
+# ---- set-up helpers --------------------------------------------------------------------------------------------------
+
+def load_tokenizer(policy):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(policy.tokenizer_path or policy.model_path,
+                                         trust_remote_code=policy.trust_remote_code)
+
+
+def max_model_len(cfg: RunConfig) -> int:
+    """The engines' context: the longest prompt plus the longest response any stage asks for."""
+    return cfg.rollout.max_model_len or cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
+
+
+def reference_policy(run: Run, initial_policy, iteration: int) -> str:
+    """The DPO reference of an iteration: pi_0, or (reference: previous) the policy the iteration started from."""
+    if run.cfg.train.reference == "previous" and iteration > 1:
+        return str(run.run_dir.iteration(iteration - 1) / "policy")
+    return initial_policy.model_path
+
+
+def sync(run: Run, learner, rollout, iteration: int) -> None:
+    unit = run.unit(iteration, "sync")
+    if not run.manifest.done(unit):  # once done, the start-up sync of a resumed process has the same effect
+        run.manifest.record(unit, seconds=sync_weights(learner, rollout))
+
+
+def load_gold(eval_cfg) -> Callable | None:
+    """The task's gold scorer (toy tasks with a known rule), named by "module:attr" or "file.py:attr"."""
+    from reward.function import load_code_reference
+
+    return load_code_reference(eval_cfg.gold_reward, "eval.gold_reward") if eval_cfg.gold_reward else None

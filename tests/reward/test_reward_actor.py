@@ -1,0 +1,60 @@
+"""RewardScorer: the reward model in a Ray actor, errors coming back as one-line UserErrors."""
+
+from __future__ import annotations
+
+import pytest
+
+from reward.base import RewardQuery
+from reward.config import RewardConfig
+from reward.registry import build_reward_model
+from rlhf_loop.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def test_actor_scores_like_in_process(ray_cluster, tiny_reward_dir, tiny_messages):
+    from reward.actor import RewardScorer
+
+    cfg = RewardConfig(model_path=str(tiny_reward_dir), batch_size=3)
+    queries = [RewardQuery(m, ["one two", "three", ""]) for m in tiny_messages]
+    scorer = RewardScorer(cfg, "cpu")
+    try:
+        remote = scorer.score(queries)
+        assert scorer.objectives == []
+    finally:
+        scorer.shutdown()
+    local = build_reward_model(cfg, "cpu").score(queries)
+    assert [r.scores for r in remote] == [r.scores for r in local]
+
+
+def test_bad_model_dir_fails_at_construction(ray_cluster, tmp_path):
+    from reward.actor import RewardScorer
+
+    with pytest.raises(UserError, match="is not a directory") as error:
+        RewardScorer(RewardConfig(model_path=str(tmp_path / "missing")), "cpu")
+    assert "\n" not in str(error.value)
+
+
+def test_relative_function_file_and_nan_error_reach_the_driver(ray_cluster, tmp_path, monkeypatch, tiny_messages):
+    from reward.actor import RewardScorer
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(messages, response, meta):\n"
+        "    return float('nan') if response == 'bad' else float(len(response))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    scorer = RewardScorer(RewardConfig(kind="function", function="my_rewards.py:length"), "cpu")
+    try:
+        assert scorer.score([RewardQuery(tiny_messages[0], ["abc", ""])])[0].scores == [3.0, 0.0]
+        with pytest.raises(UserError, match="returned nan for query 1 response 0"):
+            scorer.score([RewardQuery(tiny_messages[0], ["ok"]), RewardQuery(tiny_messages[1], ["bad"])])
+    finally:
+        scorer.shutdown()

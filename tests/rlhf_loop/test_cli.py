@@ -1,0 +1,87 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, nothing already written deleted."""
+
+import json
+
+import pytest
+
+from rlhf_loop.cli import main
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Name {i} fruits."}) + "\n" for i in range(4)))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, tiny_policy_dir, tiny_reward_dir, prompts_file):
+    def write(extra: str = "") -> str:
+        path = tmp_path / "run.yaml"
+        path.write_text(
+            f"policy:\n  model_path: {tiny_policy_dir}\n"
+            f"reward:\n  model_path: {tiny_reward_dir}\n"
+            f"data:\n  prompts: [{prompts_file}]\n" + extra
+        )
+        return str(path)
+
+    return write
+
+
+def fails(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf-loop: error: ") and "\n" not in err, err
+    assert message in err, err
+    return err
+
+
+def test_unknown_key(capsys, config, tmp_path):
+    fails(capsys, ["run", config("rollout:\n  temprature: 0.5\n"), "--run-dir", str(tmp_path / "r")],
+          "unknown key 'rollout.temprature'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_type_in_override(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "rollout.max_tokens=many", "--run-dir", str(tmp_path / "r")],
+          "rollout.max_tokens")
+
+
+def test_k_below_two(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "rollout.samples_per_prompt=1", "--run-dir", str(tmp_path / "r")],
+          "rollout.samples_per_prompt must be >= 2")
+
+
+def test_missing_model_path(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), f"policy.model_path={tmp_path / 'no_model'}", "--run-dir", str(tmp_path / "r")],
+          "policy.model_path")
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_prompt_set(capsys, config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fails(capsys, ["run", config(), f"data.prompts=[{empty}]", "--run-dir", str(tmp_path / "r")], str(empty))
+
+
+def test_missing_prompt_column(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")],
+          "prompt column 'question' is not in")
+
+
+def test_run_into_existing_directory_refuses_and_keeps_it(capsys, config, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text("{}")
+    fails(capsys, ["run", config(), "--run-dir", str(run_dir)], "--overwrite")
+    assert (run_dir / "manifest.json").read_text() == "{}"
+
+
+def test_resume_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    fails(capsys, ["resume", str(tmp_path)], "is not a run directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_status_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path)], "is not a run directory")

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf_loop.config import RunConfig, load_config, to_yaml
+from rlhf_loop.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "policy:\n  model_path: some/model\ndata:\n  prompts: [prompts.jsonl]\n"
+
+
+def test_defaults_come_from_the_dataclasses(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.rollout.samples_per_prompt == 8 and cfg.train.beta == 0.1 and cfg.pairs.strategy == "max_min"
+    assert cfg.eval.prompt_column == cfg.data.prompt_column  # interpolated default, not a second copy
+    assert cfg.eval.max_tokens == cfg.rollout.max_tokens
+
+
+def test_overrides_merge_over_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["rollout.samples_per_prompt=4", "train.beta=0.01"])
+    assert cfg.rollout.samples_per_prompt == 4 and cfg.train.beta == 0.01
+
+
+@pytest.mark.parametrize("text, message", [
+    (MINIMAL + "rollout:\n  samples_per_prompts: 4\n", "unknown key 'rollout.samples_per_prompts'"),
+    (MINIMAL + "train:\n  beta: lots\n", "'train.beta'"),
+    ("data:\n  prompts: [p.jsonl]\n", "'policy.model_path' is required"),
+    (MINIMAL + "rollout:\n  samples_per_prompt: 1\n", "rollout.samples_per_prompt must be >= 2"),
+    (MINIMAL + "pairs:\n  strategy: best_of\n", "pairs.strategy 'best_of' is unknown"),
+    (MINIMAL + "train:\n  loss_type: kto\n", "train.loss_type 'kto' is unknown"),
+    ("policy:\n  model_path: m\ndata:\n  prompts: []\n", "data.prompts is empty"),
+    (MINIMAL + "rollout: [\n", "cannot parse YAML"),
+])
+def test_bad_configs_fail_with_one_line_naming_key_and_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_override_names_the_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'rollout.nope=3': unknown key 'rollout.nope'"):
+        load_config(write(tmp_path, MINIMAL), ["rollout.nope=3"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        load_config(write(tmp_path, MINIMAL), ["iterations"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["iterations=5"])
+    frozen = tmp_path / "frozen.yaml"
+    frozen.write_text(to_yaml(cfg))
+    assert load_config(frozen) == cfg
+
+
+def test_configs_are_shipped():
+    assert any(p.name == "tiny.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.iterations >= 1
