@@ -19,12 +19,16 @@ from rlhf_loop.records import Prompt, Response, Rollout
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """PolicyConfig.dtype as a concrete dtype name: "auto" is float32 on CPU and bfloat16 on CUDA."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cuda" else "float32"
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"policy.dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+    return dtype
 
 
 class HFEngine:
+    """`rollout` and `seed` are taken for the common engine signature; sampling needs neither (per-prompt seeds)."""
+
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"HFEngine device must be cpu or cuda, got {device!r}")

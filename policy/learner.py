@@ -394,7 +394,10 @@ class PolicyEngine:
             yield
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Full weights on CPU for rank 0; other ranks only take part in the ZeRO-3 gather and get []."""
         with self.full_parameters():
+            if self.rank != 0:
+                return []
             return [(name, param.detach().cpu().clone()) for name, param in self.module.named_parameters()]
 
     def export_hf(self, directory: str) -> None:
@@ -654,10 +657,12 @@ class DPOLearner:
     # --- weights out and inference --------------------------------------------------------------------------------
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Full weights on CPU under their HF names (vLLM's load_weights takes them as they are)."""
+        """Full weights on CPU under their HF names (vLLM's load_weights takes them as they are). Rank 0 gets them;
+        under ZeRO-3 every rank must call it (the gather is collective) and the others get []."""
         return self._policy.named_weights()
 
     def export_hf(self, directory: str) -> None:
+        """HF format, written atomically by rank 0; every rank must call it (it synchronises the ranks)."""
         self._policy.export_hf(directory)
 
     def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:

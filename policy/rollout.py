@@ -1,7 +1,7 @@
 """The rollout seam: an engine samples K responses per prompt and takes new weights in memory.
 
 Two engines implement it: `policy.vllm_engine.VLLMEngine` (default) and `policy.hf_engine.HFEngine` (fallback).
-Both live inside `policy.actors.RolloutActor`, a Ray actor, so the loop never imports vLLM.
+Each lives in its own Ray actor (`policy.rollout_group.RolloutGroup`), so the loop never imports vLLM.
 """
 
 from __future__ import annotations

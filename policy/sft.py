@@ -162,6 +162,9 @@ class SFTLearner:
         self._step = state["step"]
         self._data_fingerprint = state["data"]
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return self._policy.named_weights()
+
     def export_hf(self, directory: str) -> None:
         self._policy.export_hf(directory)
 

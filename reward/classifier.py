@@ -65,11 +65,23 @@ class SequenceRewardModel:
         return regroup(queries, scores, objectives)
 
     def score_texts(self, texts: Sequence[str]) -> RewardResult:
-        """Scores for already-rendered conversations (OpenRLHF's /get_reward sends these)."""
-        sequences = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        """Scores for already-rendered conversations, as OpenRLHF's /get_reward sends them: padding tokens around a
+        text are dropped and it is made to end in exactly one EOS, the way its chat template ends a turn."""
+        sequences = [self.tokenizer(self._normalized(text), add_special_tokens=False)["input_ids"] for text in texts]
         scores, objectives = self.score_token_ids(sequences)
         check_finite(scores, lambda i: f"text {i} ({texts[i][-40:]!r})", f"reward model {self.path}")
         return RewardResult(scores=scores, objectives=objectives)
+
+    def _normalized(self, text: str) -> str:
+        pad, eos = self.tokenizer.pad_token, self.tokenizer.eos_token
+        if pad:
+            while text.startswith(pad):
+                text = text[len(pad):]
+            while text.endswith(pad):
+                text = text[:-len(pad)]
+        while eos and text.endswith(eos):
+            text = text[:-len(eos)]
+        return text + (eos or "")
 
     def score_token_ids(self, sequences: Sequence[list[int]]) -> tuple[list[float], dict[str, list[float]]]:
         sequences = [hf.truncate_left(ids, self.max_length, self.tokenizer.bos_token_id) for ids in sequences]

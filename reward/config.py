@@ -41,6 +41,7 @@ class RemoteConfig:
     # rlhf_loop: POST /score with messages and responses | openrlhf: POST /get_reward with rendered text, which needs
     # reward.model_path: the tokenizer whose chat template renders the prompt and response into one string
     protocol: str = "rlhf_loop"
+    label_column: str | None = None  # openrlhf: the prompt's dataset column sent as `labels`; None sends nulls
     token_env: str = "RLHF_LOOP_REWARD_TOKEN"  # environment variable holding the bearer token (kept out of configs)
     concurrency: int = 4  # requests in flight at once
     timeout_s: float = 120.0  # per request

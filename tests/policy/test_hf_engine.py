@@ -8,9 +8,9 @@ from policy.config import RolloutConfig
 from policy.hf_engine import HFEngine
 from policy.rollout import Sampling
 
-MAX_TOKENS = 32
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+MAX_TOKENS = 32
 SAMPLING = Sampling(n=4, temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=7)
 
 

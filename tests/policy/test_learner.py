@@ -146,3 +146,155 @@ def test_training_lowers_the_loss_and_reports_what_an_independent_computation_fi
     assert last.margin == pytest.approx(last.chosen_reward - last.rejected_reward, abs=1e-6)
     assert last.reward_accuracy == expected["reward_accuracy"] == 1.0
     assert last.loss < first.loss and last.margin > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Iterations, checkpoints, resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_exactly(
+    zero_stage, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    pairs = make_pairs(tiny_tokenizer, 12)
+    # 3 steps per epoch, 2 epochs; warmup, decay and weight decay all in play.
+    train = train_config(zero_stage=zero_stage, epochs=2, lr_schedule="cosine", warmup_ratio=0.25, weight_decay=0.01)
+    checkpoint = str(tmp_path / "step_2")
+
+    uninterrupted = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=3)
+    assert uninterrupted.begin_iteration(1, pairs, reference_dir=None) == 6
+    uninterrupted.train_steps(2)
+    uninterrupted.save_checkpoint(checkpoint)
+    expected_stats = uninterrupted.train_steps(10)
+    expected_weights = uninterrupted.named_weights()
+    del uninterrupted
+
+    resumed = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=3)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.begin_iteration(1, pairs, reference_dir=None) == 6
+    stats = resumed.train_steps(10)
+    assert stats == expected_stats and stats.step == 6
+    assert_same_weights(resumed.named_weights(), expected_weights)
+
+    with pytest.raises(ValueError, match="other pairs"):
+        resumed.load_checkpoint(checkpoint)
+        resumed.begin_iteration(1, make_pairs(tiny_tokenizer, 12, seed=9), reference_dir=None)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_new_iteration_starts_at_step_0_with_fresh_adam_state_when_configured(
+    reset, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    """With the reset, iteration 2 of a running learner equals a fresh learner started from iteration 1's policy."""
+    train = train_config(reset_optimizer_each_iteration=reset)
+    first, second = make_pairs(tiny_tokenizer, 8, seed=1), make_pairs(tiny_tokenizer, 4, seed=2)
+    running = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    running.begin_iteration(1, first, reference_dir=None)
+    running.train_steps(2)
+    running.export_hf(str(tmp_path / "iter_1"))
+    assert running.begin_iteration(2, second, reference_dir=None) == 1
+    assert running.train_steps(5).step == 1
+
+    fresh = DPOLearner(policy_config(tmp_path / "iter_1"), train, device="cpu", seed=0)
+    fresh.begin_iteration(2, second, reference_dir=str(tiny_policy_dir))  # the same pi_0 reference
+    fresh.train_steps(1)
+    identical = all(torch.equal(a, b) for (_, a), (_, b) in zip(running.named_weights(), fresh.named_weights()))
+    assert identical == reset
+
+
+def test_reference_previous_reloads_the_reference_from_the_given_policy(tiny_tokenizer, tiny_policy_dir, tmp_path):
+    pairs = make_pairs(tiny_tokenizer, 4)
+    prompts, responses = [p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs]
+    learner = DPOLearner(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    learner.begin_iteration(1, pairs, reference_dir=None)
+    learner.train_steps(1)
+    assert min(abs(r) for r in learner.log_ratios(prompts, responses)) > 1e-3  # pi_1 against pi_0
+    learner.export_hf(str(tmp_path / "iter_1"))
+
+    learner.begin_iteration(2, pairs, reference_dir=str(tmp_path / "iter_1"))
+    assert learner.log_ratios(prompts, responses) == pytest.approx([0.0] * 4, abs=1e-5)
+    stats = learner.train_steps(1)
+    assert stats.loss == pytest.approx(math.log(2)) and stats.chosen_reward == pytest.approx(0.0, abs=1e-6)
+
+
+def test_checkpoints_are_written_atomically(tiny_tokenizer, tiny_policy_dir, tmp_path):
+    learner = DPOLearner(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    learner.begin_iteration(1, make_pairs(tiny_tokenizer, 8), reference_dir=None)
+    learner.train_steps(1)
+    checkpoint = tmp_path / "step_1"
+    stale = tmp_path / ".step_1.partial"  # what a crash in the middle of a save leaves
+    stale.mkdir()
+    (stale / "half_written").write_text("")
+    learner.save_checkpoint(str(checkpoint))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert not (checkpoint / "half_written").exists()
+
+    weights = learner.named_weights()
+    learner.train_steps(1)
+    learner.save_checkpoint(str(checkpoint))  # replaces the older one in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    learner.load_checkpoint(str(checkpoint))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(weights, learner.named_weights()))
+
+    with pytest.raises(ValueError, match="not a learner checkpoint"):
+        learner.load_checkpoint(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights out: in-memory sync, HF export, ZeRO-3 gathering
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int, eos_token_id: int) -> list[int]:
+    output = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt) :]
+    tokens = output.tolist()
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+def test_named_weights_and_hf_export_round_trip(tiny_tokenizer, tiny_policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    pairs = make_pairs(tiny_tokenizer, 4)
+    learner = DPOLearner(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    learner.begin_iteration(1, pairs, reference_dir=None)
+    learner.train_steps(1)
+    weights = learner.named_weights()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).state_dict()
+    assert [name for name, _ in weights] == list(initial)  # vLLM's load_weights takes HF names
+    assert all(tensor.device.type == "cpu" and tensor.shape == initial[name].shape for name, tensor in weights)
+
+    learner.export_hf(str(tmp_path / "policy"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temporary directory left
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert_same_weights(list(exported.state_dict().items()), weights)
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    assert GenerationConfig.from_pretrained(tmp_path / "policy").eos_token_id == tiny_tokenizer.eos_token_id
+
+    prompts = [p.prompt_token_ids for p in pairs]
+    expected = [hf_greedy(exported, prompt, 12, tiny_tokenizer.eos_token_id) for prompt in prompts]
+    assert learner.greedy_generate(prompts, 12) == expected
+
+
+def test_zero3_trains_like_zero0_and_gathers_full_weights(tiny_tokenizer, tiny_policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pairs = make_pairs(tiny_tokenizer, 8)
+    results = {}
+    for stage in (0, 3):
+        learner = DPOLearner(policy_config(tiny_policy_dir), train_config(zero_stage=stage), device="cpu", seed=0)
+        learner.begin_iteration(1, pairs, reference_dir=None)
+        stats = [learner.train_steps(1) for _ in range(2)]
+        learner.export_hf(str(tmp_path / f"stage_{stage}"))
+        results[stage] = (stats, learner.named_weights(), learner.greedy_generate([pairs[0].prompt_token_ids], 6))
+        del learner
+    (stats0, weights0, tokens0), (stats3, weights3, tokens3) = results[0], results[3]
+    assert [s.loss for s in stats3] == pytest.approx([s.loss for s in stats0], rel=1e-5)
+    assert [name for name, _ in weights3] == [name for name, _ in weights0]
+    for (name, a), (_, b) in zip(weights0, weights3):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert tokens3 == tokens0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "stage_3").state_dict()
+    assert_same_weights(list(exported.items()), weights3)

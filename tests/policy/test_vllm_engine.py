@@ -12,9 +12,9 @@ from policy.config import RolloutConfig
 from policy.rollout import Sampling
 from policy.rollout_group import start_engine_actor
 
-MAX_TOKENS = 32
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+MAX_TOKENS = 32
 SAMPLING = Sampling(n=4, temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=7)
 GREEDY = Sampling(n=2, temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=0)
 

@@ -1,0 +1,98 @@
+"""The DPO learner across `train.num_workers` Ray actors, one data-parallel rank each.
+
+    group = LearnerGroup(cfg.policy, cfg.train, device="cuda", seed=cfg.seed)
+    total = group.begin_iteration(1, pairs, reference_dir=None)
+    stats = group.train_steps(cfg.train.save_steps)
+    weights = group.named_weights()            # an ObjectRef: hand it to the rollout actors as it is
+
+Every method mirrors `DPOLearner`'s. Training, checkpoints and export run on every rank (they are collective);
+weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every forward pass and
+every gather needs all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import ray
+
+from policy.config import PolicyConfig, TrainConfig
+from policy.learner import DPOLearner, TrainStats, free_port
+from rlhf_loop.records import Pair
+
+
+class LearnerActor(DPOLearner):
+    """A DPOLearner in a Ray actor. Created empty, so that rank 0 can report its address before the ranks meet."""
+
+    def __init__(self):  # the learner itself is built by `start`
+        pass
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port: where the other ranks find rank 0."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(
+        self, env: dict[str, str], policy: PolicyConfig, train: TrainConfig, device: str, seed: int, rank: int,
+        world_size: int,
+    ) -> None:
+        os.environ.update(env)
+        DPOLearner.__init__(self, policy, train, device, seed, rank, world_size)
+
+
+class LearnerGroup:
+    """`train.num_workers` learner ranks: one GPU each on CUDA; on CPU they take no CPU reservation, so they never
+    block the rollout and reward actors from being scheduled."""
+
+    def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
+        resources = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 0}
+        actor_class = ray.remote(LearnerActor).options(**resources)
+        world_size = train.num_workers
+        self._actors = [actor_class.remote() for _ in range(world_size)]
+        master_addr, master_port = ray.get(self._actors[0].address.remote())
+        ray.get(
+            [
+                actor.start.remote(
+                    # LOCAL_RANK 0: Ray shows each actor only its own GPU, as cuda:0.
+                    {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                     "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)},
+                    policy, train, device, seed, rank, world_size,
+                )
+                for rank, actor in enumerate(self._actors)
+            ]
+        )
+        self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
+
+    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
+        pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
+        return ray.get([a.begin_iteration.remote(iteration, pairs_ref, reference_dir) for a in self._actors])[0]
+
+    def train_steps(self, max_steps: int) -> TrainStats:
+        """Every rank reports the same all-reduced averages; rank 0's are returned."""
+        return ray.get([actor.train_steps.remote(max_steps) for actor in self._actors])[0]
+
+    def save_checkpoint(self, directory: str) -> None:
+        ray.get([actor.save_checkpoint.remote(directory) for actor in self._actors])
+
+    def load_checkpoint(self, directory: str) -> None:
+        ray.get([actor.load_checkpoint.remote(directory) for actor in self._actors])
+
+    def named_weights(self):
+        """A Ray ObjectRef to rank 0's [(HF name, CPU tensor)], put once in the object store; pass it to the rollout
+        actors as an argument and Ray hands each the list itself."""
+        refs = [actor.named_weights.remote() for actor in self._weight_ranks]
+        ray.get(refs[1:])  # the other ranks only took part in the ZeRO-3 gather (they return [])
+        return refs[0]
+
+    def export_hf(self, directory: str) -> None:
+        ray.get([actor.export_hf.remote(directory) for actor in self._actors])
+
+    def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        return ray.get([a.greedy_generate.remote(prompt_token_ids, max_tokens) for a in self._weight_ranks])[0]
+
+    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
+        return ray.get([a.log_ratios.remote(prompt_token_ids, response_token_ids) for a in self._weight_ranks])[0]
+
+    def shutdown(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)

@@ -1,0 +1,148 @@
+"""kind remote: score through an HTTP reward server, ours or one speaking OpenRLHF's /get_reward protocol.
+
+Queries go out in requests of about `batch_size` responses (a prompt's K responses always travel together, so a
+judge on the other side sees them all), `remote.concurrency` requests at a time. Connection errors, timeouts, 429
+and 5xx are retried with exponential backoff; other 4xx answers are bugs a retry cannot fix and stop at once. When
+the retries run out the scoring stage stops with a one-line RewardServerError; the run directory keeps every
+finished shard, so `rlhf-loop resume` continues from there once the server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from reward.base import RewardQuery, RewardResult
+from reward.config import RewardConfig
+from reward.groups import check_finite
+from rlhf_loop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class RewardServerError(UserError):
+    """The reward server could not be reached or kept failing."""
+
+
+class RemoteReward:
+    def __init__(self, cfg: RewardConfig, key: str = "reward") -> None:
+        import httpx
+
+        self.settings, self.batch_size = cfg.remote, cfg.batch_size
+        self.url = cfg.remote.url.rstrip("/")
+        token = os.environ.get(cfg.remote.token_env)
+        self.client = httpx.Client(
+            timeout=cfg.remote.timeout_s,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            limits=httpx.Limits(max_connections=cfg.remote.concurrency),
+        )
+        if cfg.remote.protocol == "openrlhf":
+            from reward import hf
+
+            # OpenRLHF servers expose no /info: the first scoring request is their first contact.
+            self.tokenizer = hf.load_tokenizer(cfg.model_path, cfg.trust_remote_code, key)
+            self.objectives: list[str] = []
+        else:
+            self.objectives = list(self._request("GET", "/info")["objectives"])
+
+    def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
+        chunks = self._chunks(queries)
+        send = self._score_openrlhf if self.settings.protocol == "openrlhf" else self._score_ours
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
+            answers = list(pool.map(send, chunks))
+        return [result for answer in answers for result in answer]
+
+    def _chunks(self, queries: Sequence[RewardQuery]) -> list[list[RewardQuery]]:
+        chunks: list[list[RewardQuery]] = []
+        size = self.batch_size
+        for query in queries:
+            if size + len(query.responses) > self.batch_size:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(query)
+            size += len(query.responses)
+        return chunks
+
+    def _score_ours(self, chunk: list[RewardQuery]) -> list[RewardResult]:
+        body = {"queries": [{"messages": q.messages, "responses": q.responses, "meta": q.meta} for q in chunk]}
+        answer = self._request("POST", "/score", body)
+        try:
+            results = [RewardResult(scores=[float(s) for s in r["scores"]],
+                                    objectives={k: [float(x) for x in v] for k, v in r["objectives"].items()})
+                       for r in answer["results"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RewardServerError(f"reward server {self.url} sent a malformed /score answer ({e!r})") from None
+        if [len(r.scores) for r in results] != [len(q.responses) for q in chunk]:
+            raise RewardServerError(f"reward server {self.url} returned scores that do not match the request")
+        for q, result in enumerate(results):
+            check_finite(result.scores, lambda r: f"response {r} of a query ({chunk[q].messages[-1]['content'][:40]!r})",
+                         f"reward server {self.url}")
+        return results
+
+    def _score_openrlhf(self, chunk: list[RewardQuery]) -> list[RewardResult]:
+        prompts, texts, labels = [], [], []
+        for query in chunk:
+            prompt = self.tokenizer.apply_chat_template(query.messages, tokenize=False, add_generation_prompt=True)
+            for response in query.responses:
+                prompts.append(prompt)
+                texts.append(prompt + response + self.tokenizer.eos_token)
+                labels.append(query.meta.get(self.settings.label_column) if self.settings.label_column else None)
+        answer = self._request("POST", "/get_reward", {"query": texts, "prompts": prompts, "labels": labels})
+        try:
+            rewards = [float(r) for r in answer["rewards"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RewardServerError(f"reward server {self.url} sent a malformed /get_reward answer ({e!r})") from None
+        if len(rewards) != len(texts):
+            raise RewardServerError(f"reward server {self.url} returned {len(rewards)} rewards for {len(texts)} texts")
+        check_finite(rewards, lambda i: f"text {i} ({texts[i][-40:]!r})", f"reward server {self.url}")
+        results, start = [], 0
+        for query in chunk:
+            results.append(RewardResult(scores=rewards[start:start + len(query.responses)]))
+            start += len(query.responses)
+        return results
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
+        attempts = self.settings.max_retries + 1
+        problem = ""
+        for attempt in range(attempts):
+            try:
+                response = self.client.request(method, self.url + path, json=body)
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if response.status_code == 401:
+                    raise RewardServerError(f"reward server {self.url} rejected the token: set the environment "
+                                            f"variable {self.settings.token_env} to the server's --token")
+                if response.status_code < 400:
+                    return self._json(response, path)
+                problem = f"HTTP {response.status_code}: {_detail(response)}"
+                if response.status_code != 429 and response.status_code < 500:
+                    raise RewardServerError(f"reward server {self.url}{path} refused the request ({problem})")
+            if attempt + 1 < attempts:
+                wait = self.settings.backoff_s * 2 ** attempt
+                log.warning("reward server %s%s: %s; retry %d/%d in %.1f s", self.url, path, problem, attempt + 1,
+                            self.settings.max_retries, wait)
+                time.sleep(wait)
+        raise RewardServerError(f"reward server {self.url}{path} failed {attempts} times (last: {problem}); "
+                                "once it is back, `rlhf-loop resume` continues from the last finished shard")
+
+    def _json(self, response, path: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise RewardServerError(f"reward server {self.url}{path} answered with something that is not JSON; "
+                                    "is remote.url the server's base URL?") from None
+
+
+def _detail(response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text
+    return str(detail)[:200]

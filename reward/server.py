@@ -1,0 +1,384 @@
+"""`rlhf-loop serve-reward CONFIG`: any reward kind behind HTTP, with dynamic batching across requests.
+
+Endpoints
+    GET  /health      {"status": "ok"}; never needs the token (for load balancers)
+    GET  /info        kind, model, objectives, replicas, limits
+    POST /score       {"queries": [{"messages": [{"role", "content"}], "responses": [str], "meta": {}}]}
+                      -> {"results": [{"scores": [float], "objectives": {name: [float]}}]}
+    POST /get_reward  OpenRLHF's protocol: {"query": [str], "prompts": [str], "labels": [...]}
+                      -> {"rewards": [float], "scores": [float], "extra_logs": {name: [float]}}
+
+Why FastAPI + uvicorn and not Ray Serve: one process that starts in about a second, needs no Ray cluster, and is
+what OpenRLHF's own reward server uses; the two things Ray Serve would add, replicas and request batching, are a
+thread per model copy and a shared queue here (reward/batcher.py), which also lets replicas merge requests from
+different clients. A token is required whenever the server listens beyond loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from reward.base import RewardQuery, RewardResult
+from reward.batcher import Job, ReplicaPool
+from reward.config import RewardConfig, ServerConfig, reward_config_problems
+from reward.registry import NamedRewardModel
+from rlhf_loop.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class TextRewardModel(Protocol):
+    """Models that can score already-rendered conversations, as OpenRLHF's clients send them."""
+
+    def score_texts(self, texts: Sequence[str]) -> RewardResult: ...
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- config ----------------------------------------------------------------------------------------------------
+
+def load_reward_config(path: str | Path, overrides: Sequence[str] = ()) -> RewardConfig:
+    """The `reward:` section of a YAML file (a whole run config works) with `reward.key=value` overrides."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file with a reward: section")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig) or not isinstance(raw.get("reward"), DictConfig):
+        raise ConfigError(f"{path} has no reward: section; put the reward settings under a top-level reward: key")
+    merged = OmegaConf.structured(RewardConfig)
+    try:
+        # Resolved within the whole file, so ${toy_task.dir}-style references to other sections work.
+        merged = OmegaConf.merge(merged, OmegaConf.to_container(raw.reward, resolve=True))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    for override in overrides:
+        key, _, _ = override.partition("=")
+        if "=" not in override or not key.startswith("reward."):
+            raise ConfigError(f"override {override!r} is not reward.key=value; write e.g. reward.batch_size=32")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]).reward)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {override!r}: {_describe(e)}") from None
+    try:
+        cfg: RewardConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    problems = reward_config_problems(cfg)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    return cfg
+
+
+def _describe(error: Exception) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    if not key:
+        return message
+    key = key if key.startswith("reward.") else f"reward.{key}"
+    if type(error).__name__ == "ConfigKeyError":
+        return f"unknown key '{key}'; check its spelling against docs/rewards.md"
+    return f"'{key}': {message}"
+
+
+# -- request validation ----------------------------------------------------------------------------------------
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: StrictStr = Field(min_length=1)
+    content: StrictStr  # may be empty: datasets carry empty system turns
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    messages: list[Message] = Field(min_length=1)
+    responses: list[StrictStr] = Field(min_length=1)  # a response may be empty: a policy may stop at once
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    queries: list[Query] = Field(min_length=1)
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's request; some of its versions send more fields (datasources, token ids): they are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    query: list[StrictStr] = Field(min_length=1)
+    prompts: list[StrictStr] | None = None
+    labels: list[Any] | None = None
+
+
+class RequestParser:
+    def __init__(self, limits: ServerConfig) -> None:
+        self.limits = limits
+
+    async def read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_request_bytes:
+            raise BadRequest(413, f"request body of {declared} bytes exceeds the limit of "
+                                 f"{self.limits.max_request_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.limits.max_request_bytes:
+                raise BadRequest(413, f"request body exceeds the limit of {self.limits.max_request_bytes} bytes")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRequest(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+    def validate(self, schema: type[BaseModel], data: Any) -> Any:
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise BadRequest(400, f"{where}: {first['msg']}") from None
+
+    def score_queries(self, data: Any) -> list[RewardQuery]:
+        request = self.validate(ScoreRequest, data)
+        queries = [
+            RewardQuery(messages=[m.model_dump() for m in q.messages], responses=list(q.responses), meta=q.meta)
+            for q in request.queries
+        ]
+        self._check_sizes([r for q in queries for r in q.responses],
+                          [m["content"] for q in queries for m in q.messages] + [m["role"] for q in queries
+                                                                                 for m in q.messages])
+        return queries
+
+    def openrlhf_request(self, data: Any) -> GetRewardRequest:
+        request = self.validate(GetRewardRequest, data)
+        n = len(request.query)
+        for name, values in (("prompts", request.prompts), ("labels", request.labels)):
+            if values is not None and len(values) != n:
+                raise BadRequest(400, f"{name} has {len(values)} items but query has {n}")
+        if any(not q for q in request.query):
+            raise BadRequest(400, f"query[{[bool(q) for q in request.query].index(False)}] is empty")
+        self._check_sizes(request.query, request.prompts or [])
+        return request
+
+    def _check_sizes(self, items: Sequence[str], other_texts: Sequence[str]) -> None:
+        if len(items) > self.limits.max_items_per_request:
+            raise BadRequest(413, f"{len(items)} items in one request; the limit is "
+                                  f"{self.limits.max_items_per_request}: split it")
+        for text in (*items, *other_texts):
+            if len(text) > self.limits.max_text_chars:
+                raise BadRequest(413, f"a text of {len(text)} characters exceeds the limit of "
+                                      f"{self.limits.max_text_chars}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(400, f"a text is not valid UTF-8 (lone surrogate in {text[:40]!r})") from None
+
+
+def queries_from_openrlhf(request: GetRewardRequest) -> list[RewardQuery]:
+    """OpenRLHF's (prompt + response, prompt) strings as our queries, the rendered prompt as one user turn and the
+    label as meta["label"]. Consecutive samples of one prompt become one query, so judges compare them."""
+    if request.prompts is None:
+        raise BadRequest(400, "this server's reward kind needs the conversation: send 'prompts' with 'query'")
+    queries: list[RewardQuery] = []
+    labels = request.labels or [None] * len(request.query)
+    for i, (text, prompt, label) in enumerate(zip(request.query, request.prompts, labels)):
+        if not text.startswith(prompt):
+            raise BadRequest(400, f"query[{i}] does not start with prompts[{i}]")
+        meta = {} if label is None else {"label": label}
+        if queries and queries[-1].messages[0]["content"] == prompt and queries[-1].meta == meta:
+            queries[-1].responses.append(text[len(prompt):])
+        else:
+            queries.append(RewardQuery([{"role": "user", "content": prompt}], [text[len(prompt):]], meta))
+    return queries
+
+
+# -- the app ---------------------------------------------------------------------------------------------------
+
+def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, replicas: int,
+              token: str | None) -> FastAPI:
+    """The FastAPI app over a replica pool; `model` is one replica, asked what it can do."""
+    app = FastAPI(title="rlhf-loop reward server", docs_url=None, redoc_url=None, openapi_url=None)
+    parser = RequestParser(cfg.server)
+    text_capable = isinstance(model, TextRewardModel)
+    info = {
+        "kind": cfg.kind,
+        "model": cfg.model_path or cfg.function or cfg.remote.url or [c.name for c in cfg.components],
+        "objectives": list(model.objectives),
+        "replicas": replicas,
+        "batch_size": cfg.batch_size,
+        "max_items_per_request": cfg.server.max_items_per_request,
+        "max_text_chars": cfg.server.max_text_chars,
+        "max_request_bytes": cfg.server.max_request_bytes,
+    }
+
+    def error(status: int, message: str) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    def authorized(request: Request) -> bool:
+        if token is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+    async def scored(job: Job):
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(job)), cfg.server.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(504, f"scoring took longer than {cfg.server.request_timeout_s} s") from None
+
+    async def handle(request: Request, answer) -> JSONResponse:
+        """Auth, parsing and error mapping shared by the scoring endpoints; `answer(data)` does the rest."""
+        if not authorized(request):
+            return error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+        try:
+            return JSONResponse(await answer(await parser.read_json(request)))
+        except BadRequest as e:
+            return error(e.status, str(e))
+        except UserError as e:  # e.g. a user function's NaN: the sample's fault, not the server's
+            return error(422, str(e))
+        except Exception as e:
+            log.exception("scoring failed")
+            return error(500, f"scoring failed: {type(e).__name__}: {e}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def get_info(request: Request):
+        if not authorized(request):
+            return error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+        return info
+
+    @app.post("/score")
+    async def score(request: Request):
+        async def answer(data):
+            results = await scored(Job(queries=parser.score_queries(data)))
+            return {"results": [{"scores": r.scores, "objectives": r.objectives} for r in results]}
+        return await handle(request, answer)
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        async def answer(data):
+            openrlhf = parser.openrlhf_request(data)
+            if text_capable:
+                result = await scored(Job(texts=list(openrlhf.query)))
+                rewards, extra = result.scores, result.objectives
+            else:
+                results = await scored(Job(queries=queries_from_openrlhf(openrlhf)))
+                rewards = [s for r in results for s in r.scores]
+                extra = {name: [v for r in results for v in r.objectives.get(name, [])] for name in model.objectives}
+            return {"rewards": rewards, "scores": rewards, "extra_logs": extra}
+        return await handle(request, answer)
+
+    return app
+
+
+# -- running it ------------------------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _start(cfg: RewardConfig, host: str, replicas: int, token: str | None, device: str):
+    """Check the exposure rule, then load the replicas (start-up errors surface here) and build the app."""
+    from reward.registry import build_reward_model
+
+    if replicas < 1:
+        raise UserError(f"--replicas must be >= 1, got {replicas}")
+    if token is not None and not token:
+        raise UserError("the token is empty; give a long random string")
+    if token is None and not is_loopback(host):
+        raise UserError(f"serving on {host} (beyond loopback) needs a bearer token: pass --token "
+                        "(e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    models = [build_reward_model(cfg, device_for(device, i)) for i in range(replicas)]
+    pool = ReplicaPool(models, cfg.batch_size, cfg.server.max_batch_wait_ms / 1000)
+    return pool, build_app(pool, models[0], cfg, replicas, token)
+
+
+def device_for(device: str, replica: int) -> str:
+    """"auto": CUDA when available; replicas go round-robin over the visible GPUs."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{replica % torch.cuda.device_count()}"
+    return device
+
+
+def serve(cfg: RewardConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+          token: str | None = None, device: str = "auto") -> None:
+    """Serve `cfg` until interrupted (blocking). A token is required when `host` is not a loopback address."""
+    import uvicorn
+
+    pool, app = _start(cfg, host, replicas, token, device)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        pool.close()
+
+
+@contextlib.contextmanager
+def running_server(cfg: RewardConfig, host: str = "127.0.0.1", port: int = 0, replicas: int = 1,
+                   token: str | None = None, device: str = "cpu") -> Iterator[str]:
+    """The server in a background thread for tests and benchmarks; yields its base URL, stops it on exit."""
+    pool, app = _start(cfg, host, replicas, token, device)
+    try:
+        with background(app, host, port) as url:
+            yield url
+    finally:
+        pool.close()
+
+
+@contextlib.contextmanager
+def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Any ASGI app served by uvicorn in a thread (port 0: a free one); yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="reward-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.01)
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,143 @@
+"""Scores per second of a tiny Bradley-Terry reward model, in-process and through `rlhf-loop serve-reward`.
+
+    .venv/bin/python scripts/bench_reward.py [--requests-64 20] [--repeats 3]
+
+Each request is one prompt with `batch` responses. In-process, one caller scores the requests one after another;
+through the server (its own process, as in production), 1 or 8 clients send the same requests concurrently.
+Overhead is the server's extra time per request over in-process, with one client. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from reward.base import RewardQuery
+from reward.config import RewardConfig
+
+BATCHES = (1, 16, 64)
+CLIENTS = (1, 8)
+WORDS = ("the quick brown fox jumps over the lazy dog apples bananas cherries are fruits hello how are you "
+         "today write a short poem about the sea waves roll in and out under the moon").split()
+
+
+def make_requests(batch: int, count: int, seed: int) -> list[RewardQuery]:
+    """`count` prompts with `batch` responses of 10-60 words each."""
+    rng = random.Random(seed)
+    return [
+        RewardQuery([{"role": "user", "content": " ".join(rng.choices(WORDS, k=12))}],
+                    [" ".join(rng.choices(WORDS, k=rng.randint(10, 60))) for _ in range(batch)])
+        for _ in range(count)
+    ]
+
+
+def best_seconds(work: Callable[[], None], repeats: int) -> float:
+    """The median of `repeats` timed runs, after one warm-up run."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def through_server(url: str, requests: list[RewardQuery], clients: int) -> Callable[[], None]:
+    bodies = [{"queries": [{"messages": q.messages, "responses": q.responses}]} for q in requests]
+    sessions = [httpx.Client(timeout=120) for _ in range(clients)]
+
+    def send(indexed):
+        index, body = indexed
+        answer = sessions[index % clients].post(f"{url}/score", json=body)
+        answer.raise_for_status()
+
+    def work():
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(send, enumerate(bodies)))
+
+    return work
+
+
+def serve_in_child(cfg: RewardConfig, port: int) -> None:
+    import logging
+
+    from reward.server import serve
+
+    logging.getLogger("uvicorn.access").disabled = True
+    serve(cfg, host="127.0.0.1", port=port, replicas=1, device="cpu")
+
+
+def wait_until_healthy(url: str, process, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError("the reward server process exited during start-up")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the reward server at {url} did not become healthy in {timeout_s} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-64", type=int, default=24, help="requests at batch 64 (more at smaller batches)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from rlhf_loop.tiny import build_tiny_reward_model, build_tokenizer
+    from reward.registry import build_reward_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer([" ".join(WORDS)] * 50, vocab_size=512)
+        cfg = RewardConfig(model_path=str(build_tiny_reward_model(tokenizer, f"{tmp}/rm")), batch_size=64)
+        workloads = {b: make_requests(b, args.requests_64 * 64 // b // (4 if b == 1 else 1), seed=b) for b in BATCHES}
+
+        local = build_reward_model(cfg, "cpu")
+        in_process = {
+            b: best_seconds(lambda reqs=reqs: [local.score([q]) for q in reqs], args.repeats)
+            for b, reqs in workloads.items()
+        }
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = multiprocessing.get_context("spawn").Process(target=serve_in_child, args=(cfg, port), daemon=True)
+        server.start()
+        try:
+            wait_until_healthy(url, server)
+            served = {(b, c): best_seconds(through_server(url, reqs, c), args.repeats)
+                      for b, reqs in workloads.items() for c in CLIENTS}
+        finally:
+            server.terminate()
+            server.join(timeout=30)
+
+    print("| batch | requests | in-process scores/s | server, 1 client scores/s | server overhead (1 client) "
+          "| server, 8 clients scores/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b, reqs in workloads.items():
+        scores = b * len(reqs)
+        overhead = (served[b, 1] - in_process[b]) / in_process[b]
+        print(f"| {b} | {len(reqs)} | {scores / in_process[b]:,.0f} | {scores / served[b, 1]:,.0f} | "
+              f"{overhead:+.1%} | {scores / served[b, 8]:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

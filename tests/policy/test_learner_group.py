@@ -1,0 +1,85 @@
+"""The learner in Ray actors: one rank behaves like the in-process learner; two ranks on CPU (gloo) train like one
+rank with the same global batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from learner_fixtures import assert_same_weights, make_pairs, policy_config, train_config
+
+from policy.learner import DPOLearner
+from policy.learner_group import LearnerGroup
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+
+
+def assert_close_weights(a, b) -> None:
+    assert [name for name, _ in a] == [name for name, _ in b]
+    for (name, x), (_, y) in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_one_worker_group_behaves_like_the_in_process_learner(ray_cluster, tiny_tokenizer, tiny_policy_dir, tmp_path):
+    pairs = make_pairs(tiny_tokenizer, 8)
+    prompts, responses = [p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs]
+    group = LearnerGroup(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    try:
+        assert group.begin_iteration(1, pairs, reference_dir=None) == 2
+        first = group.train_steps(1)
+        group.save_checkpoint(str(tmp_path / "step_1"))
+        second = group.train_steps(5)
+        weights_ref = group.named_weights()
+        assert isinstance(weights_ref, ray_cluster.ObjectRef)
+        weights = ray_cluster.get(weights_ref)
+        group.export_hf(str(tmp_path / "policy"))
+        tokens = group.greedy_generate(prompts, 8)
+        ratios = group.log_ratios(prompts, responses)
+
+        group.load_checkpoint(str(tmp_path / "step_1"))
+        assert group.begin_iteration(1, pairs, reference_dir=None) == 2
+        assert group.train_steps(5) == second  # resumed in the actor: exact
+        assert_same_weights(ray_cluster.get(group.named_weights()), weights)
+    finally:
+        group.shutdown()
+
+    local = DPOLearner(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    local.begin_iteration(1, pairs, reference_dir=None)
+    # Another process may use another thread count, hence another float summation order: close, not equal.
+    assert local.train_steps(1).loss == pytest.approx(first.loss, rel=1e-5)
+    assert local.train_steps(5).loss == pytest.approx(second.loss, rel=1e-5)
+    assert_close_weights(local.named_weights(), weights)
+    assert local.greedy_generate(prompts, 8) == tokens
+    assert local.log_ratios(prompts, responses) == pytest.approx(ratios, rel=1e-4, abs=1e-4)
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
+def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
+    ray_cluster, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    pairs = make_pairs(tiny_tokenizer, 10)  # global batch 8: the second step is partial and leaves rank 1 short
+    two_ranks = train_config(num_workers=2, micro_batch_size=2, gradient_accumulation_steps=2, zero_stage=2)
+    group = LearnerGroup(policy_config(tiny_policy_dir), two_ranks, device="cpu", seed=0)
+    try:
+        assert group.begin_iteration(1, pairs, reference_dir=None) == 2
+        stats = group.train_steps(2)
+        group.save_checkpoint(str(tmp_path / "step_2"))
+        weights = ray_cluster.get(group.named_weights())
+    finally:
+        group.shutdown()
+    assert {"engine", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in (tmp_path / "step_2").iterdir()}
+
+    one_rank = train_config(micro_batch_size=2, gradient_accumulation_steps=4)
+    local = DPOLearner(policy_config(tiny_policy_dir), one_rank, device="cpu", seed=0)
+    local.begin_iteration(1, pairs, reference_dir=None)
+    assert local.train_steps(2).loss == pytest.approx(stats.loss, rel=1e-5)
+    assert_close_weights(local.named_weights(), weights)

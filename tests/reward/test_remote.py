@@ -1,0 +1,151 @@
+"""kind remote: the HTTP client against our server, OpenRLHF's protocol, tokens, retries and giving up clearly."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from reward.base import RewardQuery
+from reward.config import RemoteConfig, RewardComponent, RewardConfig
+from reward.registry import build_reward_model
+from reward.remote import RewardServerError
+from reward.server import background, running_server
+from rlhf_loop.errors import UserError
+
+QUERIES = [
+    RewardQuery([{"role": "user", "content": "Name three fruits."}], ["apple banana cherry", "no", ""]),
+    RewardQuery([{"role": "user", "content": "Count to five."}], ["one two three four five"]),
+    RewardQuery([{"role": "user", "content": "Colour?"}], ["blue", "green", "red"]),
+]
+
+
+def remote_config(url: str, **settings) -> RewardConfig:
+    top = {k: settings.pop(k) for k in ("batch_size", "model_path") if k in settings}
+    return RewardConfig(kind="remote", remote=RemoteConfig(url=url, backoff_s=0.01, **settings), **top)
+
+
+@pytest.fixture(scope="module")
+def bt_config(tiny_reward_dir):
+    return RewardConfig(model_path=str(tiny_reward_dir))
+
+
+@pytest.fixture(scope="module")
+def expected(bt_config):
+    return [r.scores for r in build_reward_model(bt_config, "cpu").score(QUERIES)]
+
+
+def test_remote_matches_in_process_and_keeps_groups_together(bt_config, expected):
+    with running_server(bt_config) as url:
+        client = build_reward_model(remote_config(url, batch_size=2, concurrency=3), "cpu")
+        sent = []
+        inner = client._request
+        client._request = lambda method, path, body=None: sent.append(body) or inner(method, path, body)
+        results = client.score(QUERIES)
+    assert [[len(q["responses"]) for q in body["queries"]] for body in sent] == [[3], [1], [3]]
+    for scores, reference in zip([r.scores for r in results], expected):
+        assert scores == pytest.approx(reference, abs=1e-5)
+
+
+def test_openrlhf_protocol_against_our_get_reward(bt_config, expected):
+    with running_server(bt_config) as url:
+        client = build_reward_model(remote_config(url, protocol="openrlhf", model_path=bt_config.model_path), "cpu")
+        results = client.score(QUERIES)
+    for scores, reference in zip([r.scores for r in results], expected):
+        assert scores == pytest.approx(reference, abs=1e-5)
+
+
+def test_objectives_come_from_the_server(tmp_path):
+    (tmp_path / "r.py").write_text("def length(messages, response, meta):\n    return len(response)\n")
+    length = RewardConfig(kind="function", function=f"{tmp_path}/r.py:length")
+    with running_server(RewardConfig(kind="combined", components=[RewardComponent(name="len", reward=length)])) as url:
+        client = build_reward_model(remote_config(url), "cpu")
+        assert client.objectives == ["len"]
+        assert client.score(QUERIES[:1])[0].objectives == {"len": [19.0, 2.0, 0.0]}
+
+
+def test_token_comes_from_the_environment(bt_config, monkeypatch):
+    with running_server(bt_config, token="s3cret") as url:
+        monkeypatch.delenv("RLHF_LOOP_REWARD_TOKEN", raising=False)
+        with pytest.raises(RewardServerError, match="rejected the token: set the environment variable"):
+            build_reward_model(remote_config(url), "cpu")
+        monkeypatch.setenv("RLHF_LOOP_REWARD_TOKEN", "s3cret")
+        assert len(build_reward_model(remote_config(url), "cpu").score(QUERIES)) == 3
+
+
+def flaky_app(failures: int, status: int = 503):
+    """Fails the first `failures` /score calls with `status`, then scores every response 1.0."""
+    app, calls = FastAPI(), []
+
+    @app.get("/info")
+    async def info():
+        return {"objectives": []}
+
+    @app.post("/score")
+    async def score(body: dict):
+        calls.append(1)
+        if len(calls) <= failures:
+            return JSONResponse({"detail": "busy"}, status_code=status)
+        return {"results": [{"scores": [1.0] * len(q["responses"]), "objectives": {}} for q in body["queries"]]}
+
+    return app, calls
+
+
+def test_transient_failures_are_retried_with_backoff():
+    app, calls = flaky_app(failures=2)
+    with background(app) as url:
+        client = build_reward_model(remote_config(url, max_retries=3, concurrency=1), "cpu")
+        assert [r.scores for r in client.score(QUERIES[:1])] == [[1.0, 1.0, 1.0]]
+    assert len(calls) == 3
+
+
+def test_after_the_last_retry_the_stage_stops_with_a_clear_error():
+    app, calls = flaky_app(failures=100)
+    with background(app) as url:
+        client = build_reward_model(remote_config(url, max_retries=2, concurrency=1), "cpu")
+        with pytest.raises(RewardServerError, match=r"failed 3 times \(last: HTTP 503: busy\).*rlhf-loop resume"):
+            client.score(QUERIES[:1])
+    assert len(calls) == 3
+
+
+def test_client_errors_are_not_retried():
+    app, calls = flaky_app(failures=100, status=400)
+    with background(app) as url:
+        client = build_reward_model(remote_config(url, max_retries=3), "cpu")
+        with pytest.raises(RewardServerError, match=r"refused the request \(HTTP 400: busy\)"):
+            client.score(QUERIES[:1])
+    assert len(calls) == 1
+
+
+def test_unreachable_server_fails_at_start_up():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RewardServerError, match=r"/info failed 2 times \(last: ConnectError"):
+        build_reward_model(remote_config(f"http://127.0.0.1:{port}", max_retries=1), "cpu")
+
+
+def test_config_problems_are_caught_before_any_request():
+    with pytest.raises(UserError, match="reward.remote.url must be an http"):
+        build_reward_model(RewardConfig(kind="remote"), "cpu")
+    with pytest.raises(UserError, match="set reward.model_path to the tokenizer"):
+        build_reward_model(remote_config("http://127.0.0.1:1", protocol="openrlhf"), "cpu")
+
+
+def test_nan_from_the_server_names_the_response():
+    app = FastAPI()
+
+    @app.get("/info")
+    async def info():
+        return {"objectives": []}
+
+    @app.post("/score")
+    async def score(body: dict):
+        return {"results": [{"scores": [0.0, "NaN"], "objectives": {}}]}  # float("NaN") parses: caught after
+
+    with background(app) as url:
+        client = build_reward_model(remote_config(url), "cpu")
+        with pytest.raises(UserError, match="returned nan for response 1"):
+            client.score([RewardQuery([{"role": "user", "content": "hi"}], ["a", "b"])])
