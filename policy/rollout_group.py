@@ -7,6 +7,7 @@ every prompt samples with its own seed, the result does not depend on how many e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import ray
@@ -68,7 +69,8 @@ def _actor_resources(rollout: RolloutConfig, device: str) -> dict:
     env_vars = {}
     if rollout.engine == "vllm":
         # Set before the worker imports vLLM; the explicit KV size also overrides a value inherited from the shell.
-        env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib)}
+        env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib),
+                    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     return dict(num_cpus=0, runtime_env={"env_vars": env_vars})
 
 

@@ -55,7 +55,8 @@ class SFTStats:
 def example_from_messages(tokenizer, messages: Messages) -> SFTExample:
     """A conversation ending with an assistant turn, rendered with the chat template; only that turn is trained on."""
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError(f"an SFT conversation must end with an assistant turn; got roles {[m['role'] for m in messages]}")
+        roles = [message["role"] for message in messages]
+        raise ValueError(f"an SFT conversation must end with an assistant turn; got roles {roles}")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     if full[: len(prompt)] != prompt:
@@ -110,7 +111,7 @@ class SFTLearner:
             raise ValueError("the SFT checkpoint was trained on other examples; resume with the original dataset")
         self._data_fingerprint = data_fingerprint
         self._examples = truncated
-        self._schedule = batch_schedule(len(truncated), sft.epochs, sft.micro_batch_size, (self._seed,))
+        self._schedule = batch_schedule(len(truncated), sft.epochs, sft.micro_batch_size, seed_key=(self._seed,))
         return len(self._schedule)
 
     def train_steps(self, max_steps: int) -> SFTStats:
@@ -167,9 +168,6 @@ class SFTLearner:
 
     def export_hf(self, directory: str) -> None:
         self._policy.export_hf(directory)
-
-    def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        return self._policy.greedy_generate(prompt_token_ids, max_tokens)
 
     @torch.no_grad()
     def mean_nll(self, examples: Sequence[SFTExample | Messages]) -> float:

@@ -12,6 +12,7 @@ call and weight update; GPU kernels are not batch-invariant, so there reproducib
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
@@ -26,6 +27,17 @@ from policy.rollout import Sampling, prompt_seed
 from rlhf_loop.records import Prompt, Response, Rollout
 
 GIB = 1 << 30
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync: rotary embeddings hold
+    computed buffers, not checkpoint weights, so nothing is missing. The warning would read as a failed sync."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryReloadWarning())
 
 
 class VLLMEngine:

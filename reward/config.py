@@ -57,7 +57,7 @@ class ServerConfig:
     max_items_per_request: int = 1024  # responses (or OpenRLHF queries) per request
     max_text_chars: int = 200_000  # characters per string (message, response, query)
     request_timeout_s: float = 300.0  # a request still unscored after this gets 504
-    max_batch_wait_ms: float = 5.0  # how long a replica waits for more requests to fill its batch
+    max_batch_wait_ms: float = 0.0  # how long a replica waits for more requests to fill its batch
 
 
 @dataclass

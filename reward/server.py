@@ -341,13 +341,16 @@ def device_for(device: str, replica: int) -> str:
 
 
 def serve(cfg: RewardConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-          token: str | None = None, device: str = "auto") -> None:
-    """Serve `cfg` until interrupted (blocking). A token is required when `host` is not a loopback address."""
+          token: str | None = None, device: str = "auto", access_log: bool = False) -> None:
+    """Serve `cfg` until interrupted (blocking). A token is required when `host` is not a loopback address.
+
+    The access log is off by default: a busy loop sends thousands of small requests, and errors are logged anyway.
+    """
     import uvicorn
 
     pool, app = _start(cfg, host, replicas, token, device)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=5)
     finally:
         pool.close()
 

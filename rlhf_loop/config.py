@@ -25,7 +25,7 @@ class DataConfig:
     # One dataset used by every iteration, or one per iteration (RLHFlow draws fresh prompts each round).
     # Each is a HF hub dataset name or a local .json/.jsonl/.parquet file.
     prompts: list[str] = MISSING
-    split: str = "train"
+    split: str = "train"  # dataset split, for hub datasets
     prompt_column: str = "prompt"  # a list of chat messages, or a plain string (made into one user turn)
     prompts_per_iteration: int | None = None  # with one dataset: iteration i takes the i-th slice of this size
     max_prompt_tokens: int = 512  # prompts longer than this (after the chat template) are skipped and counted
@@ -42,7 +42,7 @@ class PairsConfig:
 class EvalConfig:
     prompts: str | None = None  # held-out prompt dataset (hub name or local file); None: no evaluation
     prompt_column: str = "${data.prompt_column}"
-    split: str = "train"
+    split: str = "train"  # dataset split, for hub datasets
     num_prompts: int = 64  # at most this many held-out prompts
     temperature: float = 1.0  # samples from the policy: the KL estimate needs on-policy samples
     max_tokens: int = "${rollout.max_tokens}"  # type: ignore[assignment]
@@ -182,6 +182,15 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.train.max_prompt_length < cfg.train.max_length,
          f"train.max_prompt_length ({cfg.train.max_prompt_length}) must be < train.max_length ({cfg.train.max_length})"),
         (not cfg.sft.enabled or cfg.sft.dataset is not None, "sft.enabled is true but sft.dataset is not set"),
+        (cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}"),
+        (cfg.sft.epochs >= 1, f"sft.epochs must be >= 1, got {cfg.sft.epochs}"),
+        (cfg.sft.micro_batch_size >= 1, f"sft.micro_batch_size must be >= 1, got {cfg.sft.micro_batch_size}"),
+        (cfg.sft.save_steps >= 1, f"sft.save_steps must be >= 1, got {cfg.sft.save_steps}"),
+        (cfg.sft.lr_schedule in ("constant", "linear", "cosine"),
+         f"sft.lr_schedule must be constant, linear or cosine, got {cfg.sft.lr_schedule!r}"),
+        (0 <= cfg.sft.warmup_ratio < 1, f"sft.warmup_ratio must be in [0, 1), got {cfg.sft.warmup_ratio}"),
+        (cfg.sft.max_prompt_length < cfg.sft.max_length,
+         f"sft.max_prompt_length ({cfg.sft.max_prompt_length}) must be < sft.max_length ({cfg.sft.max_length})"),
         (cfg.wandb.mode in ("disabled", "offline", "online"),
          f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}"),
     ]

@@ -145,8 +145,9 @@ def train(run: Run, learner, pairs: Sequence[Pair], iteration: int, reference_di
 
 def latest_checkpoint(run: Run) -> Path | None:
     """The newest learner checkpoint of the run (only the newest is kept)."""
-    checkpoints = [info["checkpoint"] for unit, info in run.manifest.units.items() if "/train/step_" in unit]
-    return run.run_dir.root / checkpoints[-1] if checkpoints else None
+    units = [unit for unit in run.manifest.units if "/train/step_" in unit]
+    # Unit names are zero-padded ("iter_002/train/step_000040"), so the newest one sorts last.
+    return run.run_dir.root / run.manifest.info(max(units))["checkpoint"] if units else None
 
 
 def _last_train_step(run: Run, iteration: int) -> int:
@@ -155,9 +156,12 @@ def _last_train_step(run: Run, iteration: int) -> int:
 
 
 def _remove_older_checkpoints(run: Run, keep: Path) -> None:
+    """Resume needs only the newest checkpoint; the iterations' HF exports stay."""
     for directory in run.run_dir.root.glob("iter_*/learner/step_*"):
         if directory != keep:
             shutil.rmtree(directory, ignore_errors=True)
+            if not any(directory.parent.iterdir()):
+                directory.parent.rmdir()
 
 
 def _train_means(run: Run, iteration: int) -> dict[str, float]:

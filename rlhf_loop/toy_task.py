@@ -17,6 +17,7 @@ reward model) and caches it under `ToyTaskConfig.dir` with fixed names (see `Toy
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import itertools
@@ -25,8 +26,10 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +72,12 @@ NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", 
          "Cy", "Dana", "Emil", "Finn", "Gia", "Hugo", "Iris", "Jan", "Kim", "Lars", "Mia", "Ned")
 GREETINGS = ("",) + tuple(f"Hi, I am {name}. " for name in NAMES)
 
+# Words that name nothing: the commonest mistake of the SFT answers.
+FILLERS = ("thing", "stuff", "something", "whatever", "etc", "more", "others", "various", "misc", "anything")
+
 _WORD = re.compile(r"[a-z]+")
 _CATEGORY_OF = {word: category for category, words in CATEGORIES.items() for word in words}
+_OTHER_WORDS = {category: [word for word in _CATEGORY_OF if _CATEGORY_OF[word] != category] for category in CATEGORIES}
 
 
 def gold_reward(messages: Messages, response: str, meta: dict[str, Any]) -> float:
@@ -82,6 +89,16 @@ def gold_reward(messages: Messages, response: str, meta: dict[str, Any]) -> floa
     return len(on_category) / max(count, len(words))
 
 
+@dataclass(frozen=True)
+class AnswerNoise:
+    """How often a synthetic answer makes each kind of mistake."""
+
+    filler_rate: float  # a slot holds a filler word that names nothing ("stuff", "etc")
+    off_category_rate: float  # a slot holds a word of another category
+    count_miss_rate: float  # the answer has one word too many or too few
+    repeat_rate: float = 0.0  # a slot repeats an earlier word
+
+
 @dataclass
 class ToyTaskConfig:
     enabled: bool = False  # build (or reuse) the toy assets at the start of a run
@@ -90,19 +107,24 @@ class ToyTaskConfig:
     num_train_prompts: int = 3072  # prompts the loop samples from (data.prompts)
     num_eval_prompts: int = 128  # held-out prompts for eval/gold_mean (eval.prompts), disjoint from the train prompts
     num_sft_examples: int = 2048  # SFT conversations (prompt + imperfect answer), drawn over the train prompts
-    sft_off_category_rate: float = 0.35  # chance that each word of an SFT answer comes from another category
+    sft_filler_rate: float = 0.25  # chance that a word of an SFT answer is a filler ("stuff", "etc")
+    sft_off_category_rate: float = 0.1  # chance that a word of an SFT answer comes from another category
     sft_count_miss_rate: float = 0.5  # chance that an SFT answer has one word too many or too few
     num_rm_pairs: int = 4096  # gold-labelled preference pairs the reward model is trained on
-    num_rm_eval_pairs: int = 512  # held-out pairs (on eval prompts) for the reward model's accuracy
-    vocab_size: int = 1024  # byte-level BPE vocabulary of the tiny tokenizer
-    hidden_size: int = 64  # width of the tiny policy and reward model (head size is fixed at 32 for vLLM on CPU)
+    num_rm_eval_pairs: int = 512  # held-out pairs (on the eval prompts) for the reward model's accuracy
+    rm_edited_fraction: float = 0.5  # share of reward-model pairs whose two answers differ in one word only
+    vocab_size: int = 1024  # upper bound for the byte-level BPE vocabulary (the task's text fills about 1000)
+    hidden_size: int = 64  # width of the tiny policy and reward model (heads of size 32, as vLLM on CPU needs)
     num_layers: int = 2  # decoder layers of the tiny policy and reward model
-    sft_epochs: int = 3
-    sft_learning_rate: float = 3e-3
-    sft_batch_size: int = 32
-    rm_epochs: int = 2
+    sft_epochs: int = 6  # passes over the SFT conversations
+    sft_learning_rate: float = 5e-3  # peak of a cosine schedule; high because the model is tiny and random-init
+    sft_batch_size: int = 32  # conversations per SFT optimizer step
+    rm_epochs: int = 2  # passes over the reward-model pairs
     rm_learning_rate: float = 1e-3
-    rm_batch_size: int = 32
+    rm_batch_size: int = 16  # pairs per reward-model optimizer step
+
+    def sft_noise(self) -> AnswerNoise:
+        return AnswerNoise(self.sft_filler_rate, self.sft_off_category_rate, self.sft_count_miss_rate)
 
 
 @dataclass(frozen=True)
@@ -159,64 +181,88 @@ def _prompt_row(greeting: str, template: str, category: str, count: int) -> dict
     return {"prompt": [{"role": "user", "content": text}], "category": category, "count": count}
 
 
-def sample_answer(rng: random.Random, category: str, count: int, off_category_rate: float,
-                  count_miss_rate: float, repeat_rate: float = 0.0) -> str:
-    """A comma-separated answer that gets each kind of mistake at the given rates."""
-    length = count + (rng.choice((-1, 1)) if rng.random() < count_miss_rate else 0)
-    others = [word for word in _CATEGORY_OF if _CATEGORY_OF[word] != category]
+def sample_answer(rng: random.Random, category: str, count: int, noise: AnswerNoise) -> str:
+    """A comma-separated answer for `category` with mistakes drawn at the rates of `noise`."""
+    length = count + (rng.choice((-1, 1)) if rng.random() < noise.count_miss_rate else 0)
     unused = list(CATEGORIES[category])
     rng.shuffle(unused)
     words: list[str] = []
     for _ in range(max(length, 1)):
-        if words and rng.random() < repeat_rate:
+        draw = rng.random()
+        if words and draw < noise.repeat_rate:
             words.append(rng.choice(words))
-        elif rng.random() < off_category_rate:
-            words.append(rng.choice(others))
+        elif draw < noise.repeat_rate + noise.filler_rate:
+            words.append(rng.choice(FILLERS))
+        elif draw < noise.repeat_rate + noise.filler_rate + noise.off_category_rate:
+            words.append(rng.choice(_OTHER_WORDS[category]))
         else:
             words.append(unused.pop())
     return ", ".join(words)
 
 
-def make_sft_examples(seed: int, prompts: list[dict], num_examples: int, off_category_rate: float,
-                      count_miss_rate: float) -> list[dict]:
+def edit_answer(rng: random.Random, answer: str, category: str) -> str:
+    """The answer with one word swapped, dropped, added or repeated: a near-identical rival, so the pair it forms
+    pins the preference on one word."""
+    words = answer.split(", ")
+    unused = [word for word in CATEGORIES[category] if word not in words]
+    position = rng.randrange(len(words))
+    replacement = rng.choice([rng.choice(FILLERS), rng.choice(_OTHER_WORDS[category]), rng.choice(words)]
+                             + ([rng.choice(unused)] if unused else []))
+    edit = rng.choice(("swap", "drop", "add"))
+    if edit == "swap":
+        words[position] = replacement
+    elif edit == "drop" and len(words) > 1:
+        words.pop(position)
+    else:
+        words.insert(position, replacement)
+    return ", ".join(words)
+
+
+def make_sft_examples(seed: int, prompts: list[dict], num_examples: int, noise: AnswerNoise) -> list[dict]:
     """SFT conversations {"messages": [user, assistant]} whose answers are on-task but imperfect."""
     rng = random.Random(f"{seed}-sft")
     examples = []
     for _ in range(num_examples):
         row = rng.choice(prompts)
-        answer = sample_answer(rng, row["category"], row["count"], off_category_rate, count_miss_rate)
+        answer = sample_answer(rng, row["category"], row["count"], noise)
         examples.append({"messages": [*row["prompt"], {"role": "assistant", "content": answer}]})
     return examples
 
 
-def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream: str = "rm"):
-    """Gold-labelled pairs over a wide spread of answer quality (from near-perfect to mostly wrong, with repeats),
-    so the reward model also ranks the better answers the policy reaches after a few DPO iterations."""
+def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream: str = "rm",
+                          edited_fraction: float = 0.5):
+    """Gold-labelled pairs (ties dropped) over a wide spread of answer quality, from near-perfect to mostly wrong,
+    so the reward model also ranks the better answers the policy reaches after a few DPO iterations. A fraction
+    of the pairs are one-word edits of each other."""
     from reward.train_bradley_terry import PreferencePair
 
     rng = random.Random(f"{seed}-{stream}")
     pairs = []
     while len(pairs) < num_pairs:
         row = rng.choice(prompts)
-        answers = [_varied_answer(rng, row["category"], row["count"]) for _ in range(2)]
-        golds = [gold_reward(row["prompt"], answer, row) for answer in answers]
-        if golds[0] == golds[1]:
+        first = sample_answer(rng, row["category"], row["count"], _random_noise(rng))
+        if rng.random() < edited_fraction:
+            second = edit_answer(rng, first, row["category"])
+        else:
+            second = sample_answer(rng, row["category"], row["count"], _random_noise(rng))
+        first_gold, second_gold = (gold_reward(row["prompt"], answer, row) for answer in (first, second))
+        if first_gold == second_gold:
             continue
-        chosen, rejected = answers if golds[0] > golds[1] else answers[::-1]
+        chosen, rejected = (first, second) if first_gold > second_gold else (second, first)
         pairs.append(PreferencePair(prompt=row["prompt"], chosen=chosen, rejected=rejected))
     return pairs
 
 
-def _varied_answer(rng: random.Random, category: str, count: int) -> str:
-    return sample_answer(rng, category, count, off_category_rate=rng.uniform(0.0, 0.8),
-                         count_miss_rate=rng.uniform(0.0, 0.8), repeat_rate=rng.choice((0.0, 0.0, 0.3)))
+def _random_noise(rng: random.Random) -> AnswerNoise:
+    return AnswerNoise(filler_rate=rng.uniform(0.0, 0.5), off_category_rate=rng.uniform(0.0, 0.4),
+                       count_miss_rate=rng.uniform(0.0, 0.8), repeat_rate=rng.choice((0.0, 0.0, 0.2)))
 
 
 def tokenizer_corpus(prompts: list[dict], sft_examples: list[dict]) -> list[str]:
     """The task's own text (prompts, answers, and every word alone), so the BPE learns whole-word tokens."""
     texts = [turn["content"] for row in prompts for turn in row["prompt"]]
     texts += [example["messages"][-1]["content"] for example in sft_examples]
-    return texts + [f"{word}, {word}" for word in _CATEGORY_OF] * 20 + ["user", "assistant", "system"] * 20
+    return texts + [f"{word}, {word}" for word in [*_CATEGORY_OF, *FILLERS]] * 20 + ["user", "assistant", "system"] * 20
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -228,3 +274,135 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and caching the assets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
+    """The toy assets under cfg.dir, built first if missing or built by another recipe.
+
+    A build runs in a child process (DeepSpeed, used by SFT, sets process-wide state that must not leak into the
+    caller or into the Ray workers it starts later), writes into a staging directory beside cfg.dir and renames it
+    into place, so a crash never leaves a half-built cache. Concurrent callers serialise on a lock file: one
+    builds, the others wait and then find the cache ready.
+    """
+    assets = toy_assets(cfg.dir)
+    key = recipe_key(cfg)
+    if _built_key(assets.stamp) == key:
+        return assets
+    directory = Path(cfg.dir)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(directory.parent / f".{directory.name}.lock"):
+        if _built_key(assets.stamp) == key:
+            return assets
+        for leftover in directory.parent.glob(f".{directory.name}.build-*"):
+            shutil.rmtree(leftover)  # an interrupted build; we hold the lock, so nobody is writing it
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
+        _build_in_child_process(cfg, staging)
+        _replace_directory(staging, directory)
+    return assets
+
+
+def recipe_key(cfg: ToyTaskConfig) -> str:
+    """Hash of everything that shapes the assets: the config (less where they live and the on switch) and the
+    recipe version."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("enabled", "dir")}
+    recipe["recipe_version"] = RECIPE_VERSION
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_toy_assets(cfg: ToyTaskConfig, directory: str | Path) -> dict[str, Any]:
+    """Build every asset into `directory` (in this process) and write the stamp last; returns the stamp."""
+    import time
+
+    from policy.config import PolicyConfig
+    from policy.sft import run_sft
+    from reward.train_bradley_terry import train_bradley_terry
+    from rlhf_loop.config import SFTConfig
+    from rlhf_loop.tiny import build_tiny_policy, build_tokenizer
+
+    started = time.monotonic()
+    assets = toy_assets(directory)
+    train_prompts, eval_prompts = make_prompts(cfg.seed, cfg.num_train_prompts, cfg.num_eval_prompts)
+    sft_examples = make_sft_examples(cfg.seed, train_prompts, cfg.num_sft_examples, cfg.sft_noise())
+    rm_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_pairs, "rm", cfg.rm_edited_fraction)
+    rm_eval_pairs = make_preference_pairs(cfg.seed, eval_prompts, cfg.num_rm_eval_pairs, "rm-eval",
+                                          cfg.rm_edited_fraction)
+    write_jsonl(assets.train_prompts, train_prompts)
+    write_jsonl(assets.eval_prompts, eval_prompts)
+    write_jsonl(assets.sft_data, sft_examples)
+    write_jsonl(assets.rm_pairs, (asdict(pair) for pair in rm_pairs))
+    write_jsonl(assets.rm_eval_pairs, (asdict(pair) for pair in rm_eval_pairs))
+
+    shape = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.hidden_size // 32)
+    tokenizer = build_tokenizer(tokenizer_corpus(train_prompts, sft_examples), cfg.vocab_size)
+    build_tiny_policy(tokenizer, assets.base_policy, seed=cfg.seed, **shape)
+    sft = SFTConfig(learning_rate=cfg.sft_learning_rate, epochs=cfg.sft_epochs, micro_batch_size=cfg.sft_batch_size,
+                    max_length=_MAX_LENGTH, max_prompt_length=_MAX_PROMPT_LENGTH, warmup_ratio=0.05)
+    sft_stats = run_sft(PolicyConfig(model_path=str(assets.base_policy)), sft,
+                        [example["messages"] for example in sft_examples], str(assets.sft_policy), seed=cfg.seed)
+    rm_metrics = train_bradley_terry(
+        assets.sft_policy, rm_pairs, assets.reward_model, epochs=cfg.rm_epochs, lr=cfg.rm_learning_rate,
+        batch_size=cfg.rm_batch_size, max_length=_MAX_LENGTH, seed=cfg.seed, eval_pairs=rm_eval_pairs,
+    )
+    stamp = {
+        "recipe_key": recipe_key(cfg),
+        "config": asdict(cfg),
+        "sft_final_loss": sft_stats.loss,
+        "reward_model": asdict(rm_metrics),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    assets.stamp.write_text(json.dumps(stamp, indent=2) + "\n")
+    return stamp
+
+
+# Toy prompts render to about 25 tokens and answers to about 15: these bounds never cut anything.
+_MAX_PROMPT_LENGTH = 64
+_MAX_LENGTH = 128
+
+
+def _built_key(stamp: Path) -> str | None:
+    try:
+        return json.loads(stamp.read_text())["recipe_key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_CHILD_BUILD = (
+    "import json, sys; from rlhf_loop.toy_task import ToyTaskConfig, build_toy_assets; "
+    "build_toy_assets(ToyTaskConfig(**json.loads(sys.argv[2])), sys.argv[1])"
+)
+
+
+def _build_in_child_process(cfg: ToyTaskConfig, staging: Path) -> None:
+    command = [sys.executable, "-c", _CHILD_BUILD, str(staging), json.dumps(asdict(cfg))]
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if subprocess.run(command, env=environment).returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"building the toy task assets for {cfg.dir} failed; see the error above")
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Put `staging` at `directory`: the old cache is moved aside first, since a rename cannot overwrite a
+    non-empty directory."""
+    if directory.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        directory.rename(retired / directory.name)
+        staging.rename(directory)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(directory)
+

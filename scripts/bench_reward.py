@@ -4,7 +4,7 @@
 
 Each request is one prompt with `batch` responses. In-process, one caller scores the requests one after another;
 through the server (its own process, as in production), 1 or 8 clients send the same requests concurrently.
-Overhead is the server's extra time per request over in-process, with one client. Prints a Markdown table.
+Overhead is the server's extra time over in-process, with one client. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -39,15 +39,22 @@ def make_requests(batch: int, count: int, seed: int) -> list[RewardQuery]:
     ]
 
 
-def best_seconds(work: Callable[[], None], repeats: int) -> float:
-    """The median of `repeats` timed runs, after one warm-up run."""
+def timed(work: Callable[[], None]) -> float:
+    start = time.perf_counter()
     work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def fastest_interleaved(works: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Each way of scoring runs once to warm up, then all run in turn `repeats` times; the fastest run of each
+    counts. Interleaving and taking the minimum keep other load on the machine from favouring one side."""
+    for work in works.values():
         work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            times[name].append(timed(work))
+    return {name: min(values) for name, values in times.items()}
 
 
 def through_server(url: str, requests: list[RewardQuery], clients: int) -> Callable[[], None]:
@@ -66,12 +73,12 @@ def through_server(url: str, requests: list[RewardQuery], clients: int) -> Calla
     return work
 
 
-def serve_in_child(cfg: RewardConfig, port: int) -> None:
-    import logging
+def serve_in_child(cfg: RewardConfig, port: int, threads: int) -> None:
+    import torch
 
     from reward.server import serve
 
-    logging.getLogger("uvicorn.access").disabled = True
+    torch.set_num_threads(threads)
     serve(cfg, host="127.0.0.1", port=port, replicas=1, device="cpu")
 
 
@@ -99,9 +106,14 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests-64", type=int, default=24, help="requests at batch 64 (more at smaller batches)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests-64", type=int, default=8, help="requests at batch 64 (more at smaller batches)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same in-process and in the server")
     args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from rlhf_loop.tiny import build_tiny_reward_model, build_tokenizer
     from reward.registry import build_reward_model
@@ -109,22 +121,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer([" ".join(WORDS)] * 50, vocab_size=512)
         cfg = RewardConfig(model_path=str(build_tiny_reward_model(tokenizer, f"{tmp}/rm")), batch_size=64)
+        # The same number of scores per batch size, except batch 1 (a quarter: 1-response requests are slow).
         workloads = {b: make_requests(b, args.requests_64 * 64 // b // (4 if b == 1 else 1), seed=b) for b in BATCHES}
 
         local = build_reward_model(cfg, "cpu")
-        in_process = {
-            b: best_seconds(lambda reqs=reqs: [local.score([q]) for q in reqs], args.repeats)
-            for b, reqs in workloads.items()
-        }
-
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = multiprocessing.get_context("spawn").Process(target=serve_in_child, args=(cfg, port), daemon=True)
+        server = multiprocessing.get_context("spawn").Process(target=serve_in_child, args=(cfg, port, args.threads),
+                                                             daemon=True)
         server.start()
         try:
             wait_until_healthy(url, server)
-            served = {(b, c): best_seconds(through_server(url, reqs, c), args.repeats)
-                      for b, reqs in workloads.items() for c in CLIENTS}
+            seconds = {}
+            for b, reqs in workloads.items():
+                works = {"in-process": lambda reqs=reqs: [local.score([q]) for q in reqs]}
+                works.update({f"server x{c}": through_server(url, reqs, c) for c in CLIENTS})
+                seconds[b] = fastest_interleaved(works, args.repeats)
         finally:
             server.terminate()
             server.join(timeout=30)
@@ -133,10 +145,10 @@ def main() -> None:
           "| server, 8 clients scores/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for b, reqs in workloads.items():
-        scores = b * len(reqs)
-        overhead = (served[b, 1] - in_process[b]) / in_process[b]
-        print(f"| {b} | {len(reqs)} | {scores / in_process[b]:,.0f} | {scores / served[b, 1]:,.0f} | "
-              f"{overhead:+.1%} | {scores / served[b, 8]:,.0f} |")
+        scores, t = b * len(reqs), seconds[b]
+        overhead = (t["server x1"] - t["in-process"]) / t["in-process"]
+        print(f"| {b} | {len(reqs)} | {scores / t['in-process']:,.0f} | {scores / t['server x1']:,.0f} | "
+              f"{overhead:+.1%} | {scores / t['server x8']:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 
+import pytest
 import torch
 
 from policy.config import PolicyConfig, TrainConfig
@@ -20,6 +22,17 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 def encode_response(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_environment():
+    """In-process learners set RANK, WORLD_SIZE, MASTER_PORT, DS_ACCELERATOR...: take them back after each module
+    (autouse wherever this is imported), so that processes started later (Ray workers) do not inherit them.
+    The torch.distributed group itself stays: DeepSpeed caches it and cannot join a new one in the same process."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def make_pairs(tokenizer, count: int, seed: int = 0) -> list[Pair]:

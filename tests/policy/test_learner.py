@@ -4,11 +4,16 @@ reports match an independent computation, checkpoints resume bit-exactly, weight
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from learner_fixtures import assert_same_weights, make_pairs, policy_config, train_config
+from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse fixture)
+    assert_same_weights,
+    make_pairs,
+    policy_config,
+    restore_environment,
+    train_config,
+)
 
 from policy.learner import (
     DPOLearner,
@@ -18,7 +23,6 @@ from policy.learner import (
     rank_micro_batches,
     truncate,
 )
-from rlhf_loop.tiny import build_tiny_policy
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -70,6 +74,22 @@ def test_truncation_keeps_prompt_end_and_response_start():
     assert prompt == [6, 7, 8, 9] and response == [100, 101, 102]
 
 
+def test_dropout_is_disabled(tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from policy.learner import disable_dropout
+    from rlhf_loop.tiny import build_tiny_policy
+
+    model = AutoModelForCausalLM.from_pretrained(
+        build_tiny_policy(tiny_tokenizer, tmp_path / "dropout", attention_dropout=0.5)
+    ).train()
+    tokens = torch.tensor([list(range(5, 25))])
+    assert not torch.equal(model(tokens).logits, model(tokens).logits)
+    disable_dropout(model)
+    assert torch.equal(model(tokens).logits, model(tokens).logits)
+    assert model.config.attention_dropout == 0.5  # exported configs keep the original value
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,20 +137,22 @@ def test_training_lowers_the_loss_and_reports_what_an_independent_computation_fi
 ):
     from transformers import AutoModelForCausalLM
 
-    pairs = make_pairs(tiny_tokenizer, 8)
-    train = train_config(micro_batch_size=2, gradient_accumulation_steps=4, epochs=6, **loss)  # one batch = all
+    pairs = make_pairs(tiny_tokenizer, 4)
+    # One global batch holds all pairs; prompts and responses are long enough to be truncated.
+    train = train_config(micro_batch_size=2, gradient_accumulation_steps=2, epochs=5, max_prompt_length=12,
+                         max_length=24, **loss)
     learner = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
     before = learner.named_weights()
-    assert learner.begin_iteration(1, pairs, reference_dir=None) == 6
+    assert learner.begin_iteration(1, pairs, reference_dir=None) == 5
 
     first = learner.train_steps(1)
-    assert first.step == 1 and first.total_steps == 6 and first.learning_rate == train.learning_rate
+    assert first.step == 1 and first.total_steps == 5 and first.learning_rate == train.learning_rate
     assert first.chosen_reward == first.rejected_reward == first.margin == 0.0  # the policy starts as the reference
     assert first.loss == pytest.approx((1 / (2 * train.beta)) ** 2 if train.loss_type == "ipo" else math.log(2))
     moved = [name for (name, a), (_, b) in zip(before, learner.named_weights()) if not torch.equal(a, b)]
     assert len(moved) == len(before)
 
-    learner.train_steps(4)
+    learner.train_steps(3)
     learner.export_hf(str(tmp_path / "policy"))
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
@@ -139,7 +161,7 @@ def test_training_lowers_the_loss_and_reports_what_an_independent_computation_fi
     assert train.beta * sum(kl) / len(kl) == pytest.approx(expected["chosen_reward"], rel=1e-4)
 
     last = learner.train_steps(10)  # stops at the end of the iteration
-    assert last.step == last.total_steps == 6
+    assert last.step == last.total_steps == 5
     assert last.loss == pytest.approx(expected["loss"], rel=1e-4)
     assert last.chosen_reward == pytest.approx(expected["chosen_reward"], rel=1e-4, abs=1e-6)
     assert last.rejected_reward == pytest.approx(expected["rejected_reward"], rel=1e-4, abs=1e-6)

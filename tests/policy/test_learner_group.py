@@ -3,24 +3,31 @@ rank with the same global batch."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from learner_fixtures import assert_same_weights, make_pairs, policy_config, train_config
+from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse fixture)
+    assert_same_weights,
+    make_pairs,
+    policy_config,
+    restore_environment,
+    train_config,
+)
 
 from policy.learner import DPOLearner
 from policy.learner_group import LearnerGroup
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
+    """A local Ray instance, unless the session already runs one."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def assert_close_weights(a, b) -> None:
@@ -83,3 +90,21 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
     local.begin_iteration(1, pairs, reference_dir=None)
     assert local.train_steps(2).loss == pytest.approx(stats.loss, rel=1e-5)
     assert_close_weights(local.named_weights(), weights)
+
+
+def test_sft_runs_in_its_own_actor(ray_cluster, tiny_policy_dir, tiny_messages, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from policy.learner_group import start_sft_actor
+    from rlhf_loop.config import SFTConfig
+
+    conversations = [m + [{"role": "assistant", "content": "One two three."}] for m in tiny_messages]
+    actor = start_sft_actor(policy_config(tiny_policy_dir), SFTConfig(micro_batch_size=2), device="cpu", seed=0)
+    try:
+        assert ray_cluster.get(actor.begin.remote(conversations)) == 2
+        stats = ray_cluster.get(actor.train_steps.remote(5))
+        ray_cluster.get(actor.export_hf.remote(str(tmp_path / "sft")))
+    finally:
+        ray_cluster.kill(actor)
+    assert stats.step == 2 and stats.loss > 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").num_parameters() > 0

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_fixtures import assert_same_weights, policy_config
+from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse fixture)
+    assert_same_weights,
+    policy_config,
+    restore_environment,
+)
 
 from policy.sft import SFTExample, SFTLearner, example_from_messages, run_sft
 from rlhf_loop.config import SFTConfig

@@ -1,0 +1,152 @@
+"""The whole loop, end to end, as a user runs it: `rlhf-loop run` in a subprocess, on tiny local models.
+
+Also the crash test: the run is SIGKILLed inside every stage and resumed, and must end with exactly the pairs,
+losses and weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from rlhf_loop.rundir import KILL_AT_ENV, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_METRICS = {
+    "iteration", "reward/mean", "reward/std", "reward/chosen_mean", "reward/rejected_mean", "pairs/count",
+    "pairs/dropped", "dpo/loss", "dpo/reward_accuracy", "dpo/margin", "kl/ref", "time/generate_s", "time/score_s",
+    "time/train_s", "time/sync_s", "time/iteration_s",
+}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
+    directory = tmp_path_factory.mktemp("loop")
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name {i} fruits, please."}) + "\n" for i in range(60)))
+    path = directory / "loop.yaml"
+    path.write_text(f"""
+iterations: 3
+policy: {{model_path: {tiny_policy_dir}}}
+data: {{prompts: [{prompts}], prompts_per_iteration: 12, max_prompt_tokens: 64}}
+rollout: {{samples_per_prompt: 4, max_tokens: 12, shard_size: 5}}
+reward: {{model_path: {tiny_reward_dir}, shard_size: 5}}
+train: {{learning_rate: 2.0e-3, micro_batch_size: 2, gradient_accumulation_steps: 2, save_steps: 2,
+        max_length: 96, max_prompt_length: 64}}
+eval: {{num_prompts: 6}}
+cluster: {{num_cpus: 2}}
+""")
+    return path
+
+
+def rlhf_loop(*args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop(KILL_AT_ENV, None)
+    if kill_at:
+        env[KILL_AT_ENV] = kill_at
+    # Its own process group, so whatever a killed driver leaves behind (Ray's processes) is cleaned up here.
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, _ = process.communicate(timeout=600)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+def finished(run_dir: Path) -> dict:
+    """Everything that must not change when a run is interrupted and resumed."""
+    iterations = sorted(run_dir.glob("iter_*"))
+    return {
+        "pairs": [read_jsonl(d / "pairs.jsonl") for d in iterations],
+        "metrics": [{k: v for k, v in m.items() if not k.startswith("time/")} for m in read_jsonl(run_dir / "metrics.jsonl")],
+        "eval": [read_jsonl(d / "eval.jsonl") for d in iterations],
+        "weights": load_file(iterations[-1] / "policy" / "model.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    result = rlhf_loop("run", str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:]
+    return run_dir
+
+
+def test_three_iterations_with_vllm(uninterrupted):
+    metrics = read_jsonl(uninterrupted / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert REQUIRED_METRICS <= m.keys(), REQUIRED_METRICS - m.keys()
+        assert m["pairs/count"] + m["pairs/dropped"] == m["prompts/count"] == 12
+    for i in (1, 2, 3):
+        iteration = uninterrupted / f"iter_{i:03d}"
+        assert len(list((iteration / "rollouts").glob("shard_*.jsonl"))) == 3  # 12 prompts in shards of 5
+        rollouts = [r for shard in sorted((iteration / "rollouts").glob("*.jsonl")) for r in read_jsonl(shard)]
+        assert len(rollouts) == 12 and all(len(r["responses"]) == 4 for r in rollouts)
+        assert (iteration / "policy" / "model.safetensors").is_file()
+        assert (iteration / "policy" / "tokenizer_config.json").is_file()
+    # the policy moved: every iteration trained and the exports differ
+    first = load_file(uninterrupted / "iter_001" / "policy" / "model.safetensors")
+    last = load_file(uninterrupted / "iter_003" / "policy" / "model.safetensors")
+    assert any(not first[k].equal(last[k]) for k in first)
+
+
+def test_status_reports_a_finished_run(uninterrupted):
+    result = rlhf_loop("status", str(uninterrupted), "--json")
+    status = json.loads(result.stdout)
+    assert status["finished"] and status["iterations_done"] == 3
+    assert status["last_metrics"]["iteration"] == 3
+
+
+def test_three_iterations_with_hf_engine(config, tmp_path):
+    run_dir = tmp_path / "hf"
+    result = rlhf_loop("run", str(config), "rollout.engine=hf", "iterations=2", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
+
+
+# Kill points inside every stage: after a unit is recorded, or (":before") with its files written but not recorded.
+KILL_POINTS = [
+    "eval_initial:before",
+    "iter_001/rollouts/shard_00001",
+    "iter_001/scores/shard_00000:before",
+    "iter_001/pairs",
+    "iter_001/train/step_000002",
+    "iter_001/export:before",
+    "iter_001/sync",
+    "iter_001/eval",
+    "iter_002/rollouts/shard_00002:before",
+    "iter_002/train/step_000002:before",
+    "iter_002/done:before",
+    "iter_003/scores/shard_00001",
+]
+
+
+def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninterrupted, tmp_path):
+    run_dir = tmp_path / "killed"
+    result = rlhf_loop("run", str(config), "--run-dir", str(run_dir), kill_at=KILL_POINTS[0])
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:]
+    for point in KILL_POINTS[1:]:
+        result = rlhf_loop("resume", str(run_dir), kill_at=point)
+        assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
+    result = rlhf_loop("resume", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    expected, actual = finished(uninterrupted), finished(run_dir)
+    assert actual["pairs"] == expected["pairs"]
+    assert actual["metrics"] == expected["metrics"]
+    assert actual["eval"] == expected["eval"]
+    assert actual["weights"].keys() == expected["weights"].keys()
+    assert all(actual["weights"][k].equal(expected["weights"][k]) for k in expected["weights"])
