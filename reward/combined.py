@@ -32,7 +32,8 @@ class CombinedReward:
             for i, component in enumerate(cfg.components)
         ]
         self.objectives = [
-            objective for name, _, model in self.terms for objective in [name, *(f"{name}/{o}" for o in model.objectives)]
+            objective for name, _, model in self.terms
+            for objective in [name, *(f"{name}/{o}" for o in model.objectives)]
         ]
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:

@@ -28,8 +28,8 @@ class PairwiseConfig:
     ranking: str = "all_pairs"
     # what the judge reads as its user turn (RLHFlow's pair-preference format); {context} is the conversation
     template: str = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
-    token_a: str = "A"  # the judge's answer tokens: each must be one token of its tokenizer
-    token_b: str = "B"
+    token_a: str = "A"  # the answer meaning "response A is better"; token_a and token_b must each be one token
+    token_b: str = "B"  # the answer meaning "response B is better"
     temperature: float = 1.0  # softmax temperature over the logits of token_a and token_b
 
 
@@ -71,7 +71,7 @@ class RewardComponent:
 
 @dataclass
 class RewardConfig:
-    kind: str = "bradley_terry"  # which scorer; see reward/__init__.py for the built-in kinds
+    kind: str = "bradley_terry"  # bradley_terry | armorm | pairwise | function | combined | remote (docs/rewards.md)
     model_path: str | None = None  # HF hub id or local directory of the reward model (or judge, or tokenizer)
     trust_remote_code: bool = False  # required (and only honoured) for models with custom modeling code
     batch_size: int = 16  # (prompt, response) sequences per forward pass; responses per request for remote
@@ -113,7 +113,8 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
          f"{key}.components is empty; kind combined needs at least one component"),
         (len({c.name for c in cfg.components}) == len(cfg.components),
          f"{key}.components have repeated names; give each a unique name"),
-        (cfg.normalize in NORMALIZATIONS, f"{key}.normalize must be one of {list(NORMALIZATIONS)}, got {cfg.normalize!r}"),
+        (cfg.normalize in NORMALIZATIONS,
+         f"{key}.normalize must be one of {list(NORMALIZATIONS)}, got {cfg.normalize!r}"),
     ]
     problems = [message for ok, message in checks if not ok]
     if cfg.kind == "pairwise":
@@ -127,7 +128,8 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
 
 def _pairwise_problems(cfg: PairwiseConfig, key: str) -> list[str]:
     checks = [
-        (cfg.ranking in PAIRWISE_RANKINGS, f"{key}.ranking must be one of {list(PAIRWISE_RANKINGS)}, got {cfg.ranking!r}"),
+        (cfg.ranking in PAIRWISE_RANKINGS,
+         f"{key}.ranking must be one of {list(PAIRWISE_RANKINGS)}, got {cfg.ranking!r}"),
         (cfg.temperature > 0, f"{key}.temperature must be > 0, got {cfg.temperature}"),
         (cfg.token_a != cfg.token_b, f"{key}.token_a and token_b must differ, both are {cfg.token_a!r}"),
     ]

@@ -57,8 +57,8 @@ def load_tokenizer(path: str, trust_remote_code: bool, key: str):
     except (OSError, ValueError) as e:
         raise UserError(f"{key}.model_path {path!r}: cannot load its tokenizer ({_first_line(e)})") from None
     if not tokenizer.chat_template:
-        raise UserError(f"{key}.model_path {path!r}: the tokenizer has no chat template, so conversations cannot be rendered "
-                        "the way the model was trained; add chat_template to its tokenizer_config.json")
+        raise UserError(f"{key}.model_path {path!r}: the tokenizer has no chat template, so conversations cannot "
+                        "be rendered the way the model was trained; add chat_template to its tokenizer_config.json")
     return tokenizer
 
 

@@ -78,9 +78,9 @@ class RemoteReward:
             raise RewardServerError(f"reward server {self.url} sent a malformed /score answer ({e!r})") from None
         if [len(r.scores) for r in results] != [len(q.responses) for q in chunk]:
             raise RewardServerError(f"reward server {self.url} returned scores that do not match the request")
-        for q, result in enumerate(results):
-            check_finite(result.scores, lambda r: f"response {r} of a query ({chunk[q].messages[-1]['content'][:40]!r})",
-                         f"reward server {self.url}")
+        for query, result in zip(chunk, results):
+            prompt = query.messages[-1]["content"][:40]
+            check_finite(result.scores, lambda r: f"response {r} of the prompt {prompt!r}", f"reward server {self.url}")
         return results
 
     def _score_openrlhf(self, chunk: list[RewardQuery]) -> list[RewardResult]:

@@ -171,9 +171,8 @@ class RequestParser:
             RewardQuery(messages=[m.model_dump() for m in q.messages], responses=list(q.responses), meta=q.meta)
             for q in request.queries
         ]
-        self._check_sizes([r for q in queries for r in q.responses],
-                          [m["content"] for q in queries for m in q.messages] + [m["role"] for q in queries
-                                                                                 for m in q.messages])
+        message_texts = [text for q in queries for m in q.messages for text in m.values()]
+        self._check_sizes([r for q in queries for r in q.responses], message_texts)
         return queries
 
     def openrlhf_request(self, data: Any) -> GetRewardRequest:

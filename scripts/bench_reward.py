@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Callable

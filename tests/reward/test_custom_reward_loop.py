@@ -96,7 +96,8 @@ def fruity(response: str, bonus: int) -> float:
 
 
 def scored_rows(run_dir: Path) -> list[dict]:
-    return [row for shard in sorted((run_dir / "iter_001" / "scores").glob("shard_*.jsonl")) for row in read_jsonl(shard)]
+    shards = sorted((run_dir / "iter_001" / "scores").glob("shard_*.jsonl"))
+    return [row for shard in shards for row in read_jsonl(shard)]
 
 
 def test_a_reward_function_in_a_users_file_runs_through_the_loop(user_dir, tiny_policy_dir, tmp_path):
