@@ -5,7 +5,7 @@
     stats = group.train_steps(cfg.train.save_steps)
     weights = group.named_weights()            # an ObjectRef: hand it to the rollout actors as it is
 
-    sft = start_sft_actor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner's methods, called with .remote()
+    sft = SFTActor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner in its own actor, same methods
 
 Every LearnerGroup method mirrors `DPOLearner`'s. Training, checkpoints and export run on every rank (they are
 collective); weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every
@@ -21,9 +21,9 @@ import ray
 
 from policy.config import PolicyConfig, TrainConfig
 from policy.learner import DPOLearner, TrainStats, free_port
-from policy.sft import SFTLearner
+from policy.sft import SFTExample, SFTLearner, SFTStats
 from rlhf_loop.config import SFTConfig
-from rlhf_loop.records import Pair
+from rlhf_loop.records import Messages, Pair
 
 
 def learner_resources(device: str) -> dict[str, float]:
@@ -32,9 +32,32 @@ def learner_resources(device: str) -> dict[str, float]:
     return {"num_gpus": 1} if device == "cuda" else {"num_cpus": 0}
 
 
-def start_sft_actor(policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
-    """An SFTLearner in its own Ray actor (its own process group and port)."""
-    return ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
+class SFTActor:
+    """An SFTLearner in its own Ray actor (its own process group and port), called like the in-process one."""
+
+    def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
+        self._actor = ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
+
+    def begin(self, examples: Sequence[SFTExample | Messages]) -> int:
+        return ray.get(self._actor.begin.remote(list(examples)))
+
+    def train_steps(self, max_steps: int) -> SFTStats:
+        return ray.get(self._actor.train_steps.remote(max_steps))
+
+    def save_checkpoint(self, directory: str) -> None:
+        ray.get(self._actor.save_checkpoint.remote(directory))
+
+    def load_checkpoint(self, directory: str) -> None:
+        ray.get(self._actor.load_checkpoint.remote(directory))
+
+    def export_hf(self, directory: str) -> None:
+        ray.get(self._actor.export_hf.remote(directory))
+
+    def mean_nll(self, examples: Sequence[SFTExample | Messages]) -> float:
+        return ray.get(self._actor.mean_nll.remote(list(examples)))
+
+    def shutdown(self) -> None:
+        ray.kill(self._actor)
 
 
 class LearnerActor(DPOLearner):

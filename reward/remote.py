@@ -47,7 +47,11 @@ class RemoteReward:
             self.tokenizer = hf.load_tokenizer(cfg.model_path, cfg.trust_remote_code, key)
             self.objectives: list[str] = []
         else:
-            self.objectives = list(self._request("GET", "/info")["objectives"])
+            info = self._request("GET", "/info")
+            if not isinstance(info, dict) or not isinstance(info.get("objectives"), list):
+                raise RewardServerError(f"{self.url}/info is not an rlhf-loop reward server's answer; for an "
+                                        f"OpenRLHF server set {key}.remote.protocol=openrlhf")
+            self.objectives = [str(name) for name in info["objectives"]]
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         chunks = self._chunks(queries)

@@ -294,7 +294,7 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
             else:
                 results = await scored(Job(queries=queries_from_openrlhf(openrlhf)))
                 rewards = [s for r in results for s in r.scores]
-                extra = {name: [v for r in results for v in r.objectives.get(name, [])] for name in model.objectives}
+                extra = {name: [v for r in results for v in r.objectives[name]] for name in model.objectives}
             return {"rewards": rewards, "scores": rewards, "extra_logs": extra}
         return await handle(request, answer)
 

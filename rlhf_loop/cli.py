@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def _serve_reward(args) -> None:
     from reward.server import load_reward_config, serve
 
     serve(load_reward_config(args.config, args.overrides), host=args.host, port=args.port,
-          replicas=args.replicas, token=args.token)
+          replicas=args.replicas, token=args.token or os.environ.get("RLHF_LOOP_REWARD_TOKEN"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     cfg = load_config("configs/tiny.yaml", ["rollout.samples_per_prompt=4"])
 
+A YAML file may build on another with a top-level `base: other.yaml` (path relative to the file); its own keys win.
+
 Unknown keys, wrong types and values out of range raise `ConfigError` naming the key and the file.
 """
 
@@ -11,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from policy.config import PolicyConfig, RolloutConfig, TrainConfig
@@ -24,7 +26,7 @@ from rlhf_loop.toy_task import ToyTaskConfig
 class DataConfig:
     # One dataset used by every iteration, or one per iteration (RLHFlow draws fresh prompts each round).
     # Each is a HF hub dataset name or a local .json/.jsonl/.parquet file.
-    prompts: list[str] = MISSING
+    prompts: list[str] = field(default_factory=list)
     split: str = "train"  # dataset split, for hub datasets
     prompt_column: str = "prompt"  # a list of chat messages, or a plain string (made into one user turn)
     prompts_per_iteration: int | None = None  # with one dataset: iteration i takes the i-th slice of this size
@@ -36,6 +38,13 @@ class DataConfig:
 class PairsConfig:
     strategy: str = "max_min"  # max_min (best vs worst) | max_random | random; see rlhf_loop/pairs.py
     min_margin: float = 0.0  # keep a pair only if chosen beats rejected by more than this (so ties are dropped)
+    # Offline DPO: train on this preference dataset (hub name or local file with chosen/rejected conversations)
+    # instead of generating and scoring; then no rollout engine or reward model is started.
+    dataset: str | None = None
+    dataset_split: str = "train"
+    export_format: str = "none"  # also write each iteration's pairs as a DPO dataset: none | disk | parquet
+    export_test_fraction: float = 0.02  # share of exported pairs held out as the "test" split
+    push_to_hub: str | None = None  # a hub repo id to push the exported pairs dataset to
 
 
 @dataclass
@@ -106,12 +115,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
     merged = OmegaConf.structured(RunConfig)
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
-    except Exception as e:  # YAML syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    for layer in _layers(path):
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_describe(e)}") from None
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not key=value; write e.g. rollout.samples_per_prompt=4")
@@ -127,6 +135,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
     return cfg
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+    """The YAML file and, first, the files it builds on: a top-level `base: other.yaml` (relative to the file)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [layer]
+    base_path = path.parent / str(base)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base file {base_path} does not exist")
+    return _layers(base_path, seen + (path.resolve(),)) + [layer]
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -147,9 +172,12 @@ def validate(cfg: RunConfig) -> list[str]:
     checks = [
         (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
-        (len(cfg.data.prompts) >= 1, "data.prompts is empty; give at least one dataset name or file"),
+        (len(cfg.data.prompts) >= 1 or cfg.pairs.dataset is not None,
+         "data.prompts is empty; give at least one dataset name or file (or pairs.dataset for offline DPO)"),
+        (cfg.pairs.dataset is None or cfg.iterations == 1,
+         f"pairs.dataset (offline DPO) runs one iteration; set iterations: 1 (got {cfg.iterations})"),
         (
-            len(cfg.data.prompts) in (1, cfg.iterations),
+            len(cfg.data.prompts) in (0, 1, cfg.iterations),
             f"data.prompts has {len(cfg.data.prompts)} entries; give one, or one per iteration ({cfg.iterations})",
         ),
         (
@@ -165,6 +193,12 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.pairs.strategy in STRATEGIES,
          f"pairs.strategy {cfg.pairs.strategy!r} is unknown; use one of {sorted(STRATEGIES)}"),
         (cfg.pairs.min_margin >= 0, f"pairs.min_margin must be >= 0, got {cfg.pairs.min_margin}"),
+        (cfg.pairs.export_format in ("none", "disk", "parquet"),
+         f"pairs.export_format must be none, disk or parquet, got {cfg.pairs.export_format!r}"),
+        (0 <= cfg.pairs.export_test_fraction < 1,
+         f"pairs.export_test_fraction must be in [0, 1), got {cfg.pairs.export_test_fraction}"),
+        (cfg.train.enabled or cfg.pairs.dataset is None,
+         "pairs.dataset (offline DPO) needs train.enabled: true; there is nothing else to do with its pairs"),
         (cfg.train.loss_type in LOSSES, f"train.loss_type {cfg.train.loss_type!r} is unknown; use one of {sorted(LOSSES)}"),
         (cfg.train.reference in ("initial", "previous"),
          f"train.reference must be initial or previous, got {cfg.train.reference!r}"),
@@ -194,7 +228,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.wandb.mode in ("disabled", "offline", "online"),
          f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}"),
     ]
-    return [message for ok, message in checks if not ok] + reward_config_problems(cfg.reward)
+    online = cfg.pairs.dataset is None  # offline DPO starts no reward model
+    return [message for ok, message in checks if not ok] + (reward_config_problems(cfg.reward) if online else [])
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -20,7 +20,7 @@ from rlhf_loop import stages
 from rlhf_loop.cluster import resolve_device, start_ray, stop_ray
 from rlhf_loop.config import RunConfig
 from rlhf_loop.data import evaluation_prompts, iteration_prompts
-from rlhf_loop.metrics import Tracker, reward_metrics
+from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
 from rlhf_loop.rundir import Manifest, RunDir
 
 
@@ -31,6 +31,7 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
 
     run = stages.Run(cfg, run_dir, Manifest.load(run_dir))
     device = resolve_device(cfg.device)
+    online = cfg.pairs.dataset is None  # offline DPO trains on a given preference dataset and samples nothing
     tracker = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)))
     start_ray(cfg.cluster)
     try:
@@ -39,53 +40,56 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
         tokenizer = stages.load_tokenizer(initial_policy)
 
         # ---- the actors: rollout engines, reward model, DPO learner ------------------------------------------
-        rollout = RolloutGroup(initial_policy, cfg.rollout, device, stages.max_model_len(cfg), cfg.seed)
-        reward = RewardScorer(cfg.reward, device)
-        learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed)
+        rollout, reward = None, None
+        if online:
+            rollout = RolloutGroup(initial_policy, cfg.rollout, device, stages.max_model_len(cfg), cfg.seed)
+            reward = RewardScorer(cfg.reward, device)
+        learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
 
         # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
         checkpoint = stages.latest_checkpoint(run)
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
-            stages.sync_weights(learner, rollout)
+            if rollout:
+                stages.sync_weights(learner, rollout)
 
         # ---- the baseline: pi_0 on the evaluation prompts, for win rates and the gold curve ------------------
-        eval_set = evaluation_prompts(cfg, tokenizer)
+        evaluating = online and learner is not None
+        eval_set = evaluation_prompts(cfg, tokenizer) if evaluating else []
         gold = stages.load_gold(cfg.eval)
-        stages.evaluate(run, rollout, reward, learner, eval_set, None, gold)
+        if evaluating:
+            stages.evaluate(run, rollout, reward, learner, eval_set, None, gold)
 
         for iteration in range(1, cfg.iterations + 1):
             if run.manifest.done(run.unit(iteration, "done")):
                 continue
-            # ---- generate: K samples per prompt from the current policy -------------------------------------
-            prompt_set = iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
-            rollouts = stages.generate(run, rollout, prompt_set.prompts, iteration)
+            if online:
+                # ---- generate: K samples per prompt from the current policy ---------------------------------
+                prompt_set = iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+                rollouts = stages.generate(run, rollout, prompt_set.prompts, iteration)
 
-            # ---- score, then pair best vs worst (ties and identical texts dropped) -------------------------------
-            scored = stages.score(run, reward, rollouts, iteration)
-            selection = stages.build_pairs(run, scored, iteration)
+                # ---- score, then pair best vs worst (ties and identical texts dropped) ---------------------------
+                scored = stages.score(run, reward, rollouts, iteration)
+                selection = stages.build_pairs(run, scored, iteration)
+                metrics = {**reward_metrics(scored, selection.pairs), **prompt_metrics(prompt_set)}
+            else:
+                selection, metrics = stages.dataset_pairs(run, tokenizer, iteration), {}
+            metrics.update(pair_metrics(selection))
+            stages.export_pairs(run, selection.pairs, iteration)
 
-            # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ----------------------------
-            reference = stages.reference_policy(run, initial_policy, iteration)
-            train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
-            stages.export_policy(run, learner, iteration)
+            if learner is not None:
+                # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ------------------------
+                reference = stages.reference_policy(run, initial_policy, iteration)
+                train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
+                metrics.update({f"dpo/{key}": value for key, value in train_metrics.items()})
+                stages.export_policy(run, learner, iteration)
 
-            # ---- sync: the new weights go to every rollout engine, in memory ----------------------------------
-            stages.sync(run, learner, rollout, iteration)
+            if evaluating:
+                # ---- sync: the new weights go to every rollout engine, in memory; then evaluate ---------------
+                stages.sync(run, learner, rollout, iteration)
+                metrics.update(stages.evaluate(run, rollout, reward, learner, eval_set, iteration, gold))
 
-            # ---- evaluate and log ------------------------------------------------------------------------
-            eval_metrics = stages.evaluate(run, rollout, reward, learner, eval_set, iteration, gold)
-            metrics = stages.finish_iteration(run, iteration, {
-                **reward_metrics(scored, selection.pairs),
-                "prompts/count": len(prompt_set.prompts),
-                "prompts/skipped_too_long": prompt_set.skipped_too_long,
-                "pairs/count": len(selection.pairs),
-                "pairs/dropped": sum(selection.dropped.values()),
-                **{f"pairs/dropped_{reason}": count for reason, count in selection.dropped.items()},
-                **{f"dpo/{key}": value for key, value in train_metrics.items()},
-                **eval_metrics,
-            })
-            tracker.log(iteration, metrics)
+            tracker.log(iteration, stages.finish_iteration(run, iteration, metrics))
     finally:
         tracker.close()
         stop_ray()

@@ -6,6 +6,8 @@ import json
 import statistics
 from collections.abc import Sequence
 
+from rlhf_loop.data import PromptSet
+from rlhf_loop.pairs import PairSelection
 from rlhf_loop.records import Pair, Scored
 from rlhf_loop.rundir import RunDir, atomic_write_jsonl
 
@@ -24,6 +26,18 @@ def reward_metrics(scored: Sequence[Scored], pairs: Sequence[Pair]) -> dict[str,
     metrics["rollout/response_tokens_mean"] = statistics.fmean(len(r.token_ids) for r in responses)
     metrics["rollout/truncated_fraction"] = sum(r.finish_reason == "length" for r in responses) / len(responses)
     return metrics
+
+
+def prompt_metrics(prompt_set: PromptSet) -> dict[str, float]:
+    return {"prompts/count": len(prompt_set.prompts), "prompts/skipped_too_long": prompt_set.skipped_too_long}
+
+
+def pair_metrics(selection: PairSelection) -> dict[str, float]:
+    return {
+        "pairs/count": len(selection.pairs),
+        "pairs/dropped": sum(selection.dropped.values()),
+        **{f"pairs/dropped_{reason}": count for reason, count in selection.dropped.items()},
+    }
 
 
 class Tracker:

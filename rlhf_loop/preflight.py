@@ -18,9 +18,16 @@ def preflight(cfg: RunConfig) -> None:
     from rlhf_loop.data import evaluation_prompts, iteration_prompts, load_rows
     from rlhf_loop.stages import load_gold
 
-    for iteration in range(1, len(cfg.data.prompts) + 1):
-        iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
-    evaluation_prompts(cfg, tokenizer)
+    if cfg.pairs.dataset is None:
+        for iteration in range(1, len(cfg.data.prompts) + 1):
+            iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+        evaluation_prompts(cfg, tokenizer)
+    else:
+        rows = load_rows(cfg.pairs.dataset, cfg.pairs.dataset_split)
+        missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
+        if missing:
+            raise UserError(f"pairs.dataset {cfg.pairs.dataset} has no {' or '.join(missing)} column (columns: "
+                            f"{', '.join(rows.column_names)}); offline DPO needs chosen/rejected conversations")
     load_gold(cfg.eval)
     if cfg.sft.enabled:
         rows = load_rows(cfg.sft.dataset, "train")

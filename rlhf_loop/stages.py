@@ -3,12 +3,14 @@ re-reads their outputs, so a crash costs at most the unit in flight (a shard, `s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,73 +104,145 @@ def score_rollouts(reward, rollouts: Sequence[Rollout]) -> list[Scored]:
 # ---- pairs ----------------------------------------------------------------------------------------------------------
 
 def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelection:
+    """Best vs worst (or the configured strategy) among each prompt's scored responses."""
     unit = run.unit(iteration, "pairs")
     if run.manifest.done(unit):
-        rows = read_jsonl(run.manifest.verified_file(unit))
-        return PairSelection([records.pair_from_json(row) for row in rows], run.manifest.info(unit)["dropped"])
+        return _recorded_pairs(run, unit)
     selection = select_pairs(scored, run.cfg.pairs.strategy, run.cfg.pairs.min_margin,
                              derived_seed(run.cfg.seed, "pairs", iteration))
+    return _record_pairs(run, unit, iteration, selection)
+
+
+def dataset_pairs(run: Run, tokenizer, iteration: int) -> PairSelection:
+    """Offline DPO: the pairs of a given preference dataset, rendered with the policy's chat template."""
+    from rlhf_loop.export import load_preference_pairs
+
+    unit = run.unit(iteration, "pairs")
+    if run.manifest.done(unit):
+        return _recorded_pairs(run, unit)
+    cfg = run.cfg
+    loaded = load_preference_pairs(cfg.pairs.dataset, cfg.pairs.dataset_split, tokenizer, cfg.data.max_prompt_tokens)
+    dropped = {"prompt_too_long": loaded.skipped_too_long} if loaded.skipped_too_long else {}
+    return _record_pairs(run, unit, iteration, PairSelection(loaded.pairs, dropped))
+
+
+def _record_pairs(run: Run, unit: str, iteration: int, selection: PairSelection) -> PairSelection:
     path = run.run_dir.iteration(iteration) / "pairs.jsonl"
     atomic_write_jsonl(path, map(records.to_json, selection.pairs))
     run.manifest.record(unit, files=[path], count=len(selection.pairs), dropped=selection.dropped)
     return selection
 
 
+def _recorded_pairs(run: Run, unit: str) -> PairSelection:
+    rows = read_jsonl(run.manifest.verified_file(unit))
+    return PairSelection([records.pair_from_json(row) for row in rows], run.manifest.info(unit)["dropped"])
+
+
+def export_pairs(run: Run, pairs: Sequence[Pair], iteration: int) -> None:
+    """The iteration's pairs as a DPO dataset (prompt/chosen/rejected conversations), when pairs.export_format asks."""
+    cfg = run.cfg.pairs
+    unit = run.unit(iteration, "pairs_dataset")
+    if cfg.export_format == "none" or run.manifest.done(unit):
+        return
+    from rlhf_loop.export import write_preference_dataset
+
+    start = time.perf_counter()
+    out = write_preference_dataset(list(pairs), run.run_dir.iteration(iteration) / "pairs_dataset", cfg.export_format,
+                                   cfg.export_test_fraction, derived_seed(run.cfg.seed, "export", iteration),
+                                   cfg.push_to_hub)
+    run.manifest.record(unit, path=str(out.relative_to(run.run_dir.root)), seconds=time.perf_counter() - start)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------------
 
-TRAIN_STAT_KEYS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+NOT_AVERAGED = ("step", "total_steps")
 
 
 def train(run: Run, learner, pairs: Sequence[Pair], iteration: int, reference_dir: str | None) -> dict[str, float]:
     """DPO on the iteration's pairs, checkpointing every `train.save_steps` steps; returns step-weighted means."""
+    if not pairs:
+        from policy.learner import TrainStats
+
+        tqdm.write(f"iteration {iteration}: no pairs (every prompt's responses tied or were identical); no DPO step")
+        return {field.name: math.nan for field in dataclasses.fields(TrainStats) if field.name not in NOT_AVERAGED}
     total_steps = learner.begin_iteration(iteration, list(pairs), reference_dir)
-    step = _last_train_step(run, iteration)
-    save_steps = run.cfg.train.save_steps
-    with tqdm(total=total_steps, initial=step, desc=f"iter {iteration} train", unit="step", leave=False) as bar:
+    unit_prefix = run.unit(iteration, "train/step_")
+    train_in_chunks(run, learner, total_steps, run.cfg.train.save_steps, "train/step_", unit_prefix,
+                    run.run_dir.iteration(iteration) / "learner", f"iter {iteration} train")
+    return chunk_means(run, unit_prefix)
+
+
+def sft_warm_start(run: Run, device: str):
+    """Supervised warm start of pi_0 on `sft.dataset`; returns the policy config every role then starts from."""
+    from policy.learner_group import SFTActor
+    from rlhf_loop.data import load_rows
+
+    directory = run.run_dir.root / "sft" / "policy"
+    initial = replace(run.cfg.policy, model_path=str(directory), tokenizer_path=None)
+    if run.manifest.done("sft/done"):
+        return initial
+    cfg = run.cfg.sft
+    conversations = load_rows(cfg.dataset, "train")[cfg.messages_column]
+    learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed)
+    try:
+        checkpoint = latest_checkpoint(run, "sft/step_")
+        if checkpoint is not None:
+            learner.load_checkpoint(str(checkpoint))
+        total_steps = learner.begin(conversations)
+        train_in_chunks(run, learner, total_steps, cfg.save_steps, "sft/step_", "sft/step_",
+                        run.run_dir.root / "sft" / "learner", "sft")
+        learner.export_hf(str(directory))
+    finally:
+        learner.shutdown()
+    run.manifest.record("sft/done", path=str(directory.relative_to(run.run_dir.root)),
+                        **chunk_means(run, "sft/step_"))
+    shutil.rmtree(run.run_dir.root / "sft" / "learner", ignore_errors=True)  # the export is all that is needed now
+    return initial
+
+
+def train_in_chunks(run: Run, learner, total_steps: int, save_steps: int, kind: str, unit_prefix: str,
+                    checkpoints: Path, description: str) -> None:
+    """Train `save_steps` steps at a time; each chunk ends in a checkpoint that becomes a finished unit, and only
+    the newest checkpoint of its kind is kept (resume needs no other)."""
+    previous = latest_checkpoint(run, kind)
+    step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
+    with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False) as bar:
         while step < total_steps:
             start = time.perf_counter()
             stats = learner.train_steps(min(save_steps, total_steps - step))
-            checkpoint = run.run_dir.iteration(iteration) / "learner" / f"step_{stats.step:06d}"
+            checkpoint = checkpoints / f"step_{stats.step:06d}"
             learner.save_checkpoint(str(checkpoint))
             run.manifest.record(
-                run.unit(iteration, f"train/step_{stats.step:06d}"),
+                f"{unit_prefix}{stats.step:06d}",
                 checkpoint=str(checkpoint.relative_to(run.run_dir.root)),
                 steps=stats.step - step,
                 seconds=time.perf_counter() - start,
-                **{key: getattr(stats, key) for key in TRAIN_STAT_KEYS},
+                **{k: v for k, v in dataclasses.asdict(stats).items() if k not in NOT_AVERAGED},
             )
-            _remove_older_checkpoints(run, keep=checkpoint)
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+                if previous.parent != checkpoints and not any(previous.parent.iterdir()):
+                    previous.parent.rmdir()
+            previous = checkpoint
             bar.update(stats.step - step)
             step = stats.step
-    return _train_means(run, iteration)
 
 
-def latest_checkpoint(run: Run) -> Path | None:
-    """The newest learner checkpoint of the run (only the newest is kept)."""
-    units = [unit for unit in run.manifest.units if "/train/step_" in unit]
-    # Unit names are zero-padded ("iter_002/train/step_000040"), so the newest one sorts last.
+def latest_checkpoint(run: Run, kind: str = "train/step_") -> Path | None:
+    """The newest checkpoint of a kind ("train/step_" for DPO, "sft/step_"); unit names are zero-padded
+    ("iter_002/train/step_000040"), so the newest one sorts last."""
+    units = [unit for unit in run.manifest.units if kind in unit]
     return run.run_dir.root / run.manifest.info(max(units))["checkpoint"] if units else None
 
 
-def _last_train_step(run: Run, iteration: int) -> int:
-    prefix = run.unit(iteration, "train/step_")
-    return max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(prefix)), default=0)
-
-
-def _remove_older_checkpoints(run: Run, keep: Path) -> None:
-    """Resume needs only the newest checkpoint; the iterations' HF exports stay."""
-    for directory in run.run_dir.root.glob("iter_*/learner/step_*"):
-        if directory != keep:
-            shutil.rmtree(directory, ignore_errors=True)
-            if not any(directory.parent.iterdir()):
-                directory.parent.rmdir()
-
-
-def _train_means(run: Run, iteration: int) -> dict[str, float]:
-    prefix = run.unit(iteration, "train/step_")
-    chunks = [info for unit, info in run.manifest.units.items() if unit.startswith(prefix)]
+def chunk_means(run: Run, unit_prefix: str) -> dict[str, float]:
+    """Step-weighted means of the statistics recorded with each training chunk."""
+    chunks = [info for unit, info in run.manifest.units.items() if unit.startswith(unit_prefix)]
     steps = sum(chunk["steps"] for chunk in chunks)
-    return {key: sum(chunk[key] * chunk["steps"] for chunk in chunks) / steps for key in TRAIN_STAT_KEYS}
+    if steps == 0:
+        return {}
+    keys = [k for k, v in chunks[0].items() if isinstance(v, float) and k != "seconds"]
+    return {key: sum(chunk[key] * chunk["steps"] for chunk in chunks) / steps for key in keys}
 
 
 # ---- export, sync ------------------------------------------------------------------------------------------------

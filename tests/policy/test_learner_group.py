@@ -95,16 +95,18 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
 def test_sft_runs_in_its_own_actor(ray_cluster, tiny_policy_dir, tiny_messages, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from policy.learner_group import start_sft_actor
+    from policy.learner_group import SFTActor
     from rlhf_loop.config import SFTConfig
 
     conversations = [m + [{"role": "assistant", "content": "One two three."}] for m in tiny_messages]
-    actor = start_sft_actor(policy_config(tiny_policy_dir), SFTConfig(micro_batch_size=2), device="cpu", seed=0)
+    sft = SFTActor(policy_config(tiny_policy_dir), SFTConfig(micro_batch_size=2), device="cpu", seed=0)
     try:
-        assert ray_cluster.get(actor.begin.remote(conversations)) == 2
-        stats = ray_cluster.get(actor.train_steps.remote(5))
-        ray_cluster.get(actor.export_hf.remote(str(tmp_path / "sft")))
+        assert sft.begin(conversations) == 2
+        before = sft.mean_nll(conversations)
+        stats = sft.train_steps(5)
+        after = sft.mean_nll(conversations)
+        sft.export_hf(str(tmp_path / "sft"))
     finally:
-        ray_cluster.kill(actor)
-    assert stats.step == 2 and stats.loss > 0
+        sft.shutdown()
+    assert stats.step == 2 and stats.loss > 0 and after < before
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").num_parameters() > 0

@@ -127,6 +127,18 @@ def test_unreachable_server_fails_at_start_up():
         build_reward_model(remote_config(f"http://127.0.0.1:{port}", max_retries=1), "cpu")
 
 
+def test_a_server_of_another_kind_is_recognised_at_start_up():
+    app = FastAPI()
+
+    @app.get("/info")
+    async def info():
+        return {"name": "something else"}
+
+    with background(app) as url:
+        with pytest.raises(RewardServerError, match="not an rlhf-loop reward server.*remote.protocol=openrlhf"):
+            build_reward_model(remote_config(url), "cpu")
+
+
 def test_config_problems_are_caught_before_any_request():
     with pytest.raises(UserError, match="reward.remote.url must be an http"):
         build_reward_model(RewardConfig(kind="remote"), "cpu")

@@ -15,7 +15,7 @@ def write(tmp_path, text):
     return path
 
 
-MINIMAL = "policy:\n  model_path: some/model\ndata:\n  prompts: [prompts.jsonl]\n"
+MINIMAL = "policy:\n  model_path: some/model\nreward:\n  model_path: some/rm\ndata:\n  prompts: [prompts.jsonl]\n"
 
 
 def test_defaults_come_from_the_dataclasses(tmp_path):
@@ -76,3 +76,20 @@ def test_configs_are_shipped():
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.iterations >= 1
+
+
+def test_a_file_can_build_on_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text(MINIMAL + "iterations: 5\nrollout:\n  temperature: 0.7\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\niterations: 1\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.iterations == 1 and cfg.rollout.temperature == 0.7 and cfg.policy.model_path == "some/model"
+
+
+def test_base_cycles_and_missing_bases_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match="base file .*nope.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")

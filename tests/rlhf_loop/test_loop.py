@@ -32,6 +32,10 @@ def config(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
     directory = tmp_path_factory.mktemp("loop")
     prompts = directory / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Name {i} fruits, please."}) + "\n" for i in range(60)))
+    conversations = directory / "sft.jsonl"
+    conversations.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Name {i} fruits, please."},
+        {"role": "assistant", "content": "apples, bananas and cherries"}]}) + "\n" for i in range(24)))
     path = directory / "loop.yaml"
     path.write_text(f"""
 iterations: 3
@@ -41,6 +45,8 @@ rollout: {{samples_per_prompt: 4, max_tokens: 12, shard_size: 5}}
 reward: {{model_path: {tiny_reward_dir}, shard_size: 5}}
 train: {{learning_rate: 2.0e-3, micro_batch_size: 2, gradient_accumulation_steps: 2, save_steps: 2,
         max_length: 96, max_prompt_length: 64}}
+sft: {{enabled: true, dataset: {conversations}, micro_batch_size: 4, save_steps: 2, learning_rate: 1.0e-3,
+      max_length: 96, max_prompt_length: 64}}
 eval: {{num_prompts: 6}}
 cluster: {{num_cpus: 2}}
 """)
@@ -70,6 +76,7 @@ def finished(run_dir: Path) -> dict:
         "pairs": [read_jsonl(d / "pairs.jsonl") for d in iterations],
         "metrics": [{k: v for k, v in m.items() if not k.startswith("time/")} for m in read_jsonl(run_dir / "metrics.jsonl")],
         "eval": [read_jsonl(d / "eval.jsonl") for d in iterations],
+        "sft_weights": load_file(run_dir / "sft" / "policy" / "model.safetensors"),
         "weights": load_file(iterations[-1] / "policy" / "model.safetensors"),
     }
 
@@ -88,6 +95,8 @@ def test_three_iterations_with_vllm(uninterrupted):
     for m in metrics:
         assert REQUIRED_METRICS <= m.keys(), REQUIRED_METRICS - m.keys()
         assert m["pairs/count"] + m["pairs/dropped"] == m["prompts/count"] == 12
+    assert (uninterrupted / "sft" / "policy" / "model.safetensors").is_file()  # the warm start ran first
+    assert not (uninterrupted / "sft" / "learner").exists()  # its checkpoints are gone once it is exported
     for i in (1, 2, 3):
         iteration = uninterrupted / f"iter_{i:03d}"
         assert len(list((iteration / "rollouts").glob("shard_*.jsonl"))) == 3  # 12 prompts in shards of 5
@@ -119,6 +128,8 @@ def test_three_iterations_with_hf_engine(config, tmp_path):
 
 # Kill points inside every stage: after a unit is recorded, or (":before") with its files written but not recorded.
 KILL_POINTS = [
+    "sft/step_000002",
+    "sft/done:before",
     "eval_initial:before",
     "iter_001/rollouts/shard_00001",
     "iter_001/scores/shard_00000:before",
@@ -148,5 +159,6 @@ def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninter
     assert actual["pairs"] == expected["pairs"]
     assert actual["metrics"] == expected["metrics"]
     assert actual["eval"] == expected["eval"]
-    assert actual["weights"].keys() == expected["weights"].keys()
-    assert all(actual["weights"][k].equal(expected["weights"][k]) for k in expected["weights"])
+    for weights in ("sft_weights", "weights"):
+        assert actual[weights].keys() == expected[weights].keys()
+        assert all(actual[weights][k].equal(expected[weights][k]) for k in expected[weights])
