@@ -48,7 +48,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 1  # pairs per learner worker per forward pass
     gradient_accumulation_steps: int = 1  # global batch = micro_batch_size x gradient_accumulation_steps x num_workers
-    num_workers: int = 1  # data-parallel learner processes (one per GPU)
+    num_workers: int = 1  # data-parallel learner processes
+    gpus_per_worker: float = 1.0  # GPUs reserved per learner worker on CUDA; below 1 shares a GPU with other roles
     epochs: int = 1  # passes over each iteration's pairs
     max_length: int = 1024  # prompt + response tokens; longer responses are truncated
     max_prompt_length: int = 512  # prompts are cut from the left to this many tokens

@@ -26,16 +26,17 @@ from rlhf_loop.config import SFTConfig
 from rlhf_loop.records import Messages, Pair
 
 
-def learner_resources(device: str) -> dict[str, float]:
-    """One GPU per learner rank on CUDA; on CPU no CPU reservation, so learners never block the rollout and reward
-    actors from being scheduled."""
-    return {"num_gpus": 1} if device == "cuda" else {"num_cpus": 0}
+def learner_resources(device: str, gpus: float = 1.0) -> dict[str, float]:
+    """`gpus` GPUs per learner rank on CUDA; no CPU reservation, so learners never block the rollout and reward
+    actors from being scheduled on a small machine."""
+    return {"num_cpus": 0, "num_gpus": gpus} if device == "cuda" else {"num_cpus": 0}
 
 
 class SFTActor:
     """An SFTLearner in its own Ray actor (its own process group and port), called like the in-process one."""
 
     def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
+        # SFT runs before any other actor exists, so it may take a whole GPU.
         self._actor = ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
 
     def begin(self, examples: Sequence[SFTExample | Messages]) -> int:
@@ -82,7 +83,7 @@ class LearnerGroup:
     """`train.num_workers` DPO learner ranks, one actor each."""
 
     def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
-        actor_class = ray.remote(LearnerActor).options(**learner_resources(device))
+        actor_class = ray.remote(LearnerActor).options(**learner_resources(device, train.gpus_per_worker))
         world_size = train.num_workers
         self._actors = [actor_class.remote() for _ in range(world_size)]
         master_addr, master_port = ray.get(self._actors[0].address.remote())

@@ -212,6 +212,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.train.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps must be >= 1, got {cfg.train.gradient_accumulation_steps}"),
         (cfg.train.num_workers >= 1, f"train.num_workers must be >= 1, got {cfg.train.num_workers}"),
+        (cfg.train.gpus_per_worker > 0, f"train.gpus_per_worker must be > 0, got {cfg.train.gpus_per_worker}"),
+        (cfg.rollout.gpus_per_engine > 0, f"rollout.gpus_per_engine must be > 0, got {cfg.rollout.gpus_per_engine}"),
         (cfg.train.save_steps >= 1, f"train.save_steps must be >= 1, got {cfg.train.save_steps}"),
         (cfg.train.max_prompt_length < cfg.train.max_length,
          f"train.max_prompt_length ({cfg.train.max_prompt_length}) must be < train.max_length ({cfg.train.max_length})"),
