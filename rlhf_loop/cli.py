@@ -3,6 +3,8 @@
     rlhf-loop run CONFIG [key=value ...] [--run-dir DIR] [--overwrite]
     rlhf-loop resume RUN_DIR
     rlhf-loop status RUN_DIR [--json]
+    rlhf-loop plan CONFIG [key=value ...]
+    rlhf-loop export RUN_DIR --iteration N --to DIR
     rlhf-loop serve-reward CONFIG [key=value ...] [--host H] [--port P] [--replicas N] [--token T]
 """
 
@@ -47,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(command=_status)
 
+    plan = commands.add_parser("plan", help="the resolved config, resources and memory per role, and checks")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.set_defaults(command=_plan)
+
+    export = commands.add_parser("export", help="an iteration's policy (HF format) and its pairs (HF dataset)")
+    export.add_argument("run_dir")
+    export.add_argument("--iteration", type=int, required=True, help="which finished iteration")
+    export.add_argument("--to", required=True, help="a new (or empty) directory")
+    export.set_defaults(command=_export)
+
     serve = commands.add_parser("serve-reward", help="serve the config's reward model over HTTP")
     serve.add_argument("config", help="YAML with a reward: section (a run config works)")
     serve.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of reward.* keys")
@@ -90,6 +103,23 @@ def _status(args) -> None:
 
     status = run_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else describe(status))
+
+
+def _plan(args) -> int:
+    from rlhf_loop.config import load_config
+    from rlhf_loop.plan import describe_plan, plan_report
+
+    report = plan_report(load_config(args.config, args.overrides))
+    print(describe_plan(report))
+    return 1 if report.problems else 0
+
+
+def _export(args) -> None:
+    from rlhf_loop.export import export_iteration
+
+    export_iteration(args.run_dir, args.iteration, args.to)
+    print(f"rlhf-loop: exported iteration {args.iteration} of {args.run_dir} to {args.to} (policy/, pairs/)",
+          file=sys.stderr)
 
 
 def _serve_reward(args) -> None:

@@ -172,6 +172,8 @@ def validate(cfg: RunConfig) -> list[str]:
     checks = [
         (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (cfg.policy.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"policy.dtype must be auto, float32, bfloat16 or float16, got {cfg.policy.dtype!r}"),
         (len(cfg.data.prompts) >= 1 or cfg.pairs.dataset is not None,
          "data.prompts is empty; give at least one dataset name or file (or pairs.dataset for offline DPO)"),
         (cfg.pairs.dataset is None or cfg.iterations == 1,

@@ -1,6 +1,7 @@
 """Bad input: one line naming the problem and the fix, exit code 2, nothing already written deleted."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,16 @@ def test_resume_of_a_directory_that_is_not_a_run(capsys, tmp_path):
 
 def test_status_of_a_directory_that_is_not_a_run(capsys, tmp_path):
     fails(capsys, ["status", str(tmp_path)], "is not a run directory")
+
+
+def test_plan_through_the_cli(capsys):
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "magpielm_4b_dpo.yaml"
+    assert main(["plan", str(recipe)]) == 0
+    assert "global batch: 128" in capsys.readouterr().out
+
+
+def test_export_refuses_a_directory_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "to").mkdir()
+    (tmp_path / "to" / "keep.txt").write_text("mine")
+    fails(capsys, ["export", str(tmp_path), "--iteration", "1", "--to", str(tmp_path / "to")], "not a run directory")
+    assert (tmp_path / "to" / "keep.txt").read_text() == "mine"

@@ -1,7 +1,6 @@
 """`rlhf-loop plan`: resources, derived values, memory estimates and checks, worked out offline."""
 
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -26,27 +25,7 @@ def config(tmp_path, tiny_policy_dir, tiny_reward_dir):
     return load
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """plan must never reach out: every connection attempt is refused and fails the test afterwards (plan catches
-    the errors of loading a model's config, so raising alone would not show)."""
-    attempts = []
-
-    def refuse(sock, address):
-        attempts.append(address)
-        raise OSError("no network in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    yield
-    assert attempts == []
-
-
-@pytest.fixture(autouse=True)
-def no_gpu_here(monkeypatch):
-    """Plans are made from a machine without GPUs unless a test says otherwise, so results do not depend on the
-    machine the tests run on."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+pytestmark = pytest.mark.usefixtures("no_network", "no_gpu_here")
 
 
 def role(report, name):

@@ -1,10 +1,8 @@
 """The shipped recipes load, say what their sources say, and plan offline (their hub models cannot be downloaded)."""
 
-import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_loop.config import load_config
 from rlhf_loop.plan import describe_plan, plan_report
@@ -16,27 +14,7 @@ MAGPIELM_DPO = RECIPES / "magpielm_4b_dpo.yaml"
 ALL = [RLHFLOW, MAGPIE_BEST_OF_N, MAGPIELM_DPO]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """plan must never reach out: every connection attempt is refused and fails the test afterwards (plan catches
-    the errors of loading a model's config, so raising alone would not show)."""
-    attempts = []
-
-    def refuse(sock, address):
-        attempts.append(address)
-        raise OSError("no network in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    yield
-    assert attempts == []
-
-
-@pytest.fixture(autouse=True)
-def no_gpu_here(monkeypatch):
-    """Plans are made from a machine without GPUs unless a test says otherwise, so results do not depend on the
-    machine the tests run on."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+pytestmark = pytest.mark.usefixtures("no_network", "no_gpu_here")
 
 
 def test_every_recipe_is_shipped():
