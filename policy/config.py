@@ -41,11 +41,11 @@ class TrainConfig:
     beta: float = 0.1  # DPO temperature: strength of the pull toward the reference policy
     label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped
     reference: str = "initial"  # initial (pi_0 for every iteration) | previous (the policy the iteration starts from)
-    learning_rate: float = 5e-7
+    learning_rate: float = 5e-7  # peak learning rate (AdamW), reached after warmup each iteration
     lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup; restarts every iteration
     warmup_ratio: float = 0.1  # fraction of an iteration's optimizer steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_size: int = 1  # pairs per learner worker per forward pass
     gradient_accumulation_steps: int = 1  # global batch = micro_batch_size x gradient_accumulation_steps x num_workers
     num_workers: int = 1  # data-parallel learner processes
@@ -54,6 +54,6 @@ class TrainConfig:
     max_length: int = 1024  # prompt + response tokens; longer responses are truncated
     max_prompt_length: int = 512  # prompts are cut from the left to this many tokens
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
     reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)

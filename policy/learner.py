@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,6 +409,9 @@ class PolicyEngine:
 
     def export_hf(self, directory: str) -> None:
         """HF format (safetensors, config, generation config, tokenizer with its chat template), written atomically."""
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one small shard per save: the bar would only be noise
         with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
             if self.rank == 0:
                 self.module.save_pretrained(partial)
@@ -608,7 +612,8 @@ class DPOLearner:
         end = min(self._step + max_steps, len(self._schedule))
         per_step = []
         progress = tqdm(
-            total=end - self._step, desc=f"DPO iteration {self._iteration}", disable=self._policy.rank != 0, leave=False
+            total=end - self._step, desc=f"DPO iteration {self._iteration}", leave=False,
+            disable=self._policy.rank != 0 or not sys.stderr.isatty(),  # in an actor, the driver's bar shows progress
         )
         with progress:
             while self._step < end:

@@ -10,6 +10,7 @@ It shares the DeepSpeed engine, checkpoints and export with the DPO learner (`po
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,8 @@ class SFTLearner:
         """Run up to `max_steps` optimizer steps, stopping at the end of training."""
         end = min(self._step + max_steps, len(self._schedule))
         losses, learning_rates = [], []
-        with tqdm(total=end - self._step, desc="SFT", leave=False) as progress:
+        # In an actor (no terminal) the driver's bar shows progress; in-process (toy asset builds) this one does.
+        with tqdm(total=end - self._step, desc="SFT", leave=False, disable=not sys.stderr.isatty()) as progress:
             while self._step < end:
                 learning_rate = learning_rate_at(self._step, len(self._schedule), self._policy.spec)
                 losses.append(self._train_one_step(learning_rate))

@@ -41,7 +41,7 @@ class PairsConfig:
     # Offline DPO: train on this preference dataset (hub name or local file with chosen/rejected conversations)
     # instead of generating and scoring; then no rollout engine or reward model is started.
     dataset: str | None = None
-    dataset_split: str = "train"
+    dataset_split: str = "train"  # split of pairs.dataset
     export_format: str = "none"  # also write each iteration's pairs as a DPO dataset: none | disk | parquet
     export_test_fraction: float = 0.02  # share of exported pairs held out as the "test" split
     push_to_hub: str | None = None  # a hub repo id to push the exported pairs dataset to
@@ -50,7 +50,7 @@ class PairsConfig:
 @dataclass
 class EvalConfig:
     prompts: str | None = None  # held-out prompt dataset (hub name or local file); None: no evaluation
-    prompt_column: str = "${data.prompt_column}"
+    prompt_column: str = "${data.prompt_column}"  # like data.prompt_column
     split: str = "train"  # dataset split, for hub datasets
     num_prompts: int = 64  # at most this many held-out prompts
     temperature: float = 1.0  # samples from the policy: the KL estimate needs on-policy samples
@@ -62,27 +62,27 @@ class EvalConfig:
 class SFTConfig:
     enabled: bool = False  # run a supervised warm start before the first iteration
     dataset: str | None = None  # hub name or local file with chat conversations to imitate
-    messages_column: str = "messages"
-    learning_rate: float = 1e-4
-    epochs: int = 1
-    micro_batch_size: int = 8
-    max_length: int = 512
+    messages_column: str = "messages"  # column holding each conversation (its last turn is the target)
+    learning_rate: float = 1e-4  # peak learning rate (AdamW)
+    epochs: int = 1  # passes over the SFT dataset
+    micro_batch_size: int = 8  # conversations per optimizer step
+    max_length: int = 512  # prompt + response tokens
     max_prompt_length: int = 256  # prompts are cut from the left to this many tokens; the response fills the rest
-    save_steps: int = 50
+    save_steps: int = 50  # optimizer steps between SFT checkpoints: the unit of work a crash can cost
     lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup
     warmup_ratio: float = 0.1  # fraction of the SFT optimizer steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
 
 
 @dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
-    project: str = "rlhf-loop"
-    entity: str | None = None
+    project: str = "rlhf-loop"  # wandb project
+    entity: str | None = None  # wandb team or user; None: your default
     name: str | None = None  # default: the run directory's name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # wandb tags
 
 
 @dataclass
