@@ -12,6 +12,12 @@ def preflight(cfg: RunConfig) -> None:
         from rlhf_loop.toy_task import ensure_toy_assets
 
         ensure_toy_assets(cfg.toy_task)
+    from rlhf_loop.plan import plan_report
+
+    # Resources first: a GPU request the cluster cannot meet would leave Ray waiting forever, with no error.
+    problems = plan_report(cfg).problems
+    if problems:
+        raise UserError(f"{problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
     check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
     tokenizer = load_checked_tokenizer(cfg)
 

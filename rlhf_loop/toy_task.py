@@ -95,7 +95,8 @@ class AnswerNoise:
 
     filler_rate: float  # a slot holds a filler word that names nothing ("stuff", "etc")
     off_category_rate: float  # a slot holds a word of another category
-    count_miss_rate: float  # the answer has one word too many or too few
+    count_miss_rate: float  # the answer has the wrong number of words
+    count_miss_size: int = 1  # by up to this many words either way (an answer can come out empty)
     repeat_rate: float = 0.0  # a slot repeats an earlier word
 
 
@@ -116,7 +117,7 @@ class ToyTaskConfig:
     vocab_size: int = 1024  # upper bound for the byte-level BPE vocabulary (the task's text fills about 1000)
     hidden_size: int = 64  # width of the tiny policy and reward model (heads of size 32, as vLLM on CPU needs)
     num_layers: int = 2  # decoder layers of the tiny policy and reward model
-    sft_epochs: int = 8  # passes over the SFT conversations (about 1000 steps: the category words click at 500-800)
+    sft_epochs: int = 12  # passes over the SFT conversations (about 1500 steps; the category words click after 600-1200)
     sft_learning_rate: float = 3e-3  # peak of a cosine schedule; high because the model is tiny and random-init
     sft_batch_size: int = 16  # conversations per SFT optimizer step
     rm_epochs: int = 2  # passes over the reward-model pairs
@@ -183,11 +184,13 @@ def _prompt_row(greeting: str, template: str, category: str, count: int) -> dict
 
 def sample_answer(rng: random.Random, category: str, count: int, noise: AnswerNoise) -> str:
     """A comma-separated answer for `category` with mistakes drawn at the rates of `noise`."""
-    length = count + (rng.choice((-1, 1)) if rng.random() < noise.count_miss_rate else 0)
+    length = count
+    if rng.random() < noise.count_miss_rate:
+        length = max(0, count + rng.choice([d for d in range(-noise.count_miss_size, noise.count_miss_size + 1) if d]))
     unused = list(CATEGORIES[category])
     rng.shuffle(unused)
     words: list[str] = []
-    for _ in range(max(length, 1)):
+    for _ in range(length):
         draw = rng.random()
         if words and draw < noise.repeat_rate:
             words.append(rng.choice(words))
@@ -201,20 +204,19 @@ def sample_answer(rng: random.Random, category: str, count: int, noise: AnswerNo
 
 
 def edit_answer(rng: random.Random, answer: str, category: str) -> str:
-    """The answer with one word swapped, dropped, added or repeated: a near-identical rival, so the pair it forms
-    pins the preference on one word."""
-    words = answer.split(", ")
+    """The answer with one word swapped, dropped or added: a near-identical rival, so the pair it forms pins the
+    preference on one word."""
+    words = answer.split(", ") if answer else []
     unused = [word for word in CATEGORIES[category] if word not in words]
-    position = rng.randrange(len(words))
-    replacement = rng.choice([rng.choice(FILLERS), rng.choice(_OTHER_WORDS[category]), rng.choice(words)]
-                             + ([rng.choice(unused)] if unused else []))
-    edit = rng.choice(("swap", "drop", "add"))
-    if edit == "swap":
-        words[position] = replacement
-    elif edit == "drop" and len(words) > 1:
-        words.pop(position)
+    replacement = rng.choice([rng.choice(FILLERS), rng.choice(_OTHER_WORDS[category])]
+                             + [rng.choice(pool) for pool in (words, unused) if pool])
+    edit = rng.choice(("swap", "drop", "add")) if words else "add"
+    if edit == "add":
+        words.insert(rng.randrange(len(words) + 1), replacement)
+    elif edit == "swap":
+        words[rng.randrange(len(words))] = replacement
     else:
-        words.insert(position, replacement)
+        words.pop(rng.randrange(len(words)))
     return ", ".join(words)
 
 
@@ -255,7 +257,7 @@ def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream
 
 def _random_noise(rng: random.Random) -> AnswerNoise:
     return AnswerNoise(filler_rate=rng.uniform(0.0, 0.5), off_category_rate=rng.uniform(0.0, 0.4),
-                       count_miss_rate=rng.uniform(0.0, 0.8), repeat_rate=rng.choice((0.0, 0.0, 0.2)))
+                       count_miss_rate=rng.uniform(0.0, 0.8), count_miss_size=3, repeat_rate=rng.choice((0.0, 0.0, 0.2)))
 
 
 def tokenizer_corpus(prompts: list[dict], sft_examples: list[dict]) -> list[str]:
