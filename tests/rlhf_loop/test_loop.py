@@ -162,3 +162,34 @@ def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninter
     for weights in ("sft_weights", "weights"):
         assert actual[weights].keys() == expected[weights].keys()
         assert all(actual[weights][k].equal(expected[weights][k]) for k in expected[weights])
+
+
+def test_best_of_n_data_building_then_offline_dpo_on_it(config, tmp_path):
+    """The Magpie recipe's shape (sample, score, export pairs; no training), then the MagpieLM recipe's (offline DPO
+    on a preference dataset; nothing sampled)."""
+    import datasets
+
+    build = tmp_path / "best_of_n"
+    result = rlhf_loop("run", str(config), "iterations=1", "train.enabled=false", "pairs.export_format=parquet",
+                       "pairs.export_test_fraction=0.25", "sft.enabled=false", "--run-dir", str(build))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not (build / "iter_001" / "policy").exists()  # nothing trained
+    pairs = read_jsonl(build / "iter_001" / "pairs.jsonl")
+    exported = datasets.load_dataset("parquet", data_dir=str(build / "iter_001" / "pairs_dataset"))
+    assert exported["train"].num_rows + exported["test"].num_rows == len(pairs) > 0
+    assert exported["test"].num_rows == -(-len(pairs) // 4)
+    assert {"prompt", "chosen", "rejected"} <= set(exported["train"].column_names)
+
+    offline = tmp_path / "offline"
+    result = rlhf_loop("run", str(config), "iterations=1", "sft.enabled=false", "data.prompts=[]",
+                       f"pairs.dataset={build / 'iter_001' / 'pairs_dataset' / 'train.parquet'}",
+                       "--run-dir", str(offline))
+    assert result.returncode == 0, result.stdout[-3000:]
+    (metrics,) = read_jsonl(offline / "metrics.jsonl")
+    assert metrics["pairs/count"] == exported["train"].num_rows and metrics["dpo/loss"] > 0
+    assert not (offline / "iter_001" / "rollouts").exists()  # nothing sampled
+    assert (offline / "iter_001" / "policy" / "model.safetensors").is_file()
+    # the offline pairs are the exported ones
+    trained = read_jsonl(offline / "iter_001" / "pairs.jsonl")
+    built = {(p["chosen"]["text"].strip(), p["rejected"]["text"].strip()) for p in pairs}
+    assert all((p["chosen"]["text"].strip(), p["rejected"]["text"].strip()) in built for p in trained)
