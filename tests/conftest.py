@@ -46,3 +46,16 @@ def tiny_messages():
         [{"role": "user", "content": "Write a short poem about the sea."}],
         [{"role": "user", "content": "What is your favourite colour?"}],
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for every test that starts actors (started here unless the session already has one)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

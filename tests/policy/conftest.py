@@ -89,19 +89,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance for the engine actors (started here unless the session already has one)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def prompts(tiny_tokenizer, tiny_messages) -> list[Prompt]:
     return _make_prompts(tiny_tokenizer, tiny_messages, 16)
 

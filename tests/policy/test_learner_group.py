@@ -17,26 +17,13 @@ from policy.learner import DPOLearner
 from policy.learner_group import LearnerGroup
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray instance, unless the session already runs one."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def assert_close_weights(a, b) -> None:
     assert [name for name, _ in a] == [name for name, _ in b]
     for (name, x), (_, y) in zip(a, b):
         assert torch.allclose(x, y, atol=1e-5), name
 
 
-def test_one_worker_group_behaves_like_the_in_process_learner(ray_cluster, tiny_tokenizer, tiny_policy_dir, tmp_path):
+def test_one_worker_group_behaves_like_the_in_process_learner(ray_local, tiny_tokenizer, tiny_policy_dir, tmp_path):
     pairs = make_pairs(tiny_tokenizer, 8)
     prompts, responses = [p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs]
     group = LearnerGroup(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
@@ -46,8 +33,8 @@ def test_one_worker_group_behaves_like_the_in_process_learner(ray_cluster, tiny_
         group.save_checkpoint(str(tmp_path / "step_1"))
         second = group.train_steps(5)
         weights_ref = group.named_weights()
-        assert isinstance(weights_ref, ray_cluster.ObjectRef)
-        weights = ray_cluster.get(weights_ref)
+        assert isinstance(weights_ref, ray_local.ObjectRef)
+        weights = ray_local.get(weights_ref)
         group.export_hf(str(tmp_path / "policy"))
         tokens = group.greedy_generate(prompts, 8)
         ratios = group.log_ratios(prompts, responses)
@@ -55,7 +42,7 @@ def test_one_worker_group_behaves_like_the_in_process_learner(ray_cluster, tiny_
         group.load_checkpoint(str(tmp_path / "step_1"))
         assert group.begin_iteration(1, pairs, reference_dir=None) == 2
         assert group.train_steps(5) == second  # resumed in the actor: exact
-        assert_same_weights(ray_cluster.get(group.named_weights()), weights)
+        assert_same_weights(ray_local.get(group.named_weights()), weights)
     finally:
         group.shutdown()
 
@@ -71,7 +58,7 @@ def test_one_worker_group_behaves_like_the_in_process_learner(ray_cluster, tiny_
 
 
 def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
-    ray_cluster, tiny_tokenizer, tiny_policy_dir, tmp_path
+    ray_local, tiny_tokenizer, tiny_policy_dir, tmp_path
 ):
     pairs = make_pairs(tiny_tokenizer, 10)  # global batch 8: the second step is partial and leaves rank 1 short
     two_ranks = train_config(num_workers=2, micro_batch_size=2, gradient_accumulation_steps=2, zero_stage=2)
@@ -80,7 +67,7 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
         assert group.begin_iteration(1, pairs, reference_dir=None) == 2
         stats = group.train_steps(2)
         group.save_checkpoint(str(tmp_path / "step_2"))
-        weights = ray_cluster.get(group.named_weights())
+        weights = ray_local.get(group.named_weights())
     finally:
         group.shutdown()
     assert {"engine", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in (tmp_path / "step_2").iterdir()}
@@ -92,7 +79,7 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
     assert_close_weights(local.named_weights(), weights)
 
 
-def test_sft_runs_in_its_own_actor(ray_cluster, tiny_policy_dir, tiny_messages, tmp_path):
+def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from policy.learner_group import SFTActor

@@ -10,17 +10,7 @@ from reward.registry import build_reward_model
 from rlhf_loop.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
-def test_actor_scores_like_in_process(ray_cluster, tiny_reward_dir, tiny_messages):
+def test_actor_scores_like_in_process(ray_local, tiny_reward_dir, tiny_messages):
     from reward.actor import RewardScorer
 
     cfg = RewardConfig(model_path=str(tiny_reward_dir), batch_size=3)
@@ -35,7 +25,7 @@ def test_actor_scores_like_in_process(ray_cluster, tiny_reward_dir, tiny_message
     assert [r.scores for r in remote] == [r.scores for r in local]
 
 
-def test_bad_model_dir_fails_at_construction(ray_cluster, tmp_path):
+def test_bad_model_dir_fails_at_construction(ray_local, tmp_path):
     from reward.actor import RewardScorer
 
     with pytest.raises(UserError, match="is not a directory") as error:
@@ -43,7 +33,7 @@ def test_bad_model_dir_fails_at_construction(ray_cluster, tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_relative_function_file_and_nan_error_reach_the_driver(ray_cluster, tmp_path, monkeypatch, tiny_messages):
+def test_relative_function_file_and_nan_error_reach_the_driver(ray_local, tmp_path, monkeypatch, tiny_messages):
     from reward.actor import RewardScorer
 
     (tmp_path / "my_rewards.py").write_text(
