@@ -1,7 +1,8 @@
 """Train a sequence-classification reward model on preference pairs with the Bradley-Terry loss.
 
-Each pair is rendered twice with the model's own chat template (prompt + chosen, prompt + rejected); the loss is
--log sigmoid(r_chosen - r_rejected). Plain torch on one device, deterministic for a given seed.
+Each pair is rendered twice with the model's own chat template (prompt + chosen, prompt + rejected), exactly as the
+scorers in reward/classifier.py render and cut what they score; the loss is -log sigmoid(r_chosen - r_rejected).
+Plain torch on one device, deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -88,16 +89,6 @@ def train_bradley_terry(
     )
 
 
-def pair_accuracy(model_dir: str | Path, pairs: list[PreferencePair], batch_size: int = 32, max_length: int = 512) -> float:
-    """Fraction of `pairs` that the reward model at `model_dir` ranks correctly."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    _, accuracy = _evaluate(model, tokenizer, pairs, batch_size, max_length)
-    return accuracy
-
-
 def _evaluate(model, tokenizer, pairs: list[PreferencePair], batch_size: int, max_length: int):
     import torch
 
@@ -117,24 +108,22 @@ def _evaluate(model, tokenizer, pairs: list[PreferencePair], batch_size: int, ma
 
 def _margins(model, tokenizer, batch: list[PreferencePair], max_length: int):
     """r(prompt, chosen) - r(prompt, rejected) for each pair, from one forward pass over both halves."""
-    texts = [_render(tokenizer, pair.prompt, pair.chosen) for pair in batch]
-    texts += [_render(tokenizer, pair.prompt, pair.rejected) for pair in batch]
-    input_ids, attention_mask = _pad_right(tokenizer, texts, max_length)
+    from reward.hf import render
+
+    sequences = [render(tokenizer, pair.prompt, pair.chosen) for pair in batch]
+    sequences += [render(tokenizer, pair.prompt, pair.rejected) for pair in batch]
+    input_ids, attention_mask = _pad_right(tokenizer, sequences, max_length)
     rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     return rewards[: len(batch)] - rewards[len(batch) :]
 
 
-def _render(tokenizer, prompt: Messages, response: str) -> list[int]:
-    conversation = [*prompt, {"role": "assistant", "content": response}]
-    text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _pad_right(tokenizer, sequences: list[list[int]], max_length: int):
-    """Right-padded tensors; over-long sequences lose tokens from the left, so the response end is always scored."""
+    """Right-padded tensors; over-long sequences lose prompt tokens from the left, as the scorers cut them."""
     import torch
 
-    sequences = [ids[-max_length:] for ids in sequences]
+    from reward.hf import truncate_left
+
+    sequences = [truncate_left(ids, max_length, tokenizer.bos_token_id) for ids in sequences]
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

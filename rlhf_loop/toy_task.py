@@ -3,13 +3,13 @@
 A prompt asks for a number of words from one category ("Hi, I am Ana. Name three fruits."); a response is a
 comma-separated word list. The gold reward is the fraction of a perfect answer that was given:
 
-    gold = (distinct words of the asked category) / max(asked count, words given)
+    gold = min(distinct words of the asked category, N) / max(N, words given)
 
-so it lies in [0, 1], is 1 only for exactly N distinct on-category words, and cannot be raised by padding the list
-(extra words dilute it) or by repeating a good word (duplicates count once). The SFT answers deliberately mix in
-off-category words and miss the count, so the SFT policy is on-task but imperfect, with spread across samples. A
-Bradley-Terry reward model trained on gold-labelled pairs stands in for a learned preference model; `eval/gold_mean`
-on held-out prompts measures true quality.
+so it lies in [0, 1], is 1 only for exactly N distinct on-category words, and cannot be raised by length: extra
+words dilute it, even good ones, and a repeated word counts once. The SFT answers deliberately mix in fillers
+("stuff", "etc") and words of other categories, so the SFT policy is on-task but imperfect, with spread across
+samples. A Bradley-Terry reward model trained on gold-labelled pairs stands in for a learned preference model;
+`eval/gold_mean` on held-out prompts measures true quality.
 
 `ensure_toy_assets` builds everything once (tokenizer and random-init policy, SFT data and SFT policy, prompts,
 reward model) and caches it under `ToyTaskConfig.dir` with fixed names (see `ToyAssets`).
@@ -81,12 +81,13 @@ _OTHER_WORDS = {category: [word for word in _CATEGORY_OF if _CATEGORY_OF[word] !
 
 
 def gold_reward(messages: Messages, response: str, meta: dict[str, Any]) -> float:
-    """The true quality of `response`: distinct words of meta["category"] over max(meta["count"], words given)."""
+    """The true quality of `response`: min(distinct words of meta["category"], meta["count"]) over
+    max(meta["count"], words given)."""
     del messages  # the task is fully described by meta
     category, count = meta["category"], meta["count"]
     words = _WORD.findall(response.lower())
     on_category = {word for word in words if _CATEGORY_OF.get(word) == category}
-    return len(on_category) / max(count, len(words))
+    return min(len(on_category), count) / max(count, len(words))
 
 
 @dataclass(frozen=True)
@@ -108,20 +109,23 @@ class ToyTaskConfig:
     num_train_prompts: int = 3072  # prompts the loop samples from (data.prompts)
     num_eval_prompts: int = 128  # held-out prompts for eval/gold_mean (eval.prompts), disjoint from the train prompts
     num_sft_examples: int = 2048  # SFT conversations (prompt + imperfect answer), drawn over the train prompts
-    sft_filler_rate: float = 0.25  # chance that a word of an SFT answer is a filler ("stuff", "etc")
+    sft_filler_rate: float = 0.3  # chance that a word of an SFT answer is a filler ("stuff", "etc")
     sft_off_category_rate: float = 0.1  # chance that a word of an SFT answer comes from another category
-    sft_count_miss_rate: float = 0.5  # chance that an SFT answer has one word too many or too few
-    num_rm_pairs: int = 4096  # gold-labelled preference pairs the reward model is trained on
-    num_rm_eval_pairs: int = 512  # held-out pairs (on the eval prompts) for the reward model's accuracy
-    rm_edited_fraction: float = 0.5  # share of reward-model pairs whose two answers differ in one word only
+    sft_count_miss_rate: float = 0.0  # chance that an SFT answer has one word too many or too few
+    num_rm_category_pairs: int = 4096  # first reward-model stage: clean answer vs one word from another category
+    rm_category_epochs: int = 4  # passes over those; the category check only clicks when trained on its own first
+    num_rm_pairs: int = 4096  # second stage: gold-labelled pairs of every kind of mistake
+    rm_edited_fraction: float = 0.4  # share of second-stage pairs whose two answers differ in one word only
+    rm_category_fraction: float = 0.4  # share of second-stage pairs that repeat the first stage's kind
+    num_rm_eval_pairs: int = 512  # held-out second-stage pairs (on the eval prompts) for the reward model's accuracy
     vocab_size: int = 1024  # upper bound for the byte-level BPE vocabulary (the task's text fills about 1000)
     hidden_size: int = 64  # width of the tiny policy and reward model (heads of size 32, as vLLM on CPU needs)
     num_layers: int = 2  # decoder layers of the tiny policy and reward model
     sft_epochs: int = 12  # passes over the SFT conversations (about 1500 steps; the category words click after 600-1200)
     sft_learning_rate: float = 3e-3  # peak of a cosine schedule; high because the model is tiny and random-init
     sft_batch_size: int = 16  # conversations per SFT optimizer step
-    rm_epochs: int = 2  # passes over the reward-model pairs
-    rm_learning_rate: float = 1e-3
+    rm_epochs: int = 2  # passes over the second-stage pairs
+    rm_learning_rate: float = 5e-4  # both stages; the reward model starts from the SFT policy, whose features it keeps
     rm_batch_size: int = 16  # pairs per reward-model optimizer step
 
     def sft_noise(self) -> AnswerNoise:
@@ -137,8 +141,9 @@ class ToyAssets:
     sft_data: Path  # sft.jsonl: {"messages": [...]} with the final assistant turn as target
     train_prompts: Path  # train_prompts.jsonl: {"prompt": [...], "category": str, "count": int}
     eval_prompts: Path  # eval_prompts.jsonl: same columns, held out
-    reward_model: Path  # Bradley-Terry reward model trained on gold-labelled pairs
-    rm_pairs: Path  # rm_pairs.jsonl: {"prompt": [...], "chosen": str, "rejected": str}
+    reward_model: Path  # Bradley-Terry reward model trained on gold-labelled pairs, in two stages
+    rm_category_pairs: Path  # rm_category_pairs.jsonl: first-stage pairs {"prompt": [...], "chosen", "rejected"}
+    rm_pairs: Path  # rm_pairs.jsonl: second-stage pairs, same columns
     rm_eval_pairs: Path  # rm_eval_pairs.jsonl: held-out pairs on the eval prompts
     stamp: Path  # build.json: recipe hash and what the build measured (reward-model accuracy, timings)
 
@@ -153,6 +158,7 @@ def toy_assets(directory: str | Path) -> ToyAssets:
         train_prompts=directory / "train_prompts.jsonl",
         eval_prompts=directory / "eval_prompts.jsonl",
         reward_model=directory / "reward_model",
+        rm_category_pairs=directory / "rm_category_pairs.jsonl",
         rm_pairs=directory / "rm_pairs.jsonl",
         rm_eval_pairs=directory / "rm_eval_pairs.jsonl",
         stamp=directory / "build.json",
@@ -232,21 +238,31 @@ def make_sft_examples(seed: int, prompts: list[dict], num_examples: int, noise: 
 
 
 def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream: str = "rm",
-                          edited_fraction: float = 0.5):
-    """Gold-labelled pairs (ties dropped) over a wide spread of answer quality, from near-perfect to mostly wrong,
-    so the reward model also ranks the better answers the policy reaches after a few DPO iterations. A fraction
-    of the pairs are one-word edits of each other."""
+                          edited_fraction: float = 0.4, category_fraction: float = 0.4):
+    """Gold-labelled pairs (ties dropped) over a wide spread of answer quality, so the reward model also ranks the
+    better answers the policy reaches after a few DPO iterations. Besides pairs of independent answers:
+    `edited_fraction` are one-word edits of each other, which pin the preference on one word, and
+    `category_fraction` set a clean answer against itself with one word from another category, the one mistake
+    that needs the prompt to spot (a tiny model learns the rest long before it)."""
     from reward.train_bradley_terry import PreferencePair
 
     rng = random.Random(f"{seed}-{stream}")
     pairs = []
     while len(pairs) < num_pairs:
         row = rng.choice(prompts)
-        first = sample_answer(rng, row["category"], row["count"], _random_noise(rng))
-        if rng.random() < edited_fraction:
-            second = edit_answer(rng, first, row["category"])
+        category, count = row["category"], row["count"]
+        kind = rng.random()
+        if kind < category_fraction:
+            first = sample_answer(rng, category, count, AnswerNoise(0.0, 0.0, 0.0))
+            words = first.split(", ")
+            words[rng.randrange(count)] = rng.choice(_OTHER_WORDS[category])
+            second = ", ".join(words)
         else:
-            second = sample_answer(rng, row["category"], row["count"], _random_noise(rng))
+            first = sample_answer(rng, category, count, _random_noise(rng))
+            if kind < category_fraction + edited_fraction:
+                second = edit_answer(rng, first, category)
+            else:
+                second = sample_answer(rng, category, count, _random_noise(rng))
         first_gold, second_gold = (gold_reward(row["prompt"], answer, row) for answer in (first, second))
         if first_gold == second_gold:
             continue
@@ -283,6 +299,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Toy prompts render to about 25 tokens and answers to about 15: these bounds never cut anything.
+_MAX_PROMPT_LENGTH = 64
+_MAX_LENGTH = 128
+
+
 def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
     """The toy assets under cfg.dir, built first if missing or built by another recipe.
 
@@ -300,9 +321,11 @@ def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
     with _exclusive_lock(directory.parent / f".{directory.name}.lock"):
         if _built_key(assets.stamp) == key:
             return assets
-        for leftover in directory.parent.glob(f".{directory.name}.build-*"):
-            shutil.rmtree(leftover)  # an interrupted build; we hold the lock, so nobody is writing it
+        for pattern in (f".{directory.name}.build-*", f".{directory.name}.old-*"):
+            for leftover in directory.parent.glob(pattern):
+                shutil.rmtree(leftover)  # left by an interrupted build; we hold the lock, so nobody is using it
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other directory
         _build_in_child_process(cfg, staging)
         _replace_directory(staging, directory)
     return assets
@@ -324,48 +347,51 @@ def build_toy_assets(cfg: ToyTaskConfig, directory: str | Path) -> dict[str, Any
     from policy.sft import run_sft
     from reward.train_bradley_terry import train_bradley_terry
     from rlhf_loop.config import SFTConfig
-    from rlhf_loop.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+    from rlhf_loop.tiny import build_tiny_policy, build_tokenizer
 
     started = time.monotonic()
     assets = toy_assets(directory)
     train_prompts, eval_prompts = make_prompts(cfg.seed, cfg.num_train_prompts, cfg.num_eval_prompts)
     sft_examples = make_sft_examples(cfg.seed, train_prompts, cfg.num_sft_examples, cfg.sft_noise())
-    rm_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_pairs, "rm", cfg.rm_edited_fraction)
+    rm_category_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_category_pairs, "rm-category",
+                                              edited_fraction=0.0, category_fraction=1.0)
+    rm_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_pairs, "rm", cfg.rm_edited_fraction,
+                                     cfg.rm_category_fraction)
     rm_eval_pairs = make_preference_pairs(cfg.seed, eval_prompts, cfg.num_rm_eval_pairs, "rm-eval",
-                                          cfg.rm_edited_fraction)
+                                          cfg.rm_edited_fraction, cfg.rm_category_fraction)
     write_jsonl(assets.train_prompts, train_prompts)
     write_jsonl(assets.eval_prompts, eval_prompts)
     write_jsonl(assets.sft_data, sft_examples)
+    write_jsonl(assets.rm_category_pairs, (asdict(pair) for pair in rm_category_pairs))
     write_jsonl(assets.rm_pairs, (asdict(pair) for pair in rm_pairs))
     write_jsonl(assets.rm_eval_pairs, (asdict(pair) for pair in rm_eval_pairs))
 
-    shape = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.hidden_size // 32)
     tokenizer = build_tokenizer(tokenizer_corpus(train_prompts, sft_examples), cfg.vocab_size)
-    build_tiny_policy(tokenizer, assets.base_policy, seed=cfg.seed, **shape)
-    reward_model_init = build_tiny_reward_model(tokenizer, Path(directory) / "reward_model_init", seed=cfg.seed, **shape)
+    build_tiny_policy(tokenizer, assets.base_policy, seed=cfg.seed, hidden_size=cfg.hidden_size,
+                      num_layers=cfg.num_layers, num_heads=cfg.hidden_size // 32)
     sft = SFTConfig(learning_rate=cfg.sft_learning_rate, epochs=cfg.sft_epochs, micro_batch_size=cfg.sft_batch_size,
                     max_length=_MAX_LENGTH, max_prompt_length=_MAX_PROMPT_LENGTH, warmup_ratio=0.05)
     sft_stats = run_sft(PolicyConfig(model_path=str(assets.base_policy)), sft,
                         [example["messages"] for example in sft_examples], str(assets.sft_policy), seed=cfg.seed)
-    rm_metrics = train_bradley_terry(
-        reward_model_init, rm_pairs, assets.reward_model, epochs=cfg.rm_epochs, lr=cfg.rm_learning_rate,
-        batch_size=cfg.rm_batch_size, max_length=_MAX_LENGTH, seed=cfg.seed, eval_pairs=rm_eval_pairs,
-    )
-    shutil.rmtree(reward_model_init)
+
+    # The reward model starts from the SFT policy, which already tells the categories apart.
+    rm_training = dict(lr=cfg.rm_learning_rate, batch_size=cfg.rm_batch_size, max_length=_MAX_LENGTH, seed=cfg.seed)
+    category_stage = Path(directory) / "reward_model_category_stage"
+    category_metrics = train_bradley_terry(assets.sft_policy, rm_category_pairs, category_stage,
+                                           epochs=cfg.rm_category_epochs, **rm_training)
+    rm_metrics = train_bradley_terry(category_stage, rm_pairs, assets.reward_model, epochs=cfg.rm_epochs,
+                                     eval_pairs=rm_eval_pairs, **rm_training)
+    shutil.rmtree(category_stage)
     stamp = {
         "recipe_key": recipe_key(cfg),
         "config": asdict(cfg),
-        "sft_final_loss": sft_stats.loss,
+        "sft_mean_loss": sft_stats.loss,
+        "reward_model_category_stage": asdict(category_metrics),
         "reward_model": asdict(rm_metrics),
         "build_seconds": round(time.monotonic() - started, 1),
     }
     assets.stamp.write_text(json.dumps(stamp, indent=2) + "\n")
     return stamp
-
-
-# Toy prompts render to about 25 tokens and answers to about 15: these bounds never cut anything.
-_MAX_PROMPT_LENGTH = 64
-_MAX_LENGTH = 128
 
 
 def _built_key(stamp: Path) -> str | None:
