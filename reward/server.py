@@ -64,10 +64,9 @@ def load_reward_config(path: str | Path, overrides: Sequence[str] = ()) -> Rewar
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file with a reward: section")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    from rlhf_loop.config import yaml_layers
+
+    raw = OmegaConf.merge(*yaml_layers(path))  # a file may build on another (`base:`), as run configs do
     if not isinstance(raw, DictConfig) or not isinstance(raw.get("reward"), DictConfig):
         raise ConfigError(f"{path} has no reward: section; put the reward settings under a top-level reward: key")
     merged = OmegaConf.structured(RewardConfig)

@@ -115,7 +115,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
     merged = OmegaConf.structured(RunConfig)
-    for layer in _layers(path):
+    for layer in yaml_layers(path):
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
@@ -137,7 +137,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
-def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
     """The YAML file and, first, the files it builds on: a top-level `base: other.yaml` (relative to the file)."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files include each other in a cycle")
@@ -151,7 +151,7 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
     base_path = path.parent / str(base)
     if not base_path.is_file():
         raise ConfigError(f"{path}: base file {base_path} does not exist")
-    return _layers(base_path, seen + (path.resolve(),)) + [layer]
+    return yaml_layers(base_path, seen + (path.resolve(),)) + [layer]
 
 
 def _describe(error: OmegaConfBaseException) -> str:
