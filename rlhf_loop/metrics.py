@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Sequence
@@ -73,6 +74,5 @@ class Tracker:
 
 
 def _wandb_id(run_dir: RunDir) -> str:
-    import hashlib
-
+    """One wandb run per run directory, so a resumed run keeps logging to the same one."""
     return hashlib.sha256(str(run_dir.root.resolve()).encode()).hexdigest()[:16]
