@@ -53,6 +53,7 @@ class EvalConfig:
     prompt_column: str = "${data.prompt_column}"  # like data.prompt_column
     split: str = "train"  # dataset split, for hub datasets
     num_prompts: int = 64  # at most this many held-out prompts
+    samples_per_prompt: int = 1  # responses sampled per prompt: more samples, less noise in every eval/ mean
     temperature: float = 1.0  # samples from the policy: the KL estimate needs on-policy samples
     max_tokens: int = "${rollout.max_tokens}"  # type: ignore[assignment]
     gold_reward: str | None = None  # "module:attr" of a gold scorer (toy tasks): fn(messages, response, meta) -> float
@@ -229,6 +230,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (0 <= cfg.sft.warmup_ratio < 1, f"sft.warmup_ratio must be in [0, 1), got {cfg.sft.warmup_ratio}"),
         (cfg.sft.max_prompt_length < cfg.sft.max_length,
          f"sft.max_prompt_length ({cfg.sft.max_prompt_length}) must be < sft.max_length ({cfg.sft.max_length})"),
+        (cfg.eval.num_prompts >= 1, f"eval.num_prompts must be >= 1, got {cfg.eval.num_prompts}"),
+        (cfg.eval.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {cfg.eval.samples_per_prompt}"),
         (cfg.wandb.mode in ("disabled", "offline", "online"),
          f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}"),
     ]

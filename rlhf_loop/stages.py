@@ -279,24 +279,25 @@ def evaluate(run: Run, rollout, reward, learner, prompts: Sequence[Prompt], iter
         return run.manifest.info(unit)["metrics"]
     start = time.perf_counter()
     cfg = run.cfg.eval
-    sampling = Sampling(n=1, temperature=cfg.temperature, top_p=run.cfg.rollout.top_p, max_tokens=cfg.max_tokens,
+    sampling = Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=run.cfg.rollout.top_p,
+                        max_tokens=cfg.max_tokens,
                         seed=derived_seed(run.cfg.seed, "eval"))  # same seed each iteration: less noisy deltas
-    samples = score_rollouts(reward, rollout.generate(prompts, sampling))
-    responses = [item.rollout.responses[0] for item in samples]
-    rm_scores = [item.scores[0] for item in samples]
-    rows = [{"prompt_index": item.rollout.prompt.index, "response": r.text, "tokens": len(r.token_ids),
-             "reward": s} for item, r, s in zip(samples, responses, rm_scores, strict=True)]
-    metrics = {"eval/reward_mean": statistics.fmean(rm_scores),
-               "eval/response_tokens_mean": statistics.fmean(len(r.token_ids) for r in responses)}
+    # One row per sampled response, in (prompt, sample) order, so iteration t's row i faces pi_0's row i.
+    scored = score_rollouts(reward, rollout.generate(prompts, sampling))
+    samples = [(item.rollout.prompt, response, score) for item in scored
+               for response, score in zip(item.rollout.responses, item.scores, strict=True)]
+    rows = [{"prompt_index": prompt.index, "response": r.text, "tokens": len(r.token_ids), "reward": s}
+            for prompt, r, s in samples]
+    metrics = {"eval/reward_mean": statistics.fmean(s for _, _, s in samples),
+               "eval/response_tokens_mean": statistics.fmean(len(r.token_ids) for _, r, _ in samples)}
     if gold is not None:
-        golds = [gold(item.rollout.prompt.messages, r.text, item.rollout.prompt.meta) for item, r in
-                 zip(samples, responses, strict=True)]
+        golds = [gold(prompt.messages, r.text, prompt.meta) for prompt, r, _ in samples]
         for row, value in zip(rows, golds, strict=True):
             row["gold"] = value
         metrics["eval/gold_mean"] = statistics.fmean(golds)
     if iteration is not None:
-        log_ratios = learner.log_ratios([item.rollout.prompt.token_ids for item in samples],
-                                        [r.token_ids for r in responses])
+        log_ratios = learner.log_ratios([prompt.token_ids for prompt, _, _ in samples],
+                                        [r.token_ids for _, r, _ in samples])
         metrics["kl/ref"] = statistics.fmean(log_ratios)  # E_{y~pi}[log pi(y) - log ref(y)], on fresh samples
         initial = read_jsonl(run.manifest.verified_file(EVAL_INITIAL))
         wins = [1.0 if row["reward"] > base["reward"] else 0.5 if row["reward"] == base["reward"] else 0.0

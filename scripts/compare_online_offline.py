@@ -1,11 +1,12 @@
 """Online vs offline DPO on the toy task with a gold reward: do fresh on-policy pairs pay?
 
-    python scripts/compare_online_offline.py [--seeds 0 1 2] [--runs-dir runs/compare]
+    python scripts/compare_online_offline.py [--seeds 0 1 2 3 4] [--runs-dir runs/compare]
 
 Runs configs/tiny_online.yaml (3 iterations of online DPO) and configs/tiny_offline.yaml (one round of DPO on the same
 total number of pairs, all sampled from pi_0) once per seed, then prints the held-out gold reward (`eval/gold_mean`)
-per iteration as mean +- standard error over seeds. Finished runs are reused and unfinished ones resumed, so the script
-can be stopped and started again.
+per iteration as mean +- standard error over seeds, then what else moved by the end (KL to pi_0, length, reward-model
+score) and the verdict. Finished runs are reused and unfinished ones resumed, so the script can be stopped and started
+again.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def run(config: Path, seed: int, run_dir: Path) -> None:
     else:
         command = ["run", str(config), f"seed={seed}", "--run-dir", str(run_dir)]
     print(f"$ rlhf-loop {' '.join(command)}", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "rlhf_loop.cli", *command], check=True, cwd=REPO)
+    # The runs' own output goes to stderr, so stdout holds only the tables.
+    subprocess.run([sys.executable, "-m", "rlhf_loop.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
 
 
 def gold_curve(run_dir: Path) -> list[float]:
@@ -43,6 +45,17 @@ def gold_curve(run_dir: Path) -> list[float]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         curve.append(json.loads(line)["eval/gold_mean"])
     return curve
+
+
+# What moved besides gold, after the last iteration: how far from pi_0 (kl/ref), whether length was gamed, and what the
+# reward model thinks; these tell apart a policy that improved from one that drifted where the reward model is blind.
+# dpo/chosen_reward below zero means DPO lowered the likelihood of the very responses it was told to prefer.
+DIAGNOSTICS = ("kl/ref", "dpo/chosen_reward", "eval/response_tokens_mean", "eval/reward_mean",
+               "eval/win_rate_vs_initial")
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -64,6 +77,16 @@ def table(curves: dict[str, list[list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(finals: dict[str, list[dict[str, float]]]) -> str:
+    lines = ["after the last iteration, mean +- standard error over seeds", "",
+             "| metric | " + " | ".join(finals) + " |", "|---|" + "---|" * len(finals)]
+    for key in DIAGNOSTICS:
+        cells = ["{:.3f} +- {:.3f}".format(*mean_and_standard_error([m[key] for m in per_seed]))
+                 for per_seed in finals.values()]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict(curves: dict[str, list[list[float]]]) -> str:
     online = [curve[-1] for curve in curves["online"]]
     offline = [curve[-1] for curve in curves["offline"]]
@@ -78,16 +101,20 @@ def verdict(curves: dict[str, list[list[float]]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "compare")
     args = parser.parse_args()
     curves: dict[str, list[list[float]]] = {name: [] for name in CONFIGS}
+    finals: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
     for seed in args.seeds:
         for name, config in CONFIGS.items():
             run_dir = args.runs_dir / f"{name}-seed{seed}"
             run(config, seed, run_dir)
             curves[name].append(gold_curve(run_dir))
+            finals[name].append(final_metrics(run_dir))
     print(table(curves))
+    print()
+    print(diagnostics_table(finals))
     print()
     print(verdict(curves))
     return 0

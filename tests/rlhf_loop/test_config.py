@@ -36,6 +36,7 @@ def test_overrides_merge_over_the_file(tmp_path):
     (MINIMAL + "train:\n  beta: lots\n", "'train.beta'"),
     ("data:\n  prompts: [p.jsonl]\n", "'policy.model_path' is required"),
     (MINIMAL + "rollout:\n  samples_per_prompt: 1\n", "rollout.samples_per_prompt must be >= 2"),
+    (MINIMAL + "eval:\n  samples_per_prompt: 0\n", "eval.samples_per_prompt must be >= 1"),
     (MINIMAL + "pairs:\n  strategy: best_of\n", "pairs.strategy 'best_of' is unknown"),
     (MINIMAL + "train:\n  loss_type: kto\n", "train.loss_type 'kto' is unknown"),
     ("policy:\n  model_path: m\ndata:\n  prompts: []\n", "data.prompts is empty"),
@@ -76,6 +77,17 @@ def test_configs_are_shipped():
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.iterations >= 1
+
+
+def test_the_online_and_offline_comparison_spends_the_same_budget():
+    """Same pairs, same DPO steps, same everything else: only where the pairs are sampled from differs."""
+    online, offline = (load_config(REPO / "configs" / name) for name in ("tiny_online.yaml", "tiny_offline.yaml"))
+    assert online.iterations == 3 and offline.iterations == 1
+    total = online.iterations * online.data.prompts_per_iteration
+    assert offline.data.prompts_per_iteration == total
+    assert total <= online.toy_task.num_train_prompts  # every pair comes from a prompt never seen before
+    assert online.train == offline.train and online.rollout == offline.rollout and online.reward == offline.reward
+    assert online.eval == offline.eval
 
 
 def test_a_file_can_build_on_a_base_file(tmp_path):

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 REQUIRED_METRICS = {
     "iteration", "reward/mean", "reward/std", "reward/chosen_mean", "reward/rejected_mean", "pairs/count",
     "pairs/dropped", "dpo/loss", "dpo/reward_accuracy", "dpo/margin", "kl/ref", "time/generate_s", "time/score_s",
-    "time/train_s", "time/sync_s", "time/iteration_s",
+    "time/train_s", "time/sync_s", "time/iteration_s", "eval/reward_mean", "eval/response_tokens_mean",
+    "eval/win_rate_vs_initial",
 }
 
 
@@ -47,7 +48,7 @@ train: {{learning_rate: 2.0e-3, micro_batch_size: 2, gradient_accumulation_steps
         max_length: 96, max_prompt_length: 64}}
 sft: {{enabled: true, dataset: {conversations}, micro_batch_size: 4, save_steps: 2, learning_rate: 1.0e-3,
       max_length: 96, max_prompt_length: 64}}
-eval: {{num_prompts: 6}}
+eval: {{num_prompts: 6, samples_per_prompt: 2}}
 cluster: {{num_cpus: 2}}
 """)
     return path
@@ -102,6 +103,8 @@ def test_three_iterations_with_vllm(uninterrupted):
         assert len(list((iteration / "rollouts").glob("shard_*.jsonl"))) == 3  # 12 prompts in shards of 5
         rollouts = [r for shard in sorted((iteration / "rollouts").glob("*.jsonl")) for r in read_jsonl(shard)]
         assert len(rollouts) == 12 and all(len(r["responses"]) == 4 for r in rollouts)
+        evaluation = read_jsonl(iteration / "eval.jsonl")  # 6 held-out prompts x 2 samples, in prompt order
+        assert [row["prompt_index"] for row in evaluation] == [i // 2 for i in range(12)]
         assert (iteration / "policy" / "model.safetensors").is_file()
         assert (iteration / "policy" / "tokenizer_config.json").is_file()
     # the policy moved: every iteration trained and the exports differ
