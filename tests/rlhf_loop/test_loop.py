@@ -54,6 +54,9 @@ cluster: {{num_cpus: 2}}
     return path
 
 
+RUN_TIMEOUT_S = 600  # a run here takes about a minute; ten means it hangs
+
+
 def rlhf_loop(*args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(KILL_AT_ENV, None)
@@ -62,12 +65,25 @@ def rlhf_loop(*args: str, kill_at: str | None = None) -> subprocess.CompletedPro
     # Its own process group, so whatever a killed driver leaves behind (Ray's processes) is cleaned up here.
     process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output, _ = process.communicate(timeout=600)
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)  # before failing, so a hung run's Ray processes cannot stall the tests after it
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process outside the group still holds the pipe open
+            output = "(no output: the pipe stayed open)"
+        pytest.fail(f"rlhf-loop {' '.join(args)} did not finish in {RUN_TIMEOUT_S} s; its output ends:\n"
+                    f"{output[-3000:]}")
+    _kill_group(process.pid)
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
 
 
 def finished(run_dir: Path) -> dict:
