@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,52 +57,40 @@ class BadRequest(Exception):
 
 # -- config ----------------------------------------------------------------------------------------------------
 
+_REFERENCE = "docs/rewards.md"  # where config errors point for the valid reward keys
+
+
+@dataclass
+class _RewardFile:
+    """What the server reads of a config file: its reward: section (a whole run config works)."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
 def load_reward_config(path: str | Path, overrides: Sequence[str] = ()) -> RewardConfig:
     """The `reward:` section of a YAML file (a whole run config works) with `reward.key=value` overrides."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from rlhf_loop.config import describe_config_error, structured_config, yaml_layers
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file with a reward: section")
-    from rlhf_loop.config import yaml_layers
-
     raw = OmegaConf.merge(*yaml_layers(path))  # a file may build on another (`base:`), as run configs do
     if not isinstance(raw, DictConfig) or not isinstance(raw.get("reward"), DictConfig):
         raise ConfigError(f"{path} has no reward: section; put the reward settings under a top-level reward: key")
-    merged = OmegaConf.structured(RewardConfig)
+    for override in overrides:
+        if "=" not in override or not override.startswith("reward."):
+            raise ConfigError(f"override {override!r} is not reward.key=value; write e.g. reward.batch_size=32")
     try:
         # Resolved within the whole file, so ${toy_task.dir}-style references to other sections work.
-        merged = OmegaConf.merge(merged, OmegaConf.to_container(raw.reward, resolve=True))
+        section = {"reward": OmegaConf.to_container(raw.reward, resolve=True)}
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
-    for override in overrides:
-        key, _, _ = override.partition("=")
-        if "=" not in override or not key.startswith("reward."):
-            raise ConfigError(f"override {override!r} is not reward.key=value; write e.g. reward.batch_size=32")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]).reward)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {override!r}: {_describe(e)}") from None
-    try:
-        cfg: RewardConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
-    problems = reward_config_problems(cfg)
-    if problems:
-        raise ConfigError(f"{path}: {problems[0]}")
-    return cfg
-
-
-def _describe(error: Exception) -> str:
-    key = getattr(error, "full_key", None)
-    message = str(error).splitlines()[0]
-    if not key:
-        return message
-    key = key if key.startswith("reward.") else f"reward.{key}"
-    if type(error).__name__ == "ConfigKeyError":
-        return f"unknown key '{key}'; check its spelling against docs/rewards.md"
-    return f"'{key}': {message}"
+        raise ConfigError(f"{path}: {describe_config_error(e, _REFERENCE)}") from None
+    loaded = structured_config(_RewardFile, [section], overrides, path,
+                               lambda file: reward_config_problems(file.reward), _REFERENCE)
+    return loaded.reward
 
 
 # -- request validation ----------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Unknown keys, wrong types and values out of range raise `ConfigError` naming the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -115,26 +117,36 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
-    merged = OmegaConf.structured(RunConfig)
-    for layer in yaml_layers(path):
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{path}: {_describe(e)}") from None
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not key=value; write e.g. rollout.samples_per_prompt=4")
+    return structured_config(RunConfig, yaml_layers(path), overrides, path, validate)
+
+
+def structured_config(schema: type, layers: Sequence, overrides: Sequence[str], path: Path,
+                      problems: Callable[[Any], list[str]], reference: str = "the config reference in README.md"):
+    """`layers`, then `key=value` overrides, merged over `schema`'s defaults, built and checked by `problems`.
+
+    Every failure is one ConfigError line naming the file or the override, and the key; `reference` is where the
+    valid keys are documented. Shared by the run config and the reward server's config."""
+    merged = OmegaConf.structured(schema)
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {describe_config_error(e, reference)}") from None
+    for override in overrides:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"override {override!r}: {_describe(e)}") from None
+            raise ConfigError(f"override {override!r}: {describe_config_error(e, reference)}") from None
     try:
-        cfg: RunConfig = OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
-    problems = validate(cfg)
-    if problems:
-        raise ConfigError(f"{path}: {problems[0]}")
+        raise ConfigError(f"{path}: {describe_config_error(e, reference)}") from None
+    found = problems(cfg)
+    if found:
+        raise ConfigError(f"{path}: {found[0]}")
     return cfg
 
 
@@ -155,11 +167,12 @@ def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
     return yaml_layers(base_path, seen + (path.resolve(),)) + [layer]
 
 
-def _describe(error: OmegaConfBaseException) -> str:
+def describe_config_error(error: OmegaConfBaseException, reference: str = "the config reference in README.md") -> str:
+    """One line for an OmegaConf error: the full key and what is wrong with it."""
     key = getattr(error, "full_key", None)
     message = str(error).splitlines()[0]
     if type(error).__name__ == "ConfigKeyError" and key:
-        return f"unknown key '{key}'; check its spelling against the config reference in README.md"
+        return f"unknown key '{key}'; check its spelling against {reference}"
     if type(error).__name__ == "MissingMandatoryValue" and key:
         return f"'{key}' is required; set it in the file or as {key}=..."
     return f"'{key}': {message}" if key else message
