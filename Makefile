@@ -27,7 +27,7 @@ test: $(INSTALLED)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-fast: $(INSTALLED)
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,4 +1,4 @@
-"""Configuration of what holds the policy: the model, the rollout engines and the DPO learner.
+"""Configuration of what holds the policy: the model, the rollout engines, the DPO learner and the SFT warm start.
 
 Every default lives here; YAML files override them (see `rlhf_loop/config.py`).
 """
@@ -16,6 +16,10 @@ class PolicyConfig:
     tokenizer_path: str | None = None  # defaults to model_path
     trust_remote_code: bool = False  # allow custom modeling code shipped with the model
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer_path or self.model_path
 
 
 @dataclass
@@ -57,3 +61,26 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
     reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step, over all learner workers."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = False  # run a supervised warm start before the first iteration
+    dataset: str | None = None  # hub name or local file with chat conversations to imitate
+    messages_column: str = "messages"  # column holding each conversation (its last turn is the target)
+    learning_rate: float = 1e-4  # peak learning rate (AdamW)
+    epochs: int = 1  # passes over the SFT dataset
+    micro_batch_size: int = 8  # conversations per optimizer step
+    max_length: int = 512  # prompt + response tokens
+    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens; the response fills the rest
+    save_steps: int = 50  # optimizer steps between SFT checkpoints: the unit of work a crash can cost
+    lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup
+    warmup_ratio: float = 0.1  # fraction of the SFT optimizer steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time

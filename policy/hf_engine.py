@@ -1,7 +1,7 @@
 """The fallback rollout engine: transformers `generate`, one prompt at a time.
 
 Slower than vLLM but needs nothing beyond transformers. Each prompt samples its K responses together
-(num_return_sequences) from an RNG seeded with prompt_seed(sampling.seed, prompt.index), so a prompt's responses do
+(num_return_sequences) from an RNG seeded with derived_seed(sampling.seed, prompt.index), so a prompt's responses do
 not depend on which other prompts share the call.
 """
 
@@ -10,20 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from policy.config import PolicyConfig, RolloutConfig
-from policy.rollout import Sampling, prompt_seed
+from policy.rollout import Sampling
+from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.records import Prompt, Response, Rollout
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """PolicyConfig.dtype as a concrete dtype name: "auto" is float32 on CPU and bfloat16 on CUDA."""
-    if dtype == "auto":
-        return "bfloat16" if device == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"policy.dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16")
-    return dtype
+from rlhf_loop.seeds import derived_seed
 
 
 class HFEngine:
@@ -34,12 +27,10 @@ class HFEngine:
             raise ValueError(f"HFEngine device must be cpu or cuda, got {device!r}")
         self.device = torch.device(device)
         self.max_model_len = max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            policy.tokenizer_path or policy.model_path, trust_remote_code=policy.trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(policy.tokenizer_source, policy.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
             policy.model_path,
-            dtype=getattr(torch, resolve_dtype(policy.dtype, device)),
+            dtype=torch_dtype(policy.dtype, device),
             trust_remote_code=policy.trust_remote_code,
         ).to(self.device)
         self.model.eval()
@@ -66,7 +57,7 @@ class HFEngine:
         devices = [self.device] if self.device.type == "cuda" else []
         # fork_rng keeps the caller's global RNG untouched; generate samples from the global RNG.
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(prompt_seed(sampling.seed, prompt.index))
+            torch.manual_seed(derived_seed(sampling.seed, prompt.index))
             sequences = self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),

@@ -3,12 +3,13 @@
     group = LearnerGroup(cfg.policy, cfg.train, device="cuda", seed=cfg.seed)
     total = group.begin_iteration(1, pairs, reference_dir=None)
     stats = group.train_steps(cfg.train.save_steps)
-    weights = group.named_weights()            # an ObjectRef: hand it to the rollout actors as it is
+    weights = group.weights_ref()              # an ObjectRef: hand it to the rollout actors as it is
 
     sft = SFTActor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner in its own actor, same methods
 
-Every LearnerGroup method mirrors `DPOLearner`'s. Training, checkpoints and export run on every rank (they are
-collective); weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every
+`LearnerGroup` is the loop's `policy.learning.Learner`; its methods mirror `DPOLearner`'s, except that `weights_ref`
+hands out an object-store reference where `DPOLearner.named_weights` returns the list. Training, checkpoints and
+export run on every rank (they are collective); weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every
 forward pass and every gather needs all of them.
 """
 
@@ -19,10 +20,11 @@ from collections.abc import Sequence
 
 import ray
 
-from policy.config import PolicyConfig, TrainConfig
-from policy.learner import DPOLearner, TrainStats, free_port
+from policy.config import PolicyConfig, SFTConfig, TrainConfig
+from policy.learner import DPOLearner
+from policy.learning import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
-from rlhf_loop.config import SFTConfig
+from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
 
 
@@ -80,7 +82,7 @@ class LearnerActor(DPOLearner):
 
 
 class LearnerGroup:
-    """`train.num_workers` DPO learner ranks, one actor each."""
+    """`train.num_workers` DPO learner ranks, one actor each: the loop's `Learner`."""
 
     def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
         actor_class = ray.remote(LearnerActor).options(**learner_resources(device, train.gpus_per_worker))
@@ -114,7 +116,7 @@ class LearnerGroup:
     def load_checkpoint(self, directory: str) -> None:
         ray.get([actor.load_checkpoint.remote(directory) for actor in self._actors])
 
-    def named_weights(self):
+    def weights_ref(self) -> ray.ObjectRef:
         """A Ray ObjectRef to rank 0's [(HF name, CPU tensor)], put once in the object store; pass it to the rollout
         actors as an argument and Ray hands each the list itself."""
         refs = [actor.named_weights.remote() for actor in self._weight_ranks]

@@ -6,7 +6,6 @@ Each lives in its own Ray actor (`policy.rollout_group.RolloutGroup`), so the lo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +21,7 @@ class Sampling:
     temperature: float
     top_p: float
     max_tokens: int
-    seed: int  # base seed; each prompt samples with prompt_seed(seed, prompt.index)
+    seed: int  # base seed; each prompt samples with derived_seed(seed, prompt.index)
 
 
 class RolloutEngine(Protocol):
@@ -33,9 +32,3 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new policy weights (HF parameter names) in place, without restarting the engine."""
         ...
-
-
-def prompt_seed(base_seed: int, prompt_index: int) -> int:
-    """A per-prompt sampling seed: the same prompt gets the same samples whichever engine or shard it lands in."""
-    digest = hashlib.sha256(f"{base_seed}:{prompt_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

@@ -4,7 +4,7 @@
 
 The loop runs `SFTLearner` in a Ray actor instead, with `save_steps` steps as its unit of work:
     learner.begin(examples); while step < total: learner.train_steps(sft.save_steps); learner.save_checkpoint(...)
-It shares the DeepSpeed engine, checkpoints and export with the DPO learner (`policy.learner.PolicyEngine`).
+It shares the DeepSpeed engine, checkpoints and export with the DPO learner (`policy.engine.PolicyEngine`).
 """
 
 from __future__ import annotations
@@ -18,20 +18,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policy.config import PolicyConfig
-from policy.learner import (
-    OptimizationSpec,
-    PolicyEngine,
+from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
     fingerprint,
-    learning_rate_at,
     pad_batch,
     rank_micro_batches,
     response_log_probs,
     truncate,
 )
-from rlhf_loop.config import SFTConfig
+from policy.config import PolicyConfig, SFTConfig
+from policy.engine import PolicyEngine
+from policy.optimization import OptimizationSpec, learning_rate_at
 from rlhf_loop.records import Messages
 
 
@@ -72,28 +70,13 @@ def to_examples(tokenizer, examples: Sequence[SFTExample | Messages]) -> list[SF
     return [e if isinstance(e, SFTExample) else example_from_messages(tokenizer, e) for e in examples]
 
 
-def optimization_spec(sft: SFTConfig) -> OptimizationSpec:
-    """SFT runs on one worker, so ZeRO partitioning has nothing to split and accumulation nothing to add."""
-    return OptimizationSpec(
-        learning_rate=sft.learning_rate,
-        lr_schedule=sft.lr_schedule,
-        warmup_ratio=sft.warmup_ratio,
-        weight_decay=sft.weight_decay,
-        max_grad_norm=sft.max_grad_norm,
-        micro_batch_size=sft.micro_batch_size,
-        gradient_accumulation_steps=1,
-        zero_stage=0,
-        gradient_checkpointing=sft.gradient_checkpointing,
-    )
-
-
 class SFTLearner:
     """Negative log-likelihood on response tokens (prompts masked), with exact resume from its checkpoints."""
 
     def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
         self._sft = sft
         self._seed = seed
-        self._policy = PolicyEngine(policy, optimization_spec(sft), device, seed, rank=0, world_size=1)
+        self._policy = PolicyEngine(policy, OptimizationSpec.from_sft(sft), device, seed, rank=0, world_size=1)
         self._examples: list[SFTExample] = []
         self._schedule: list[list[int]] = []
         self._step = 0

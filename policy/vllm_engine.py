@@ -3,7 +3,7 @@
 Construct it inside its own process (a Ray actor, see `policy.rollout_group`): the engine core runs in that process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), which on CPU pins the process's threads.
 
-Reproducibility: every prompt samples with its own seed, prompt_seed(sampling.seed, prompt.index), and vLLM gives
+Reproducibility: every prompt samples with its own seed, derived_seed(sampling.seed, prompt.index), and vLLM gives
 the k-th response of a prompt the seed + k. On CPU prefix caching is off, so a prompt's computation never borrows
 another prompt's KV cache: the same prompt, seed and weights give the same responses whichever prompts share the
 call (a resumed run regenerates shard by shard). On CUDA prefix caching stays on for speed and is reset at every
@@ -22,9 +22,10 @@ from vllm.inputs import TokensPrompt
 from vllm.outputs import CompletionOutput
 
 from policy.config import PolicyConfig, RolloutConfig
-from policy.hf_engine import resolve_dtype
-from policy.rollout import Sampling, prompt_seed
+from policy.rollout import Sampling
+from rlhf_loop.hf_models import dtype_name
 from rlhf_loop.records import Prompt, Response, Rollout
+from rlhf_loop.seeds import derived_seed
 
 GIB = 1 << 30
 
@@ -51,9 +52,9 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = LLM(
             model=policy.model_path,
-            tokenizer=policy.tokenizer_path or policy.model_path,
+            tokenizer=policy.tokenizer_source,
             trust_remote_code=policy.trust_remote_code,
-            dtype=resolve_dtype(policy.dtype, device),
+            dtype=dtype_name(policy.dtype, device),
             max_model_len=max_model_len,
             seed=seed,
             **(_cpu_options(rollout) if device == "cpu" else _cuda_options(rollout)),
@@ -129,7 +130,7 @@ def _sampling_params(sampling: Sampling, prompt: Prompt) -> SamplingParams:
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
-        seed=prompt_seed(sampling.seed, prompt.index),
+        seed=derived_seed(sampling.seed, prompt.index),
         # Text comes from one full decode of the token ids (see _response), as the HF engine makes it: vLLM's
         # incremental detokenizer renders incomplete UTF-8 byte sequences differently.
         detokenize=False,

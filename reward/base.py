@@ -30,3 +30,7 @@ class RewardModel(Protocol):
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         """One result per query, its scores in the order of the query's responses."""
         ...
+
+
+class NamedRewardModel(RewardModel, Protocol):
+    objectives: list[str]  # the names its results carry in RewardResult.objectives (logged as per-objective means)

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from reward.base import RewardQuery, RewardResult
-from reward.registry import NamedRewardModel
+from reward.base import NamedRewardModel, RewardQuery, RewardResult
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import check_finite, describe, flatten, regroup
 from rlhf_loop.errors import UserError
+from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 
 
 class SequenceRewardModel:
@@ -31,11 +32,11 @@ class SequenceRewardModel:
         self.device = torch.device(device)
         raw_config = hf.read_model_config(cfg.model_path, cfg.trust_remote_code, key)
         self.check_config(raw_config)
-        self.tokenizer = hf.load_tokenizer(cfg.model_path, cfg.trust_remote_code, key)
+        self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")
         try:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model_path,
-                dtype=hf.torch_dtype(cfg.dtype, device),
+                dtype=torch_dtype(cfg.dtype, device),
                 trust_remote_code=cfg.trust_remote_code,
                 output_loading_info=True,
             )

@@ -17,20 +17,16 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from reward.base import RewardQuery, RewardResult
+from reward.base import NamedRewardModel, RewardQuery, RewardResult
 from reward.config import RewardConfig
 
 
 class CombinedReward:
-    def __init__(self, cfg: RewardConfig, device: str, key: str = "reward") -> None:
-        from reward.registry import build_reward_model
+    """`terms` are (name, weight, scorer) with the scorers already built (by the registry, from cfg.components)."""
 
+    def __init__(self, cfg: RewardConfig, terms: Sequence[tuple[str, float, NamedRewardModel]]) -> None:
         self.normalize = cfg.normalize
-        self.terms = [
-            (component.name, component.weight,
-             build_reward_model(component.reward, device, f"{key}.components[{i}].reward"))
-            for i, component in enumerate(cfg.components)
-        ]
+        self.terms = list(terms)
         self.objectives = [
             objective for name, _, model in self.terms
             for objective in [name, *(f"{name}/{o}" for o in model.objectives)]

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from rlhf_loop.hf_models import DTYPE_NAMES
+
+KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote")  # reward/registry.py builds each
+MODEL_KINDS = frozenset({"bradley_terry", "armorm", "pairwise"})  # kinds that load a network (and want a GPU)
 PAIRWISE_RANKINGS = ("all_pairs", "tournament")
 NORMALIZATIONS = ("none", "zscore")
 REMOTE_PROTOCOLS = ("rlhf_loop", "openrlhf")
@@ -96,14 +99,12 @@ class RewardConfig:
 
 def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
     """Value checks for the reward section; each names the key and a fix."""
-    from reward.registry import KINDS, MODEL_KINDS
-
     checks = [
         (cfg.kind in KINDS, f"{key}.kind {cfg.kind!r} is unknown; use one of {sorted(KINDS)}"),
         (cfg.batch_size >= 1, f"{key}.batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.shard_size >= 1, f"{key}.shard_size must be >= 1, got {cfg.shard_size}"),
         (cfg.max_length >= 8, f"{key}.max_length must be >= 8, got {cfg.max_length}"),
-        (cfg.dtype in DTYPES, f"{key}.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}"),
+        (cfg.dtype in DTYPE_NAMES, f"{key}.dtype must be one of {list(DTYPE_NAMES)}, got {cfg.dtype!r}"),
         (cfg.num_gpus >= 0, f"{key}.num_gpus must be >= 0, got {cfg.num_gpus}"),
         (cfg.kind not in MODEL_KINDS or cfg.model_path is not None,
          f"{key}.model_path is required for kind {cfg.kind}; give a local directory or a hub id"),

@@ -19,16 +19,6 @@ from rlhf_loop.records import Messages
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str, device: str) -> torch.dtype:
-    """"auto" is float32 on CPU (bfloat16 matmuls are slow or missing there) and bfloat16 on CUDA."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return _DTYPES[name]
-
-
 def read_model_config(path: str, trust_remote_code: bool, key: str) -> dict[str, Any]:
     """config.json as a dict, read without running any code it points to; refuses custom code not allowed.
 
@@ -47,19 +37,6 @@ def read_model_config(path: str, trust_remote_code: bool, key: str) -> dict[str,
         raise UserError(f"{key}.model_path {path!r} ships custom modeling code (auto_map in config.json); "
                         f"set {key}.trust_remote_code=true if you trust that code")
     return config
-
-
-def load_tokenizer(path: str, trust_remote_code: bool, key: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{key}.model_path {path!r}: cannot load its tokenizer ({_first_line(e)})") from None
-    if not tokenizer.chat_template:
-        raise UserError(f"{key}.model_path {path!r}: the tokenizer has no chat template, so conversations cannot "
-                        "be rendered the way the model was trained; add chat_template to its tokenizer_config.json")
-    return tokenizer
 
 
 def pad_token_id(model_config: Any, tokenizer: Any, path: str) -> int:

@@ -24,6 +24,7 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import check_finite
 from rlhf_loop.errors import UserError
+from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.records import Messages
 
 NEUTRAL = 0.5  # the score of a lone response: nothing to compare it with
@@ -45,7 +46,7 @@ class PairwiseJudge:
         self.path, self.batch_size, self.max_length = cfg.model_path, cfg.batch_size, cfg.max_length
         self.settings, self.device = cfg.pairwise, torch.device(device)
         hf.read_model_config(cfg.model_path, cfg.trust_remote_code, key)
-        self.tokenizer = hf.load_tokenizer(cfg.model_path, cfg.trust_remote_code, key)
+        self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")
         try:
             cfg.pairwise.template.format(context="", response_a="", response_b="")
         except (KeyError, IndexError, ValueError) as e:
@@ -55,7 +56,7 @@ class PairwiseJudge:
         self.template_tokens = len(self._render("", "", ""))
         try:
             model, loading = AutoModelForCausalLM.from_pretrained(
-                cfg.model_path, dtype=hf.torch_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+                cfg.model_path, dtype=torch_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
                 output_loading_info=True,
             )
         except (OSError, ValueError, KeyError) as e:

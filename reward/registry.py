@@ -1,20 +1,16 @@
 """Reward kinds by name: `build_reward_model(cfg, device)` turns a reward config into a scorer.
 
-Imports stay lazy: config validation reads `KINDS` and must not pull in torch or transformers.
+Imports stay lazy: `plan` and the server import this module, and must not pull in torch or transformers here.
+The kinds' names (`reward.config.KINDS`) are config vocabulary; every one has a builder below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
-from reward.base import RewardModel
-from reward.config import RewardConfig
+from reward.base import NamedRewardModel
+from reward.config import MODEL_KINDS, RewardConfig, reward_config_problems
 from rlhf_loop.errors import UserError
-
-
-class NamedRewardModel(RewardModel, Protocol):
-    objectives: list[str]  # the names its results carry in RewardResult.objectives (logged as per-objective means)
 
 
 def _bradley_terry(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
@@ -44,7 +40,10 @@ def _function(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
 def _combined(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
     from reward.combined import CombinedReward
 
-    return CombinedReward(cfg, device, key)
+    terms = [(component.name, component.weight,
+              build_reward_model(component.reward, device, f"{key}.components[{i}].reward"))
+             for i, component in enumerate(cfg.components)]
+    return CombinedReward(cfg, terms)
 
 
 def _remote(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
@@ -61,8 +60,6 @@ _BUILDERS: dict[str, Callable[[RewardConfig, str, str], NamedRewardModel]] = {
     "combined": _combined,
     "remote": _remote,
 }
-KINDS: tuple[str, ...] = tuple(_BUILDERS)
-MODEL_KINDS = frozenset({"bradley_terry", "armorm", "pairwise"})  # kinds that load a network (and want a GPU)
 
 
 def build_reward_model(cfg: RewardConfig, device: str, key: str = "reward") -> NamedRewardModel:
@@ -72,8 +69,6 @@ def build_reward_model(cfg: RewardConfig, device: str, key: str = "reward") -> N
     custom code without trust_remote_code, unreachable server) raises a one-line UserError here, at start-up.
     `key` is the config section that error messages name.
     """
-    from reward.config import reward_config_problems
-
     problems = reward_config_problems(cfg, key)
     if problems:
         raise UserError(problems[0])

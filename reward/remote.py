@@ -41,10 +41,10 @@ class RemoteReward:
             limits=httpx.Limits(max_connections=cfg.remote.concurrency),
         )
         if cfg.remote.protocol == "openrlhf":
-            from reward import hf
+            from rlhf_loop.hf_models import load_tokenizer
 
             # OpenRLHF servers expose no /info: the first scoring request is their first contact.
-            self.tokenizer = hf.load_tokenizer(cfg.model_path, cfg.trust_remote_code, key)
+            self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")
             self.objectives: list[str] = []
         else:
             info = self._request("GET", "/info")

@@ -33,10 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from reward.base import RewardQuery, RewardResult
+from reward.base import NamedRewardModel, RewardQuery, RewardResult
 from reward.batcher import Job, ReplicaPool
 from reward.config import RewardConfig, ServerConfig, reward_config_problems
-from reward.registry import NamedRewardModel
 from rlhf_loop.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def load_reward_config(path: str | Path, overrides: Sequence[str] = ()) -> Rewar
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlhf_loop.config import describe_config_error, structured_config, yaml_layers
+    from rlhf_loop.config_files import describe_config_error, structured_config, yaml_layers
 
     path = Path(path)
     if not path.is_file():

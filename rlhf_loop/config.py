@@ -10,18 +10,17 @@ Unknown keys, wrong types and values out of range raise `ConfigError` naming the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from policy.config import PolicyConfig, RolloutConfig, TrainConfig
+from policy.config import PolicyConfig, RolloutConfig, SFTConfig, TrainConfig
 from reward.config import RewardConfig, reward_config_problems
+from rlhf_loop.config_files import structured_config, yaml_layers
 from rlhf_loop.errors import ConfigError
-from rlhf_loop.toy_task import ToyTaskConfig
+from rlhf_loop.hf_models import DTYPE_NAMES
+from rlhf_loop.toy.assets import ToyTaskConfig
 
 
 @dataclass
@@ -62,24 +61,6 @@ class EvalConfig:
 
 
 @dataclass
-class SFTConfig:
-    enabled: bool = False  # run a supervised warm start before the first iteration
-    dataset: str | None = None  # hub name or local file with chat conversations to imitate
-    messages_column: str = "messages"  # column holding each conversation (its last turn is the target)
-    learning_rate: float = 1e-4  # peak learning rate (AdamW)
-    epochs: int = 1  # passes over the SFT dataset
-    micro_batch_size: int = 8  # conversations per optimizer step
-    max_length: int = 512  # prompt + response tokens
-    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens; the response fills the rest
-    save_steps: int = 50  # optimizer steps between SFT checkpoints: the unit of work a crash can cost
-    lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup
-    warmup_ratio: float = 0.1  # fraction of the SFT optimizer steps spent warming up
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
-
-
-@dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
     project: str = "rlhf-loop"  # wandb project
@@ -111,6 +92,24 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     toy_task: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # builds the bundled toy task's assets (demo)
 
+    @property
+    def online(self) -> bool:
+        """Online DPO samples and scores its pairs; offline DPO (pairs.dataset set) trains on a given preference
+        dataset and starts no rollout engine and no reward model."""
+        return self.pairs.dataset is None
+
+    @property
+    def max_model_len(self) -> int:
+        """The engines' context: rollout.max_model_len, or the longest prompt plus the longest response any stage
+        asks for."""
+        return self.rollout.max_model_len or self.data.max_prompt_tokens + max(self.rollout.max_tokens,
+                                                                               self.eval.max_tokens)
+
+    @property
+    def evaluates(self) -> bool:
+        """Evaluation needs held-out prompts (eval.prompts), sampled responses and a learner for the KL estimate."""
+        return self.online and self.train.enabled and self.eval.prompts is not None
+
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Merge a YAML file and `key=value` overrides over the defaults, then validate."""
@@ -123,61 +122,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     return structured_config(RunConfig, yaml_layers(path), overrides, path, validate)
 
 
-def structured_config(schema: type, layers: Sequence, overrides: Sequence[str], path: Path,
-                      problems: Callable[[Any], list[str]], reference: str = "the config reference in README.md"):
-    """`layers`, then `key=value` overrides, merged over `schema`'s defaults, built and checked by `problems`.
-
-    Every failure is one ConfigError line naming the file or the override, and the key; `reference` is where the
-    valid keys are documented. Shared by the run config and the reward server's config."""
-    merged = OmegaConf.structured(schema)
-    for layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{path}: {describe_config_error(e, reference)}") from None
-    for override in overrides:
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {override!r}: {describe_config_error(e, reference)}") from None
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {describe_config_error(e, reference)}") from None
-    found = problems(cfg)
-    if found:
-        raise ConfigError(f"{path}: {found[0]}")
-    return cfg
-
-
-def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
-    """The YAML file and, first, the files it builds on: a top-level `base: other.yaml` (relative to the file)."""
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
-    try:
-        layer = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
-    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
-    if base is None:
-        return [layer]
-    base_path = path.parent / str(base)
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: base file {base_path} does not exist")
-    return yaml_layers(base_path, seen + (path.resolve(),)) + [layer]
-
-
-def describe_config_error(error: OmegaConfBaseException, reference: str = "the config reference in README.md") -> str:
-    """One line for an OmegaConf error: the full key and what is wrong with it."""
-    key = getattr(error, "full_key", None)
-    message = str(error).splitlines()[0]
-    if type(error).__name__ == "ConfigKeyError" and key:
-        return f"unknown key '{key}'; check its spelling against {reference}"
-    if type(error).__name__ == "MissingMandatoryValue" and key:
-        return f"'{key}' is required; set it in the file or as {key}=..."
-    return f"'{key}': {message}" if key else message
-
-
 def validate(cfg: RunConfig) -> list[str]:
     """Value checks the type system cannot express; each problem names the key and a fix."""
     from policy.losses import LOSSES
@@ -186,11 +130,10 @@ def validate(cfg: RunConfig) -> list[str]:
     checks = [
         (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
-        (cfg.policy.dtype in ("auto", "float32", "bfloat16", "float16"),
-         f"policy.dtype must be auto, float32, bfloat16 or float16, got {cfg.policy.dtype!r}"),
-        (len(cfg.data.prompts) >= 1 or cfg.pairs.dataset is not None,
+        (cfg.policy.dtype in DTYPE_NAMES, f"policy.dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.policy.dtype!r}"),
+        (len(cfg.data.prompts) >= 1 or not cfg.online,
          "data.prompts is empty; give at least one dataset name or file (or pairs.dataset for offline DPO)"),
-        (cfg.pairs.dataset is None or cfg.iterations == 1,
+        (cfg.online or cfg.iterations == 1,
          f"pairs.dataset (offline DPO) runs one iteration; set iterations: 1 (got {cfg.iterations})"),
         (
             len(cfg.data.prompts) in (0, 1, cfg.iterations),
@@ -213,7 +156,7 @@ def validate(cfg: RunConfig) -> list[str]:
          f"pairs.export_format must be none, disk or parquet, got {cfg.pairs.export_format!r}"),
         (0 <= cfg.pairs.export_test_fraction < 1,
          f"pairs.export_test_fraction must be in [0, 1), got {cfg.pairs.export_test_fraction}"),
-        (cfg.train.enabled or cfg.pairs.dataset is None,
+        (cfg.train.enabled or cfg.online,
          "pairs.dataset (offline DPO) needs train.enabled: true; there is nothing else to do with its pairs"),
         (cfg.train.loss_type in LOSSES, f"train.loss_type {cfg.train.loss_type!r} is unknown; use one of {sorted(LOSSES)}"),
         (cfg.train.reference in ("initial", "previous"),
@@ -248,8 +191,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.wandb.mode in ("disabled", "offline", "online"),
          f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}"),
     ]
-    online = cfg.pairs.dataset is None  # offline DPO starts no reward model
-    return [message for ok, message in checks if not ok] + (reward_config_problems(cfg.reward) if online else [])
+    # Offline DPO starts no reward model, so its reward section is not checked.
+    return [message for ok, message in checks if not ok] + (reward_config_problems(cfg.reward) if cfg.online else [])
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -1,14 +1,21 @@
-"""Prompt sets: loaded through HF `datasets`, rendered with the policy's chat template, sliced per iteration."""
+"""Data in: prompt sets (loaded through HF `datasets`, rendered with the policy's chat template, sliced per
+iteration) and, for offline DPO, the pairs of a preference dataset.
+
+    load_preference_pairs("Magpie-Align/MagpieLM-DPO-Data-v0.1", "train", tokenizer, max_prompt_tokens=2048)
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from rlhf_loop.errors import UserError
-from rlhf_loop.records import Messages, Prompt
+from rlhf_loop.records import Messages, Pair, Prompt, Response
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -95,9 +102,9 @@ def iteration_prompts(data, iteration: int, tokenizer, seed: int) -> PromptSet:
 
 
 def evaluation_prompts(cfg, tokenizer) -> list[Prompt]:
-    """The fixed prompts every iteration is evaluated on: the held-out set, or else the head of iteration 1's."""
+    """The held-out prompts (eval.prompts) every iteration is evaluated on; none without eval.prompts."""
     if cfg.eval.prompts is None:
-        return iteration_prompts(cfg.data, 1, tokenizer, cfg.seed).prompts[:cfg.eval.num_prompts]
+        return []
     rows = load_rows(cfg.eval.prompts, cfg.eval.split)
     rows = rows.select(range(min(cfg.eval.num_prompts, len(rows))))
     prompt_set = render_prompts(rows, cfg.eval.prompt_column, cfg.eval.prompts, tokenizer, cfg.data.max_prompt_tokens)
@@ -113,3 +120,124 @@ def _is_json(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# ---- offline DPO: a preference dataset in -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    pairs: list[Pair]
+    skipped_too_long: int  # rows whose prompt is over the token limit, left out and counted
+
+
+def load_preference_pairs(source: str, split: str, tokenizer, max_prompt_tokens: int) -> PreferencePairs:
+    """Pairs from a preference dataset (hub name, local .json/.jsonl/.parquet, or a save_to_disk directory),
+    rendered with the policy tokenizer's chat template.
+
+    Accepted rows: `chosen`/`rejected` conversations ending in an assistant turn, the prompt being the turns before it
+    (a `prompt` column is then ignored); or `chosen`/`rejected` holding only the assistant turn (a message list, or
+    a string) after a `prompt` column (a message list, or a string made into one user turn). Optional
+    `score_chosen`/`score_rejected` columns become the pair's scores (NaN without them)."""
+    rows = load_preference_rows(source, split)
+    missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
+    if missing:
+        raise UserError(f"pairs.dataset {source} lacks the column(s) {', '.join(missing)} (columns: "
+                        f"{', '.join(rows.column_names)}); it needs chosen and rejected conversations")
+    pairs, skipped = [], 0
+    for index, row in enumerate(tqdm(rows, desc=f"pairs from {source}", unit="row", leave=False)):
+        prompt, chosen, rejected = conversation_parts(row, index, source)
+        scores = optional_score(row, "score_chosen"), optional_score(row, "score_rejected")
+        pair = render_pair(tokenizer, index, prompt, (chosen, rejected), scores, source)
+        if len(pair.prompt_token_ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        pairs.append(pair)
+    if not pairs:
+        raise UserError(f"no usable pairs in {source} ({skipped} prompts over {max_prompt_tokens} tokens); "
+                        f"add rows or raise the prompt limit")
+    return PreferencePairs(pairs, skipped)
+
+
+def optional_score(row: dict[str, Any], column: str) -> float:
+    return math.nan if row.get(column) is None else float(row[column])
+
+
+def load_preference_rows(source: str, split: str):
+    if Path(source).is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{source} has no split {split!r} (splits: {', '.join(loaded)}); "
+                                f"set pairs.dataset_split")
+            return loaded[split]
+        return loaded
+    return load_rows(source, split)
+
+
+def conversation_parts(row: dict[str, Any], index: int, source: str) -> tuple[Messages, str, str]:
+    """(prompt messages, chosen text, rejected text) of one dataset row."""
+    prompt, chosen = split_conversation(row, "chosen", index, source)
+    rejected_prompt, rejected = split_conversation(row, "rejected", index, source)
+    if rejected_prompt != prompt:
+        raise UserError(f"row {index} of {source}: chosen and rejected continue different conversations; "
+                        f"a preference pair needs one shared prompt")
+    return prompt, chosen, rejected
+
+
+def split_conversation(row: dict[str, Any], column: str, index: int, source: str) -> tuple[Messages, str]:
+    value = row[column]
+    if isinstance(value, str):
+        return prompt_column(row, column, index, source), value
+    turns = messages(value, column, index, source)
+    if not turns or turns[-1]["role"] != "assistant":
+        raise UserError(f"row {index} of {source}: {column} must end with an assistant turn, got roles "
+                        f"{[turn['role'] for turn in turns]}")
+    prompt = turns[:-1] or prompt_column(row, column, index, source)
+    return prompt, turns[-1]["content"]
+
+
+def prompt_column(row: dict[str, Any], column: str, index: int, source: str) -> Messages:
+    """The `prompt` cell, for rows whose `column` holds only the response."""
+    if row.get("prompt") is None:
+        raise UserError(f"row {index} of {source}: {column} holds only a response and there is no prompt column; "
+                        f"give a prompt column or full conversations in chosen and rejected")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return messages(prompt, "prompt", index, source)
+
+
+def messages(value: Any, column: str, index: int, source: str) -> Messages:
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(f"row {index} of {source}: {column} holds {type(value).__name__}; it must be a string or a list "
+                    f"of {{'role', 'content'}} messages")
+
+
+def render_pair(tokenizer, index: int, prompt: Messages, responses: tuple[str, str], scores: tuple[float, float],
+                source: str) -> Pair:
+    """The prompt rendered with the generation prompt appended, as for generated pairs, and each response as the
+    tokens the chat template appends for the assistant turn, end-of-turn token included."""
+    from policy.sft import example_from_messages
+
+    chosen, rejected = responses
+    try:
+        chosen_example = example_from_messages(tokenizer, [*prompt, assistant_turn(chosen)])
+        rejected_example = example_from_messages(tokenizer, [*prompt, assistant_turn(rejected)])
+    except ValueError as e:
+        raise UserError(f"row {index} of {source}: {e}") from None
+    return Pair(
+        prompt_index=index,
+        prompt_messages=prompt,
+        prompt_token_ids=chosen_example.prompt_token_ids,
+        chosen=Response(chosen, chosen_example.response_token_ids, "stop"),
+        rejected=Response(rejected, rejected_example.response_token_ids, "stop"),
+        chosen_score=scores[0],
+        rejected_score=scores[1],
+    )
+
+
+def assistant_turn(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}

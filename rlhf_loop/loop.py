@@ -20,6 +20,7 @@ from rlhf_loop import stages
 from rlhf_loop.cluster import resolve_device, start_ray, stop_ray
 from rlhf_loop.config import RunConfig
 from rlhf_loop.data import evaluation_prompts, iteration_prompts
+from rlhf_loop.hf_models import load_tokenizer
 from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
 from rlhf_loop.rundir import Manifest, RunDir
 
@@ -31,18 +32,17 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
 
     run = stages.Run(cfg, run_dir, Manifest.load(run_dir))
     device = resolve_device(cfg.device)
-    online = cfg.pairs.dataset is None  # offline DPO trains on a given preference dataset and samples nothing
     tracker = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)))
     start_ray(cfg.cluster)
     try:
         # ---- pi_0: the policy every role starts from (after an optional SFT warm start) -------------------------
         initial_policy = stages.sft_warm_start(run, device) if cfg.sft.enabled else cfg.policy
-        tokenizer = stages.load_tokenizer(initial_policy)
+        tokenizer = load_tokenizer(initial_policy.tokenizer_source, initial_policy.trust_remote_code)
 
         # ---- the actors: rollout engines, reward model, DPO learner ------------------------------------------
         rollout, reward = None, None
-        if online:
-            rollout = RolloutGroup(initial_policy, cfg.rollout, device, stages.max_model_len(cfg), cfg.seed)
+        if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
+            rollout = RolloutGroup(initial_policy, cfg.rollout, device, cfg.max_model_len, cfg.seed)
             reward = RewardScorer(cfg.reward, device)
         learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
 
@@ -53,17 +53,16 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
             if rollout:
                 stages.sync_weights(learner, rollout)
 
-        # ---- the baseline: pi_0 on the evaluation prompts, for win rates and the gold curve ------------------
-        evaluating = online and learner is not None
-        eval_set = evaluation_prompts(cfg, tokenizer) if evaluating else []
+        # ---- the baseline: pi_0 on the held-out prompts, for win rates and the gold curve -------------------
+        eval_set = evaluation_prompts(cfg, tokenizer) if cfg.evaluates else []
         gold = stages.load_gold(cfg.eval)
-        if evaluating:
+        if cfg.evaluates:
             stages.evaluate(run, rollout, reward, learner, eval_set, None, gold)
 
         for iteration in range(1, cfg.iterations + 1):
             if run.manifest.done(run.unit(iteration, "done")):
                 continue
-            if online:
+            if cfg.online:
                 # ---- generate: K samples per prompt from the current policy ---------------------------------
                 prompt_set = iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
                 rollouts = stages.generate(run, rollout, prompt_set.prompts, iteration)
@@ -84,9 +83,11 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
                 metrics.update({f"dpo/{key}": value for key, value in train_metrics.items()})
                 stages.export_policy(run, learner, iteration)
 
-            if evaluating:
-                # ---- sync: the new weights go to every rollout engine, in memory; then evaluate ---------------
+            if cfg.online and learner is not None:
+                # ---- sync: the new weights go to every rollout engine, in memory -------------------------------
                 stages.sync(run, learner, rollout, iteration)
+            if cfg.evaluates:
+                # ---- evaluate: the new policy on the held-out prompts ------------------------------------------
                 metrics.update(stages.evaluate(run, rollout, reward, learner, eval_set, iteration, gold))
 
             tracker.log(iteration, stages.finish_iteration(run, iteration, metrics))

@@ -6,13 +6,13 @@ dropped and counted: identical texts, and score gaps not above `pairs.min_margin
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from rlhf_loop.records import Pair, Scored
+from rlhf_loop.seeds import derived_seed
 
 Strategy = Callable[[Sequence[float], random.Random], tuple[int, int]]
 
@@ -50,7 +50,7 @@ def select_pairs(scored: Sequence[Scored], strategy: str, min_margin: float, see
     pairs, dropped = [], Counter()
     for item in scored:
         prompt = item.rollout.prompt
-        chosen, rejected = choose(item.scores, _prompt_rng(seed, prompt.index))
+        chosen, rejected = choose(item.scores, random.Random(derived_seed("pairs", seed, prompt.index, bits=64)))
         chosen_response, rejected_response = item.rollout.responses[chosen], item.rollout.responses[rejected]
         if chosen_response.text == rejected_response.text:
             dropped["identical"] += 1
@@ -67,8 +67,3 @@ def select_pairs(scored: Sequence[Scored], strategy: str, min_margin: float, see
                 rejected_score=item.scores[rejected],
             ))
     return PairSelection(pairs, dict(dropped))
-
-
-def _prompt_rng(seed: int, prompt_index: int) -> random.Random:
-    digest = hashlib.sha256(f"pairs:{seed}:{prompt_index}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))

@@ -4,55 +4,34 @@
     print(describe_plan(report))
 
 It reads at most each model's config.json (a local directory, or the Hugging Face cache: never the network), so it
-runs offline in seconds. Model sizes give memory estimates; the formulas are printed with the numbers.
+runs offline in seconds. Model sizes and memory estimates come from `rlhf_loop.sizing`; this module adds the checks
+and the text.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_loop.config import RunConfig, to_yaml
-from rlhf_loop.data import LOCAL_FORMATS
+from rlhf_loop.sizing import (
+    GIB,
+    ModelSize,
+    RolePlan,
+    human_bytes,
+    learner_role,
+    looks_local,
+    model_size,
+    params,
+    reward_models,
+    reward_role,
+    rollout_role,
+    sft_role,
+)
 
-GIB = 1024**3
 # Without a visible GPU the estimates are set against an 80 GiB card (A100/H100 80GB, the recipes' usual hardware).
 ASSUMED_GPU_BYTES = 80 * GIB
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ADAM_MOMENT_BYTES = 8  # two fp32 moments per parameter
-MASTER_WEIGHT_BYTES = 4  # the fp32 copy mixed-precision training keeps per parameter
-SIZE_IN_NAME = re.compile(r"^(\d+(?:\.\d+)?)([bBmM])$")  # "8B", "1.5b", "135M" as a dash-separated name part
-REWARD_HEADS = {"bradley_terry": "sequence_classification", "armorm": "backbone", "pairwise": "causal_lm"}
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """How big a model is, as far as can be known offline."""
-
-    path: str
-    parameters: int | None  # None: unknown offline
-    source: str  # how `parameters` was found (config.json, a guess from the name) or why it is unknown
-    kv_bytes_per_token_per_dtype_byte: int | None = None  # 2 x layers x kv_heads x head_dim (from config.json only)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    bytes_per_actor: int | None  # None when a model size is unknown
-    formula: str  # the formula, with its numbers
-    shortfall: str | None = None  # why the actor would not fit, when the numbers say so
-
-
-@dataclass(frozen=True)
-class RolePlan:
-    """One kind of Ray actor: how many, what each reserves, and the memory each needs."""
-
-    role: str  # rollout | reward | learner | sft
-    actors: int
-    gpus_per_actor: float
-    what: str
-    memory: MemoryEstimate
 
 
 @dataclass
@@ -82,6 +61,7 @@ class PlanReport:
         return sum(role.actors * role.gpus_per_actor for role in self.roles)
 
 
+
 # ---- the report -------------------------------------------------------------------------------------------------
 
 def plan_report(cfg: RunConfig) -> PlanReport:
@@ -89,7 +69,7 @@ def plan_report(cfg: RunConfig) -> PlanReport:
 
     device = resolve_device(cfg.device)
     gpu_bytes, gpu_source = gpu_memory(device)
-    offline_dpo = cfg.pairs.dataset is not None
+    offline_dpo = not cfg.online
     policy = model_size(cfg.policy.model_path, cfg.policy.trust_remote_code, "causal_lm")
     models = [policy]
     roles = []
@@ -108,7 +88,7 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         config_yaml=to_yaml(cfg),
         device=device,
         roles=roles,
-        global_batch_size=global_batch_size(cfg),
+        global_batch_size=train.global_batch_size,
         global_batch_formula=(f"micro_batch_size {train.micro_batch_size} x gradient_accumulation_steps "
                               f"{train.gradient_accumulation_steps} x num_workers {train.num_workers}"),
         offline_dpo=offline_dpo,
@@ -116,7 +96,7 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         prompts_per_iteration=prompts,
         responses_per_iteration=None if prompts is None else prompts * cfg.rollout.samples_per_prompt,
         max_steps_per_iteration=(None if prompts is None or not train.enabled
-                                 else train.epochs * math.ceil(prompts / global_batch_size(cfg))),
+                                 else train.epochs * math.ceil(prompts / train.global_batch_size)),
         pair_source=pair_source(cfg),
         training=training_summary(cfg),
         models=models,
@@ -129,13 +109,8 @@ def plan_report(cfg: RunConfig) -> PlanReport:
     return report
 
 
-def global_batch_size(cfg: RunConfig) -> int:
-    train = cfg.train
-    return train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
-
-
 def pair_source(cfg: RunConfig) -> str:
-    if cfg.pairs.dataset is not None:
+    if not cfg.online:
         return (f"the preference dataset {cfg.pairs.dataset} (split {cfg.pairs.dataset_split}): offline DPO, "
                 f"no generation and no reward model")
     return (f"generation: K={cfg.rollout.samples_per_prompt} samples a prompt scored by {cfg.reward.kind}, "
@@ -151,182 +126,6 @@ def training_summary(cfg: RunConfig) -> str:
             f"{train.epochs} epoch(s) an iteration, ZeRO-{train.zero_stage}, reference {reference}")
 
 
-# ---- model sizes --------------------------------------------------------------------------------------------------
-
-def model_size(path: str, trust_remote_code: bool, head: str) -> ModelSize:
-    """Parameters counted from config.json (the model built on the meta device: no memory, no weights), else
-    guessed from a size in the name ("Meta-Llama-3-8B-Instruct" -> 8B), else unknown."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        return ModelSize(path, count_parameters(config, head), "counted from config.json", kv_bytes_per_token(config))
-    except Exception:  # not local, not cached, or an architecture this transformers cannot build
-        pass
-    guess = size_from_name(path)
-    if guess is not None:
-        return ModelSize(path, guess, "a guess from the size in its name (config.json is not available offline)")
-    if looks_local(path):
-        return ModelSize(path, None, "unknown: no config.json there (yet)")
-    return ModelSize(path, None, "unknown offline: config.json is neither local nor in the Hugging Face cache "
-                                 f"(`huggingface-cli download {path} config.json` fetches just that)")
-
-
-def count_parameters(config, head: str) -> int:
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    builders = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-                "backbone": AutoModel}
-    if head == "sequence_classification":
-        config.num_labels = 1
-    with torch.device("meta"):
-        model = builders[head].from_config(config)
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def kv_bytes_per_token(config) -> int | None:
-    text = config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    layers = getattr(text, "num_hidden_layers", None)
-    if not heads or not layers:
-        return None
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * layers * kv_heads * head_dim  # keys and values, per byte of the cache dtype
-
-
-def size_from_name(path: str) -> int | None:
-    for part in reversed(re.split(r"[-_]", Path(path).name)):
-        if match := SIZE_IN_NAME.match(part):
-            return int(float(match.group(1)) * (1e9 if match.group(2) in "bB" else 1e6))
-    return None
-
-
-def reward_models(reward) -> list[tuple[ModelSize, str]]:
-    """(size, dtype) of every network the reward actor loads; function and remote kinds load none."""
-    if reward.kind == "combined":
-        return [model for component in reward.components for model in reward_models(component.reward)]
-    if reward.kind not in REWARD_HEADS:
-        return []
-    return [(model_size(reward.model_path, reward.trust_remote_code, REWARD_HEADS[reward.kind]), reward.dtype)]
-
-
-def dtype_bytes(dtype: str, device: str) -> int:
-    from policy.hf_engine import resolve_dtype
-
-    return DTYPE_BYTES[resolve_dtype(dtype, device)]
-
-
-# ---- roles --------------------------------------------------------------------------------------------------------
-
-def rollout_role(cfg: RunConfig, device: str, policy: ModelSize, gpu_bytes: int) -> RolePlan:
-    from rlhf_loop.stages import max_model_len
-
-    rollout = cfg.rollout
-    width = dtype_bytes(cfg.policy.dtype, device)
-    context = max_model_len(cfg)
-    engine = "vLLM" if rollout.engine == "vllm" else "HF generate"
-    what = (f"{engine} engines: {rollout.samples_per_prompt} samples a prompt, T={rollout.temperature}, "
-            f"top_p={rollout.top_p}, up to {rollout.max_tokens} new tokens, context {context}")
-    if policy.parameters is None:
-        return RolePlan("rollout", rollout.num_engines, gpus(rollout.gpus_per_engine, device), what,
-                        MemoryEstimate(None, "policy size unknown"))
-    parallel = max(1, int(rollout.gpus_per_engine)) if device == "cuda" else 1
-    weights = policy.parameters * width // parallel
-    formula = f"weights {human_bytes(weights)} = {params(policy.parameters)} params x {width} B"
-    if parallel > 1:
-        formula += f" / {parallel} GPUs (tensor parallel)"
-    if rollout.engine == "hf":
-        formula += "; HF generate allocates its KV cache as it goes (not counted)"
-        return RolePlan("rollout", rollout.num_engines, gpus(rollout.gpus_per_engine, device), what,
-                        MemoryEstimate(weights, formula))
-    if device == "cuda":
-        budget = int(rollout.gpu_memory_utilization * gpu_bytes)
-        cache = budget - weights
-        formula += (f"; vLLM takes gpu_memory_utilization {rollout.gpu_memory_utilization} x "
-                    f"{human_bytes(gpu_bytes)} = {human_bytes(budget)} a GPU and gives the rest to the KV cache: "
-                    f"{human_bytes(cache)}")
-        total = budget
-    else:
-        cache = rollout.cpu_kv_cache_gib * GIB
-        formula += f" + KV cache rollout.cpu_kv_cache_gib {human_bytes(cache)}"
-        total = weights + cache
-    capacity, shortfall = kv_capacity(policy, width, cache, context, parallel)
-    return RolePlan("rollout", rollout.num_engines, gpus(rollout.gpus_per_engine, device), what,
-                    MemoryEstimate(total, formula + capacity, shortfall))
-
-
-def kv_capacity(policy: ModelSize, width: int, cache_bytes: int, context: int, parallel: int) -> tuple[str, str | None]:
-    """How many tokens the KV cache holds; vLLM refuses to start unless one full-context sequence fits."""
-    if cache_bytes <= 0:
-        return "", f"the weights leave no room for a KV cache in {human_bytes(cache_bytes)}; raise the memory share"
-    if policy.kv_bytes_per_token_per_dtype_byte is None:
-        return "", None
-    per_token = policy.kv_bytes_per_token_per_dtype_byte * width // parallel
-    tokens = cache_bytes // per_token
-    text = f" (KV {per_token / 1024:g} KiB a token: {tokens:,} tokens, {tokens / context:.1f} full contexts at once)"
-    if tokens < context:
-        return text, f"the KV cache holds {tokens:,} tokens, less than one {context}-token context; raise its share"
-    return text, None
-
-
-def reward_role(cfg: RunConfig, device: str, rewards: list[tuple[ModelSize, str]]) -> RolePlan:
-    from reward.registry import uses_accelerator
-
-    reward = cfg.reward
-    location = reward.remote.url if reward.kind == "remote" else reward.model_path or reward.function
-    what = f"reward {reward.kind}: {location}" if location else f"reward {reward.kind}"
-    share = reward.num_gpus if device == "cuda" and uses_accelerator(reward) else 0
-    if not rewards:
-        return RolePlan("reward", 1, share, what, MemoryEstimate(0, "no network on this side"))
-    if any(size.parameters is None for size, _ in rewards):
-        return RolePlan("reward", 1, share, what, MemoryEstimate(None, "reward model size unknown"))
-    terms = [(size.parameters, dtype_bytes(dtype, device)) for size, dtype in rewards]
-    total = sum(count * width for count, width in terms)
-    formula = " + ".join(f"{params(count)} params x {width} B" for count, width in terms)
-    return RolePlan("reward", 1, share, what, MemoryEstimate(total, f"weights {human_bytes(total)} = {formula}"))
-
-
-def learner_role(cfg: RunConfig, device: str, policy: ModelSize) -> RolePlan:
-    train = cfg.train
-    what = (f"DeepSpeed DPO ranks: micro batch {train.micro_batch_size}, accumulation "
-            f"{train.gradient_accumulation_steps}, ZeRO-{train.zero_stage}"
-            + (", gradient checkpointing" if train.gradient_checkpointing else ""))
-    memory = training_memory(policy, dtype_bytes(cfg.policy.dtype, device), train.zero_stage, train.num_workers,
-                             with_reference=True)
-    return RolePlan("learner", train.num_workers, gpus(train.gpus_per_worker, device), what, memory)
-
-
-def sft_role(cfg: RunConfig, device: str, policy: ModelSize) -> RolePlan:
-    memory = training_memory(policy, dtype_bytes(cfg.policy.dtype, device), 0, 1, with_reference=False)
-    return RolePlan("sft", 1, gpus(1, device), "SFT warm start before iteration 1, then released", memory)
-
-
-def training_memory(policy: ModelSize, width: int, zero_stage: int, workers: int,
-                    with_reference: bool) -> MemoryEstimate:
-    """Per worker: weights + reference + gradients + Adam (fp32 master when training below fp32, two fp32
-    moments); ZeRO-1 splits the optimizer state over the workers, ZeRO-2 the gradients too, ZeRO-3 the weights too."""
-    if policy.parameters is None:
-        return MemoryEstimate(None, "policy size unknown")
-    count = policy.parameters
-    adam = ADAM_MOMENT_BYTES + (MASTER_WEIGHT_BYTES if width < 4 else 0)
-    parts = [
-        ("weights", count * width, zero_stage >= 3),
-        *([("reference", count * width, False)] if with_reference else []),
-        ("gradients", count * width, zero_stage >= 2),
-        ("Adam", count * adam, zero_stage >= 1),
-    ]
-    total = sum(part // (workers if split else 1) for _, part, split in parts)
-    formula = " + ".join(f"{name} {human_bytes(part)}" + (f"/{workers}" if split and workers > 1 else "")
-                         for name, part, split in parts)
-    return MemoryEstimate(total, f"{human_bytes(total)} = {formula} ({params(count)} params; Adam {adam} B a param)")
-
-
-def gpus(share: float, device: str) -> float:
-    return share if device == "cuda" else 0
-
-
 # ---- checks -------------------------------------------------------------------------------------------------------
 
 def path_problems(cfg: RunConfig) -> list[str]:
@@ -334,7 +133,7 @@ def path_problems(cfg: RunConfig) -> list[str]:
     paths = [("policy.model_path", cfg.policy.model_path), ("policy.tokenizer_path", cfg.policy.tokenizer_path),
              ("sft.dataset", cfg.sft.dataset if cfg.sft.enabled else None), ("pairs.dataset", cfg.pairs.dataset),
              ("eval.prompts", cfg.eval.prompts)]
-    if cfg.pairs.dataset is None:
+    if cfg.online:
         paths += [(f"data.prompts[{i}]", source) for i, source in enumerate(cfg.data.prompts)]
         paths += reward_paths(cfg.reward, "reward")
     built_later = cfg.toy_task.dir if cfg.toy_task.enabled else None
@@ -355,13 +154,6 @@ def reward_paths(reward, key: str) -> list[tuple[str, str | None]]:
     return paths
 
 
-def looks_local(value: str) -> bool:
-    """A filesystem path rather than a hub id (owner/name): absolute, relative with ./ or ../, deeper than
-    owner/name, or a data/code file."""
-    return (value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2
-            or Path(value).suffix in (*LOCAL_FORMATS, ".py"))
-
-
 def gpu_problems(cfg: RunConfig, device: str) -> list[str]:
     """GPU requests the actors cannot be placed with, on CUDA."""
     if device != "cuda":
@@ -369,7 +161,7 @@ def gpu_problems(cfg: RunConfig, device: str) -> list[str]:
     from reward.registry import uses_accelerator
 
     rollout, problems = cfg.rollout, []
-    if cfg.pairs.dataset is None:
+    if cfg.online:
         if rollout.gpus_per_engine > 1 and not float(rollout.gpus_per_engine).is_integer():
             problems.append(f"rollout.gpus_per_engine {rollout.gpus_per_engine} is above 1 but not whole: an engine "
                             f"spans whole GPUs (tensor parallel); use 2, 4, ...")
@@ -469,15 +261,8 @@ def gpu_memory(device: str) -> tuple[int, str]:
     return ASSUMED_GPU_BYTES, f"an assumed {human_bytes(ASSUMED_GPU_BYTES)} GPU"
 
 
+
 # ---- text -------------------------------------------------------------------------------------------------------
-
-def human_bytes(bytes_: float) -> str:
-    return f"{bytes_ / GIB:.1f} GiB" if abs(bytes_) >= GIB else f"{bytes_ / 1024**2:.1f} MiB"
-
-
-def params(count: int) -> str:
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
-
 
 def describe_plan(report: PlanReport) -> str:
     unit = "GPU" if report.device == "cuda" else "host RAM"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from rlhf_loop.config import RunConfig
 from rlhf_loop.errors import UserError
+from rlhf_loop.hf_models import load_tokenizer
 
 
 def preflight(cfg: RunConfig) -> None:
     if cfg.toy_task.enabled:
-        from rlhf_loop.toy_task import ensure_toy_assets
+        from rlhf_loop.toy.assets import ensure_toy_assets
 
         ensure_toy_assets(cfg.toy_task)
     from rlhf_loop.plan import plan_report
@@ -19,12 +20,13 @@ def preflight(cfg: RunConfig) -> None:
     if problems:
         raise UserError(f"{problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
     check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
-    tokenizer = load_checked_tokenizer(cfg)
+    key = "policy.tokenizer_path" if cfg.policy.tokenizer_path else "policy.model_path"
+    tokenizer = load_tokenizer(cfg.policy.tokenizer_source, cfg.policy.trust_remote_code, key)
 
     from rlhf_loop.data import evaluation_prompts, iteration_prompts, load_rows
     from rlhf_loop.stages import load_gold
 
-    if cfg.pairs.dataset is None:
+    if cfg.online:
         for iteration in range(1, len(cfg.data.prompts) + 1):
             iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
         evaluation_prompts(cfg, tokenizer)
@@ -51,18 +53,3 @@ def check_model(path: str, key: str, trust_remote_code: bool) -> None:
     except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot use this path"
         raise UserError(f"{key} {path!r} cannot be loaded ({str(e).splitlines()[0][:160]}); "
                         f"give a local model directory or a hub id") from None
-
-
-def load_checked_tokenizer(cfg: RunConfig):
-    from transformers import AutoTokenizer
-
-    source = cfg.policy.tokenizer_path or cfg.policy.model_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.policy.trust_remote_code)
-    except Exception as e:
-        raise UserError(f"cannot load the policy tokenizer from {source!r} ({str(e).splitlines()[0][:160]}); "
-                        f"set policy.tokenizer_path") from None
-    if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer in {source!r} has no chat template; use a chat (SFT) model or set "
-                        f"policy.tokenizer_path to a tokenizer with one")
-    return tokenizer

@@ -4,7 +4,6 @@ re-reads their outputs, so a crash costs at most the unit in flight (a shard, `s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import shutil
 import statistics
@@ -12,17 +11,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tqdm.auto import tqdm
 
+from policy.config import PolicyConfig
+from policy.learning import Learner, TrainStats
 from policy.rollout import Sampling
-from reward.base import RewardQuery
+from reward.base import RewardModel, RewardQuery
 from rlhf_loop import records
 from rlhf_loop.config import RunConfig
 from rlhf_loop.pairs import PairSelection, select_pairs
 from rlhf_loop.records import Pair, Prompt, Rollout, Scored
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from rlhf_loop.seeds import derived_seed
+
+if TYPE_CHECKING:  # both import Ray; the loop builds them
+    from policy.learner_group import SFTActor
+    from policy.rollout_group import RolloutGroup
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -44,12 +50,6 @@ class Run:
         prefix = self.unit(iteration, stage)
         return sum(info.get("seconds", 0.0) for unit, info in self.manifest.units.items()
                    if unit == prefix or unit.startswith(prefix.rstrip("/") + "/"))
-
-
-def derived_seed(*parts: Any) -> int:
-    """A seed for one purpose of one iteration, independent of how work is split into shards or processes."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 # ---- sharded stages: generation and scoring ---------------------------------------------------------------------
@@ -82,7 +82,7 @@ def run_sharded(
     return results
 
 
-def generate(run: Run, rollout, prompts: Sequence[Prompt], iteration: int) -> list[Rollout]:
+def generate(run: Run, rollout: RolloutGroup, prompts: Sequence[Prompt], iteration: int) -> list[Rollout]:
     cfg = run.cfg.rollout
     sampling = Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_tokens=cfg.max_tokens, seed=derived_seed(run.cfg.seed, "rollout", iteration))
@@ -90,12 +90,12 @@ def generate(run: Run, rollout, prompts: Sequence[Prompt], iteration: int) -> li
                        lambda shard: rollout.generate(shard, sampling), records.to_json, records.rollout_from_json)
 
 
-def score(run: Run, reward, rollouts: Sequence[Rollout], iteration: int) -> list[Scored]:
+def score(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iteration: int) -> list[Scored]:
     return run_sharded(run, iteration, "scores", rollouts, run.cfg.reward.shard_size,
                        lambda shard: score_rollouts(reward, shard), records.to_json, records.scored_from_json)
 
 
-def score_rollouts(reward, rollouts: Sequence[Rollout]) -> list[Scored]:
+def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout]) -> list[Scored]:
     queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta) for r in rollouts]
     results = reward.score(queries)
     return [Scored(r, res.scores, res.objectives) for r, res in zip(rollouts, results, strict=True)]
@@ -115,7 +115,7 @@ def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelec
 
 def dataset_pairs(run: Run, tokenizer, iteration: int) -> PairSelection:
     """Offline DPO: the pairs of a given preference dataset, rendered with the policy's chat template."""
-    from rlhf_loop.export import load_preference_pairs
+    from rlhf_loop.data import load_preference_pairs
 
     unit = run.unit(iteration, "pairs")
     if run.manifest.done(unit):
@@ -158,11 +158,10 @@ def export_pairs(run: Run, pairs: Sequence[Pair], iteration: int) -> None:
 NOT_AVERAGED = ("step", "total_steps")
 
 
-def train(run: Run, learner, pairs: Sequence[Pair], iteration: int, reference_dir: str | None) -> dict[str, float]:
+def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, reference_dir: str | None
+          ) -> dict[str, float]:
     """DPO on the iteration's pairs, checkpointing every `train.save_steps` steps; returns step-weighted means."""
     if not pairs:
-        from policy.learner import TrainStats
-
         tqdm.write(f"iteration {iteration}: no pairs (every prompt's responses tied or were identical); no DPO step")
         return {field.name: math.nan for field in dataclasses.fields(TrainStats) if field.name not in NOT_AVERAGED}
     total_steps = learner.begin_iteration(iteration, list(pairs), reference_dir)
@@ -172,7 +171,7 @@ def train(run: Run, learner, pairs: Sequence[Pair], iteration: int, reference_di
     return chunk_means(run, unit_prefix)
 
 
-def sft_warm_start(run: Run, device: str):
+def sft_warm_start(run: Run, device: str) -> PolicyConfig:
     """Supervised warm start of pi_0 on `sft.dataset`; returns the policy config every role then starts from."""
     from policy.learner_group import SFTActor
     from rlhf_loop.data import load_rows
@@ -200,7 +199,7 @@ def sft_warm_start(run: Run, device: str):
     return initial
 
 
-def train_in_chunks(run: Run, learner, total_steps: int, save_steps: int, kind: str, unit_prefix: str,
+def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, save_steps: int, kind: str, unit_prefix: str,
                     checkpoints: Path, description: str) -> None:
     """Train `save_steps` steps at a time; each chunk ends in a checkpoint that becomes a finished unit, and only
     the newest checkpoint of its kind is kept (resume needs no other)."""
@@ -247,7 +246,7 @@ def chunk_means(run: Run, unit_prefix: str) -> dict[str, float]:
 
 # ---- export, sync ------------------------------------------------------------------------------------------------
 
-def export_policy(run: Run, learner, iteration: int) -> Path:
+def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
     """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`."""
     unit = run.unit(iteration, "export")
     directory = run.run_dir.iteration(iteration) / "policy"
@@ -259,10 +258,10 @@ def export_policy(run: Run, learner, iteration: int) -> Path:
     return directory
 
 
-def sync_weights(learner, rollout) -> float:
+def sync_weights(learner: Learner, rollout: RolloutGroup) -> float:
     """Push the learner's weights to every rollout engine in memory (through Ray's object store, no disk)."""
     start = time.perf_counter()
-    rollout.update_weights(learner.named_weights())
+    rollout.update_weights(learner.weights_ref())
     return time.perf_counter() - start
 
 
@@ -271,8 +270,8 @@ def sync_weights(learner, rollout) -> float:
 EVAL_INITIAL = "eval_initial"
 
 
-def evaluate(run: Run, rollout, reward, learner, prompts: Sequence[Prompt], iteration: int | None,
-             gold: Callable | None) -> dict[str, float]:
+def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Learner, prompts: Sequence[Prompt],
+             iteration: int | None, gold: Callable | None) -> dict[str, float]:
     """Held-out evaluation of the current policy; iteration None evaluates pi_0, the baseline for win rates."""
     unit = EVAL_INITIAL if iteration is None else run.unit(iteration, "eval")
     if run.manifest.done(unit):
@@ -329,26 +328,14 @@ def finish_iteration(run: Run, iteration: int, metrics: dict[str, float]) -> dic
 
 # ---- set-up helpers --------------------------------------------------------------------------------------------------
 
-def load_tokenizer(policy):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(policy.tokenizer_path or policy.model_path,
-                                         trust_remote_code=policy.trust_remote_code)
-
-
-def max_model_len(cfg: RunConfig) -> int:
-    """The engines' context: the longest prompt plus the longest response any stage asks for."""
-    return cfg.rollout.max_model_len or cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
-
-
-def reference_policy(run: Run, initial_policy, iteration: int) -> str:
+def reference_policy(run: Run, initial_policy: PolicyConfig, iteration: int) -> str:
     """The DPO reference of an iteration: pi_0, or (reference: previous) the policy the iteration started from."""
     if run.cfg.train.reference == "previous" and iteration > 1:
         return str(run.run_dir.iteration(iteration - 1) / "policy")
     return initial_policy.model_path
 
 
-def sync(run: Run, learner, rollout, iteration: int) -> None:
+def sync(run: Run, learner: Learner, rollout: RolloutGroup, iteration: int) -> None:
     unit = run.unit(iteration, "sync")
     if not run.manifest.done(unit):  # once done, the start-up sync of a resumed process has the same effect
         run.manifest.record(unit, seconds=sync_weights(learner, rollout))

@@ -21,6 +21,7 @@ import httpx
 
 from reward.base import RewardQuery
 from reward.config import RewardConfig
+from rlhf_loop.network import free_port
 
 BATCHES = (1, 16, 64)
 CLIENTS = (1, 8)
@@ -95,14 +96,6 @@ def wait_until_healthy(url: str, process, timeout_s: float = 120) -> None:
     raise RuntimeError(f"the reward server at {url} did not become healthy in {timeout_s} s")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-64", type=int, default=8, help="requests at batch 64 (more at smaller batches)")
@@ -114,7 +107,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from rlhf_loop.tiny import build_tiny_reward_model, build_tokenizer
+    from rlhf_loop.toy.tiny import build_tiny_reward_model, build_tokenizer
     from reward.registry import build_reward_model
 
     with tempfile.TemporaryDirectory() as tmp:

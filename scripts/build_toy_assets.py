@@ -22,7 +22,9 @@ import torch
 from reward.base import RewardQuery
 from reward.classifier import BradleyTerryReward
 from reward.config import RewardConfig
-from rlhf_loop.toy_task import ToyTaskConfig, ensure_toy_assets, gold_reward, read_jsonl
+from rlhf_loop.rundir import read_jsonl
+from rlhf_loop.toy.assets import ToyTaskConfig, ensure_toy_assets
+from rlhf_loop.toy.task import gold_reward
 
 
 def parse_overrides(pairs: list[str]) -> dict:

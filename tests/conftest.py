@@ -19,21 +19,21 @@ TINY_CORPUS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from rlhf_loop.tiny import build_tokenizer
+    from rlhf_loop.toy.tiny import build_tokenizer
 
     return build_tokenizer(TINY_CORPUS, vocab_size=512)
 
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tiny_tokenizer, tmp_path_factory):
-    from rlhf_loop.tiny import build_tiny_policy
+    from rlhf_loop.toy.tiny import build_tiny_policy
 
     return build_tiny_policy(tiny_tokenizer, tmp_path_factory.mktemp("tiny_policy"))
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tiny_tokenizer, tmp_path_factory):
-    from rlhf_loop.tiny import build_tiny_reward_model
+    from rlhf_loop.toy.tiny import build_tiny_reward_model
 
     return build_tiny_reward_model(tiny_tokenizer, tmp_path_factory.mktemp("tiny_reward"))
 

@@ -72,7 +72,7 @@ def new_model(tiny_tokenizer, tmp_path_factory):
     """Same shapes as the tiny policy, other random weights: what a learner would send after training."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_loop.tiny import build_tiny_policy
+    from rlhf_loop.toy.tiny import build_tiny_policy
 
     directory = build_tiny_policy(tiny_tokenizer, tmp_path_factory.mktemp("tiny_policy_new"), seed=1)
     return AutoModelForCausalLM.from_pretrained(directory).eval()

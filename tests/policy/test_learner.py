@@ -15,14 +15,9 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
     train_config,
 )
 
-from policy.learner import (
-    DPOLearner,
-    OptimizationSpec,
-    batch_schedule,
-    learning_rate_at,
-    rank_micro_batches,
-    truncate,
-)
+from policy.batching import batch_schedule, rank_micro_batches, truncate
+from policy.learner import DPOLearner
+from policy.optimization import OptimizationSpec, learning_rate_at
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -77,8 +72,8 @@ def test_truncation_keeps_prompt_end_and_response_start():
 def test_dropout_is_disabled(tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from policy.learner import disable_dropout
-    from rlhf_loop.tiny import build_tiny_policy
+    from policy.engine import disable_dropout
+    from rlhf_loop.toy.tiny import build_tiny_policy
 
     model = AutoModelForCausalLM.from_pretrained(
         build_tiny_policy(tiny_tokenizer, tmp_path / "dropout", attention_dropout=0.5)

@@ -32,7 +32,7 @@ def test_one_worker_group_behaves_like_the_in_process_learner(ray_local, tiny_to
         first = group.train_steps(1)
         group.save_checkpoint(str(tmp_path / "step_1"))
         second = group.train_steps(5)
-        weights_ref = group.named_weights()
+        weights_ref = group.weights_ref()
         assert isinstance(weights_ref, ray_local.ObjectRef)
         weights = ray_local.get(weights_ref)
         group.export_hf(str(tmp_path / "policy"))
@@ -42,7 +42,7 @@ def test_one_worker_group_behaves_like_the_in_process_learner(ray_local, tiny_to
         group.load_checkpoint(str(tmp_path / "step_1"))
         assert group.begin_iteration(1, pairs, reference_dir=None) == 2
         assert group.train_steps(5) == second  # resumed in the actor: exact
-        assert_same_weights(ray_local.get(group.named_weights()), weights)
+        assert_same_weights(ray_local.get(group.weights_ref()), weights)
     finally:
         group.shutdown()
 
@@ -67,7 +67,7 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
         assert group.begin_iteration(1, pairs, reference_dir=None) == 2
         stats = group.train_steps(2)
         group.save_checkpoint(str(tmp_path / "step_2"))
-        weights = ray_local.get(group.named_weights())
+        weights = ray_local.get(group.weights_ref())
     finally:
         group.shutdown()
     assert {"engine", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in (tmp_path / "step_2").iterdir()}
@@ -83,7 +83,7 @@ def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tm
     from transformers import AutoModelForCausalLM
 
     from policy.learner_group import SFTActor
-    from rlhf_loop.config import SFTConfig
+    from policy.config import SFTConfig
 
     conversations = [m + [{"role": "assistant", "content": "One two three."}] for m in tiny_messages]
     sft = SFTActor(policy_config(tiny_policy_dir), SFTConfig(micro_batch_size=2), device="cpu", seed=0)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from policy.learner import pad_batch, response_log_probs
+from policy.batching import pad_batch, response_log_probs
 from policy.losses import LOSSES
 
 
@@ -63,7 +63,7 @@ def test_log_probs_and_loss_match_trl(loss_type, tiny_tokenizer, tiny_policy_dir
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_loop.tiny import build_tiny_policy
+    from rlhf_loop.toy.tiny import build_tiny_policy
 
     reference_dir = build_tiny_policy(tiny_tokenizer, tmp_path / "reference", seed=7)  # differs from the policy
     policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)

@@ -11,7 +11,7 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
 )
 
 from policy.sft import SFTExample, SFTLearner, example_from_messages, run_sft
-from rlhf_loop.config import SFTConfig
+from policy.config import SFTConfig
 
 ANSWERS = ["Apples, bananas and cherries.", "One two three four five.", "The waves roll in and out.", "Blue and green."]
 

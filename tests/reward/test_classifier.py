@@ -135,7 +135,7 @@ def tiny_armorm_dir(tiny_tokenizer, tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from rlhf_loop.tiny import tiny_llama_config
+    from rlhf_loop.toy.tiny import tiny_llama_config
 
     source = Path(__file__).parent / "tiny_armorm" / "modeling_tiny_armorm.py"
     spec = importlib.util.spec_from_file_location("modeling_tiny_armorm", source)

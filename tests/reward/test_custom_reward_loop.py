@@ -21,7 +21,7 @@ from reward.config import RewardConfig
 from reward.server import running_server
 from rlhf_loop.rundir import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 USER_REWARD = textwrap.dedent('''
     """A user's rule-based reward, in a file of theirs."""

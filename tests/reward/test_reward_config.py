@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from reward.config import PairwiseConfig, RemoteConfig, RewardComponent, RewardConfig, reward_config_problems
-from reward.registry import KINDS
+from reward.config import KINDS, PairwiseConfig, RemoteConfig, RewardComponent, RewardConfig, reward_config_problems
 
 
 def test_defaults_are_valid_for_a_classifier():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reward.train_bradley_terry import PreferencePair, train_bradley_terry
-from rlhf_loop.toy_task import AnswerNoise, gold_reward, make_prompts, sample_answer
+from rlhf_loop.toy.task import AnswerNoise, gold_reward, make_prompts, sample_answer
 
 CLEAN, SLOPPY = AnswerNoise(0.0, 0.0, 0.0), AnswerNoise(filler_rate=0.6, off_category_rate=0.0, count_miss_rate=0.0)
 

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_loop import export
 from rlhf_loop.errors import UserError
-from rlhf_loop.export import export_iteration, load_preference_pairs, write_preference_dataset
+from rlhf_loop.data import load_preference_pairs
+from rlhf_loop.export import export_iteration, write_preference_dataset
 from rlhf_loop.records import Pair, Response, to_json
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_jsonl, atomic_write_text
-from rlhf_loop.tiny import build_tiny_policy
+from rlhf_loop.toy.tiny import build_tiny_policy
 
 COLUMNS = {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
 

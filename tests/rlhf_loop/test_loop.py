@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rlhf_loop.rundir import KILL_AT_ENV, read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 REQUIRED_METRICS = {
     "iteration", "reward/mean", "reward/std", "reward/chosen_mean", "reward/rejected_mean", "pairs/count",
@@ -33,6 +33,8 @@ def config(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
     directory = tmp_path_factory.mktemp("loop")
     prompts = directory / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Name {i} fruits, please."}) + "\n" for i in range(60)))
+    held_out = directory / "eval_prompts.jsonl"  # never trained on
+    held_out.write_text("".join(json.dumps({"prompt": f"Name {i} animals, please."}) + "\n" for i in range(6)))
     conversations = directory / "sft.jsonl"
     conversations.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Name {i} fruits, please."},
@@ -48,7 +50,7 @@ train: {{learning_rate: 2.0e-3, micro_batch_size: 2, gradient_accumulation_steps
         max_length: 96, max_prompt_length: 64}}
 sft: {{enabled: true, dataset: {conversations}, micro_batch_size: 4, save_steps: 2, learning_rate: 1.0e-3,
       max_length: 96, max_prompt_length: 64}}
-eval: {{num_prompts: 6, samples_per_prompt: 2}}
+eval: {{prompts: {held_out}, num_prompts: 6, samples_per_prompt: 2}}
 cluster: {{num_cpus: 2}}
 """)
     return path

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_loop.config import load_config
-from rlhf_loop.plan import GIB, describe_plan, human_bytes, plan_report, size_from_name
+from rlhf_loop.plan import describe_plan, plan_report
+from rlhf_loop.sizing import GIB, human_bytes, size_from_name
 
 
 @pytest.fixture

@@ -1,0 +1,95 @@
+"""Training data as the learners consume it: truncation, right-padded batches, response log-probabilities, a
+deterministic batch order, and each rank's share of a global batch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+Item = TypeVar("Item")
+WeightedMicroBatch = list[tuple[Any, float]]
+
+
+def truncate(prompt: Sequence[int], response: Sequence[int], max_prompt_length: int, max_length: int):
+    """Keep the end of the prompt (the turn being answered) and the start of the response."""
+    prompt = list(prompt[-max_prompt_length:])
+    return prompt, list(response[: max_length - len(prompt)])
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    input_ids: torch.Tensor  # [batch, length], right-padded
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # 1 on response tokens: the ones whose log-probability counts
+
+
+def pad_batch(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device) -> PaddedBatch:
+    """(prompt, response) token lists as one right-padded batch."""
+    length = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        tokens = prompt + response
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+        response_mask[row, len(prompt) : len(tokens)] = 1
+    return PaddedBatch(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+
+
+def response_log_probs(model: Callable[..., Any], batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its response tokens, and how many there are."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets = batch.input_ids[:, 1:]
+    # One row at a time in float32: a full-vocabulary log_softmax of the whole batch is the memory peak otherwise.
+    token_log_probs = torch.stack(
+        [
+            row.float().gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - row.float().logsumexp(-1)
+            for row, row_targets in zip(logits[:, :-1], targets)
+        ]
+    )
+    mask = batch.response_mask[:, 1:]
+    return (token_log_probs * mask).sum(-1), mask.sum(-1)
+
+
+def batch_schedule(num_items: int, epochs: int, global_batch_size: int, seed_key: Sequence[int]) -> list[list[int]]:
+    """Item indices of every optimizer step: one permutation per epoch, drawn from (seed_key, epoch), cut into
+    global batches (the last one of an epoch may be smaller)."""
+    steps = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([*seed_key, epoch]).permutation(num_items).tolist()
+        steps += [order[start : start + global_batch_size] for start in range(0, num_items, global_batch_size)]
+    return steps
+
+
+def rank_micro_batches(
+    global_batch: Sequence[Item], rank: int, world_size: int, micro_batch_size: int
+) -> list[list[tuple[Item, float]]]:
+    """This rank's share of a global batch as micro batches of (item, weight).
+
+    Every rank must run the same number of forward/backward passes (ZeRO's collectives run inside them), so a rank
+    whose share is short of the others' is padded with weight-0 copies of the batch's first item.
+    """
+    share = ceil_div(len(global_batch), world_size)
+    mine = [(item, 1.0) for item in global_batch[rank::world_size]]
+    mine += [(global_batch[0], 0.0)] * (share - len(mine))
+    return [mine[start : start + micro_batch_size] for start in range(0, share, micro_batch_size)]
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def fingerprint(records: Sequence[Sequence[Sequence[int]]]) -> str:
+    """A short hash of training data (token-id lists per record), so a resumed run can check it got the same data."""
+    digest = hashlib.sha256()
+    for record in records:
+        for tokens in record:
+            digest.update(len(tokens).to_bytes(8, "little"))
+            digest.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,12 @@
+"""Network helpers shared by the learner's process group, servers and scripts (a leaf module)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port nobody listens on right now (on every interface unless `host` is given)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
