@@ -36,6 +36,7 @@ class RolloutConfig:
     max_model_len: int | None = None  # vLLM context length; default: data.max_prompt_tokens + max_tokens
     enforce_eager: bool = False  # skip CUDA graph capture (always on for CPU)
     cpu_kv_cache_gib: int = 1  # vLLM-CPU KV cache size
+    call_timeout_s: float = 3600.0  # a shard's generation (or a weight update) taking longer stops the run as hung
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
     reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)
+    call_timeout_s: float = 7200.0  # save_steps steps (or a checkpoint, export, sync) taking longer: hung, stop
 
     @property
     def global_batch_size(self) -> int:
@@ -84,3 +86,4 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    call_timeout_s: float = 7200.0  # save_steps steps (or a checkpoint or export) taking longer: hung, stop

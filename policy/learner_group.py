@@ -24,6 +24,7 @@ from policy.config import PolicyConfig, SFTConfig, TrainConfig
 from policy.learner import DPOLearner
 from policy.learning import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
+from rlhf_loop.actor_calls import wait
 from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
 
@@ -40,27 +41,31 @@ class SFTActor:
     def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
         # SFT runs before any other actor exists, so it may take a whole GPU.
         self._actor = ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
+        self._timeout_s = sft.call_timeout_s
 
     def begin(self, examples: Sequence[SFTExample | Messages]) -> int:
-        return ray.get(self._actor.begin.remote(list(examples)))
+        return self._wait(self._actor.begin.remote(list(examples)), "begin")
 
     def train_steps(self, max_steps: int) -> SFTStats:
-        return ray.get(self._actor.train_steps.remote(max_steps))
+        return self._wait(self._actor.train_steps.remote(max_steps), "train_steps")
 
     def save_checkpoint(self, directory: str) -> None:
-        ray.get(self._actor.save_checkpoint.remote(directory))
+        self._wait(self._actor.save_checkpoint.remote(directory), "save_checkpoint")
 
     def load_checkpoint(self, directory: str) -> None:
-        ray.get(self._actor.load_checkpoint.remote(directory))
+        self._wait(self._actor.load_checkpoint.remote(directory), "load_checkpoint")
 
     def export_hf(self, directory: str) -> None:
-        ray.get(self._actor.export_hf.remote(directory))
+        self._wait(self._actor.export_hf.remote(directory), "export_hf")
 
     def mean_nll(self, examples: Sequence[SFTExample | Messages]) -> float:
-        return ray.get(self._actor.mean_nll.remote(list(examples)))
+        return self._wait(self._actor.mean_nll.remote(list(examples)), "mean_nll")
 
     def shutdown(self) -> None:
         ray.kill(self._actor)
+
+    def _wait(self, ref, stage: str):
+        return wait(ref, self._timeout_s, "SFT learner", f"SFT {stage}", "sft.call_timeout_s")
 
 
 class LearnerActor(DPOLearner):
@@ -87,9 +92,10 @@ class LearnerGroup:
     def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
         actor_class = ray.remote(LearnerActor).options(**learner_resources(device, train.gpus_per_worker))
         world_size = train.num_workers
+        self._timeout_s = train.call_timeout_s
         self._actors = [actor_class.remote() for _ in range(world_size)]
-        master_addr, master_port = ray.get(self._actors[0].address.remote())
-        ray.get(
+        master_addr, master_port = self._wait(self._actors[0].address.remote(), "start-up")
+        self._wait(
             [
                 actor.start.remote(
                     # LOCAL_RANK 0: Ray shows each actor only its own GPU, as cuda:0.
@@ -98,40 +104,49 @@ class LearnerGroup:
                     policy, train, device, seed, rank, world_size,
                 )
                 for rank, actor in enumerate(self._actors)
-            ]
+            ],
+            "start-up",
         )
         self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
 
     def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
-        return ray.get([a.begin_iteration.remote(iteration, pairs_ref, reference_dir) for a in self._actors])[0]
+        return self._wait([a.begin_iteration.remote(iteration, pairs_ref, reference_dir) for a in self._actors],
+                          "train")[0]
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Every rank reports the same all-reduced averages; rank 0's are returned."""
-        return ray.get([actor.train_steps.remote(max_steps) for actor in self._actors])[0]
+        return self._wait([actor.train_steps.remote(max_steps) for actor in self._actors], "train")[0]
 
     def save_checkpoint(self, directory: str) -> None:
-        ray.get([actor.save_checkpoint.remote(directory) for actor in self._actors])
+        self._wait([actor.save_checkpoint.remote(directory) for actor in self._actors], "checkpoint")
 
     def load_checkpoint(self, directory: str) -> None:
-        ray.get([actor.load_checkpoint.remote(directory) for actor in self._actors])
+        self._wait([actor.load_checkpoint.remote(directory) for actor in self._actors], "resume")
 
     def weights_ref(self) -> ray.ObjectRef:
         """A Ray ObjectRef to rank 0's [(HF name, CPU tensor)], put once in the object store; pass it to the rollout
         actors as an argument and Ray hands each the list itself."""
         refs = [actor.named_weights.remote() for actor in self._weight_ranks]
-        ray.get(refs[1:])  # the other ranks only took part in the ZeRO-3 gather (they return [])
+        self._wait(refs[1:], "sync")  # the other ranks only took part in the ZeRO-3 gather (they return [])
         return refs[0]
 
     def export_hf(self, directory: str) -> None:
-        ray.get([actor.export_hf.remote(directory) for actor in self._actors])
+        self._wait([actor.export_hf.remote(directory) for actor in self._actors], "export")
 
     def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        return ray.get([a.greedy_generate.remote(prompt_token_ids, max_tokens) for a in self._weight_ranks])[0]
+        return self._wait([a.greedy_generate.remote(prompt_token_ids, max_tokens) for a in self._weight_ranks],
+                          "generate")[0]
 
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
-        return ray.get([a.log_ratios.remote(prompt_token_ids, response_token_ids) for a in self._weight_ranks])[0]
+        return self._wait([a.log_ratios.remote(prompt_token_ids, response_token_ids) for a in self._weight_ranks],
+                          "eval")[0]
 
     def shutdown(self) -> None:
         for actor in self._actors:
             ray.kill(actor)
+
+    def _wait(self, refs, stage: str):
+        """A dead rank is not restarted (its process group would need every rank anew): the run stops with one
+        line, and `resume` reloads the last checkpoint."""
+        return wait(refs, self._timeout_s, "learner", stage, "train.call_timeout_s")

@@ -2,19 +2,24 @@
 
 Own processes because vLLM's in-process engine core pins its process's threads (on CPU), and so that the driver
 never imports vLLM. A shard's prompts are split into contiguous chunks, one per engine, generated concurrently; since
-every prompt samples with its own seed, the result does not depend on how many engines there are.
+every prompt samples with its own seed, the result does not depend on how many engines there are, nor on whether an
+engine died and was restarted halfway: Ray restarts a dead engine (up to `max_restarts` times), the group gives it
+the last synced weights again and has it redo its chunk.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import ray
 import torch
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import RolloutEngine, Sampling
+from rlhf_loop.actor_calls import ActorDied, wait
 from rlhf_loop.records import Prompt, Rollout
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -52,12 +57,14 @@ class EngineActor:
 
 
 def start_engine_actor(
-    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int
+    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, max_restarts: int = 0
 ) -> ray.actor.ActorHandle:
-    """An EngineActor with the resources and environment its device needs (returns before the engine is built)."""
+    """An EngineActor with the resources and environment its device needs (returns before the engine is built).
+    A dead one is restarted by Ray (its engine rebuilt from `policy`) up to `max_restarts` times; calls that were in
+    flight fail, and the group redoes them."""
     return (
         ray.remote(EngineActor)
-        .options(**_actor_resources(rollout, device))
+        .options(**_actor_resources(rollout, device), max_restarts=max_restarts, max_task_retries=0)
         .remote(policy, rollout, device, max_model_len, seed)
     )
 
@@ -77,27 +84,62 @@ def _actor_resources(rollout: RolloutConfig, device: str) -> dict:
 class RolloutGroup:
     """`rollout.num_engines` engine actors behind one generate / update_weights call (ray.init done by the caller)."""
 
-    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
-        self.actors = [
-            start_engine_actor(policy, rollout, device, max_model_len, seed) for _ in range(rollout.num_engines)
-        ]
-        ray.get([actor.ready.remote() for actor in self.actors])
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
+                 max_restarts: int = 0):
+        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts)
+                       for _ in range(rollout.num_engines)]
+        self.timeout_s = rollout.call_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0  # engines restarted so far, over the whole group
+        self._weights_ref: ray.ObjectRef | None = None  # the last synced weights, for an engine that restarts
+        self._wait([actor.ready.remote() for actor in self.actors], "start-up")
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         """K responses per prompt, in prompt order; each engine takes one contiguous chunk of the prompts."""
         chunks = [chunk for chunk in contiguous_chunks(prompts, len(self.actors)) if chunk]
-        parts = ray.get([actor.generate.remote(chunk, sampling) for actor, chunk in zip(self.actors, chunks)])
+        parts = self._call_each("generate", [(chunk, sampling) for chunk in chunks])
         return [rollout for part in parts for rollout in part]
 
     def update_weights(self, named_tensors_ref: ray.ObjectRef) -> None:
         """Load the (name, tensor) list behind the ref into every engine (the list sits once in the object store)."""
-        ray.get([actor.update_weights.remote(named_tensors_ref) for actor in self.actors])
+        self._weights_ref = named_tensors_ref
+        self._call_each("update_weights", [(named_tensors_ref,)] * len(self.actors))
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[list[int]]]:
         """Every engine's greedy token ids for every prompt: [engine][prompt] -> token ids (to check weight sync)."""
         sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
-        per_engine = ray.get([actor.generate.remote(prompts, sampling) for actor in self.actors])
+        per_engine = self._call_each("generate", [(prompts, sampling)] * len(self.actors))
         return [[rollout.responses[0].token_ids for rollout in rollouts] for rollouts in per_engine]
+
+    def _call_each(self, method: str, arguments: Sequence[tuple]) -> list[Any]:
+        """`method` on the first len(arguments) engines at once; an engine that died is restarted (it gets the last
+        synced weights again) and redoes its call, as long as restarts are left."""
+        refs = [getattr(actor, method).remote(*args) for actor, args in zip(self.actors, arguments)]
+        results = []
+        for index, (ref, args) in enumerate(zip(refs, arguments)):
+            while True:
+                try:
+                    results.append(self._wait(ref, method, index))
+                    break
+                except ActorDied:
+                    if self.restarts >= self.max_restarts:
+                        raise
+                    self._recover(index, method)
+                    ref = getattr(self.actors[index], method).remote(*args)
+        return results
+
+    def _recover(self, index: int, stage: str) -> None:
+        self.restarts += 1
+        print(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
+              f"{self.max_restarts} restarts) and redoing its work", file=sys.stderr)
+        actor = self.actors[index]
+        self._wait(actor.ready.remote(), "restart", index)  # Ray rebuilds the engine from the initial policy
+        if self._weights_ref is not None:
+            self._wait(actor.update_weights.remote(self._weights_ref), "restart", index)
+
+    def _wait(self, refs: Any, stage: str, index: int | None = None) -> Any:
+        role = "rollout engines" if index is None else f"rollout engine {index}"
+        return wait(refs, self.timeout_s, role, stage, "rollout.call_timeout_s")
 
     def shutdown(self) -> None:
         for actor in self.actors:

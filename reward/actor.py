@@ -3,18 +3,23 @@
     scorer = RewardScorer(cfg.reward, device)   # loads the model; bad configs fail here with a UserError
     results = scorer.score(queries)              # blocking; one RewardResult per query
     scorer.shutdown()
+
+A dead reward actor is restarted by Ray (up to `max_restarts` times); the scorer loads the model into it again and
+scores the batch again, so scores are as if nothing happened.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
-from rlhf_loop.errors import UserError
+from rlhf_loop.actor_calls import ActorDied, wait
 
 
 class _RewardActor:
@@ -34,33 +39,39 @@ class _RewardActor:
 class RewardScorer:
     """Client side of the reward actor; on CUDA it reserves `cfg.num_gpus` when the kind runs a network."""
 
-    def __init__(self, cfg: RewardConfig, device: str) -> None:
+    def __init__(self, cfg: RewardConfig, device: str, max_restarts: int = 0) -> None:
         import ray
 
         on_gpu = device.startswith("cuda") and uses_accelerator(cfg)
-        actor_class = ray.remote(num_cpus=0, num_gpus=cfg.num_gpus if on_gpu else 0)(_RewardActor)
+        actor_class = ray.remote(num_cpus=0, num_gpus=cfg.num_gpus if on_gpu else 0, max_restarts=max_restarts,
+                                 max_task_retries=0)(_RewardActor)
         self._actor = actor_class.remote()
-        self.objectives: list[str] = self._call(self._actor.start.remote(_with_absolute_paths(cfg), device))
+        self._start_arguments = (_with_absolute_paths(cfg), device)
+        self.timeout_s = cfg.call_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.objectives: list[str] = self._wait(self._actor.start.remote(*self._start_arguments), "start-up")
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
-        return self._call(self._actor.score.remote(list(queries)))
+        queries = list(queries)
+        while True:
+            try:
+                return self._wait(self._actor.score.remote(queries), "score")
+            except ActorDied:
+                if self.restarts >= self.max_restarts:
+                    raise
+                self.restarts += 1
+                print(f"rlhf-loop: the reward actor died while scoring; restarted it ({self.restarts} of "
+                      f"{self.max_restarts} restarts) and scoring the batch again", file=sys.stderr)
+                self._wait(self._actor.start.remote(*self._start_arguments), "restart")
 
     def shutdown(self) -> None:
         import ray
 
         ray.kill(self._actor)
 
-    @staticmethod
-    def _call(ref):
-        """ray.get, with a UserError raised in the actor re-raised here as itself (one line, no Ray wrapper)."""
-        import ray
-
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                raise e.cause from None
-            raise
+    def _wait(self, ref: Any, stage: str) -> Any:
+        return wait(ref, self.timeout_s, "reward actor", stage, "reward.call_timeout_s")
 
 
 def _with_absolute_paths(cfg: RewardConfig) -> RewardConfig:

@@ -84,6 +84,7 @@ class RewardConfig:
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     num_gpus: float = 1.0  # GPUs reserved for the reward actor when running on CUDA (ignored on CPU)
     shard_size: int = 64  # prompts per scoring shard: the unit of work that a crash can cost
+    call_timeout_s: float = 3600.0  # scoring one shard taking longer stops the run as hung
     objectives: list[str] = field(default_factory=list)  # armorm: names of the per-objective outputs, in order
     # function: "path/to/file.py:name" or "package.module:name" (the last ":" splits the attribute off)
     function: str | None = None
@@ -106,6 +107,7 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
         (cfg.max_length >= 8, f"{key}.max_length must be >= 8, got {cfg.max_length}"),
         (cfg.dtype in DTYPE_NAMES, f"{key}.dtype must be one of {list(DTYPE_NAMES)}, got {cfg.dtype!r}"),
         (cfg.num_gpus >= 0, f"{key}.num_gpus must be >= 0, got {cfg.num_gpus}"),
+        (cfg.call_timeout_s > 0, f"{key}.call_timeout_s must be > 0, got {cfg.call_timeout_s}"),
         (cfg.kind not in MODEL_KINDS or cfg.model_path is not None,
          f"{key}.model_path is required for kind {cfg.kind}; give a local directory or a hub id"),
         (cfg.kind != "function" or _is_code_reference(cfg.function),

@@ -73,6 +73,7 @@ class WandbConfig:
 class ClusterConfig:
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
+    max_actor_restarts: int = 3  # a dead rollout or reward actor is restarted this often, its work redone
 
 
 @dataclass
@@ -173,6 +174,11 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.train.num_workers >= 1, f"train.num_workers must be >= 1, got {cfg.train.num_workers}"),
         (cfg.train.gpus_per_worker > 0, f"train.gpus_per_worker must be > 0, got {cfg.train.gpus_per_worker}"),
         (cfg.rollout.gpus_per_engine > 0, f"rollout.gpus_per_engine must be > 0, got {cfg.rollout.gpus_per_engine}"),
+        (cfg.rollout.call_timeout_s > 0, f"rollout.call_timeout_s must be > 0, got {cfg.rollout.call_timeout_s}"),
+        (cfg.train.call_timeout_s > 0, f"train.call_timeout_s must be > 0, got {cfg.train.call_timeout_s}"),
+        (cfg.sft.call_timeout_s > 0, f"sft.call_timeout_s must be > 0, got {cfg.sft.call_timeout_s}"),
+        (cfg.cluster.max_actor_restarts >= 0,
+         f"cluster.max_actor_restarts must be >= 0, got {cfg.cluster.max_actor_restarts}"),
         (cfg.train.save_steps >= 1, f"train.save_steps must be >= 1, got {cfg.train.save_steps}"),
         (cfg.train.max_prompt_length < cfg.train.max_length,
          f"train.max_prompt_length ({cfg.train.max_prompt_length}) must be < train.max_length ({cfg.train.max_length})"),

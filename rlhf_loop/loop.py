@@ -42,8 +42,9 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
         # ---- the actors: rollout engines, reward model, DPO learner ------------------------------------------
         rollout, reward = None, None
         if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
-            rollout = RolloutGroup(initial_policy, cfg.rollout, device, cfg.max_model_len, cfg.seed)
-            reward = RewardScorer(cfg.reward, device)
+            restarts = cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted, its work redone
+            rollout = RolloutGroup(initial_policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts)
+            reward = RewardScorer(cfg.reward, device, restarts)
         learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
 
         # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
