@@ -297,15 +297,22 @@ class Manifest:
         return False
 
     def intact_checkpoint(self, kind: str) -> Path | None:
-        """The newest checkpoint of a kind ("train/step_", "sft/step_") whose files are as recorded. A damaged one is
-        dropped together with every unit that came after it (they were computed from it), said on stderr, and the
-        one before it is tried; None when none is left."""
-        for unit in sorted((unit for unit in self.units if kind in unit), reverse=True):
-            problem = self.verify_unit(unit)
-            if problem is None:
-                return self.run_dir.root / self.units[unit]["checkpoint"]
-            self.drop(self.units_from(unit), f"its checkpoint is damaged: {problem}")
-        return None
+        """The newest checkpoint of a kind ("train/step_", "sft/step_") if its files are as recorded. If they are
+        not, the one before it, with the damaged one and every unit after it (computed from it) dropped, said on
+        stderr; None when the damaged one was the first. Falling back further would redo most of a run, so when the
+        one before is gone or damaged too the resume is refused instead (the stages keep two checkpoints)."""
+        units = sorted((unit for unit in self.units if kind in unit), reverse=True)
+        if not units:
+            return None
+        newest, previous = units[0], units[1] if len(units) > 1 else None
+        problem = self.verify_unit(newest)
+        if problem is None:
+            return self.run_dir.root / self.units[newest]["checkpoint"]
+        if previous is not None and self.verify_unit(previous) is not None:
+            raise UserError(f"{problem}, and the checkpoint before it ({previous}) is not intact either: restore the "
+                            f"damaged file, or start the run again in a new --run-dir")
+        self.drop(self.units_from(newest), f"its checkpoint is damaged: {problem}")
+        return self.run_dir.root / self.units[previous]["checkpoint"] if previous else None
 
     def units_from(self, unit: str) -> list[str]:
         """`unit` and every finished unit after it in the order a run does its work."""

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,9 +311,26 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_redoes_what_fol
     assert err.startswith("rlhf-loop: redoing iter_001/train/step_000004 and the 5 unit(s) after it: its checkpoint "
                           "is damaged: ") and "\n" not in err
 
-    (run_dir.iteration(1) / "learner" / "step_000002" / "latest").unlink()
+    (run_dir.iteration(1) / "learner" / "step_000002" / "latest").unlink()  # the first one: nothing before it
     assert manifest.intact_checkpoint("train/step_") is None
-    assert not any("train" in unit for unit in manifest.units)
+    assert not any("train" in unit for unit in Manifest.load(run_dir).units)
+
+
+def test_a_damaged_checkpoint_without_an_intact_one_before_it_is_refused_and_drops_nothing(tmp_path):
+    run_dir = RunDir.create(tmp_path / "run", overwrite=False)
+    manifest = Manifest.load(run_dir)
+    for step in (2, 4):
+        directory = checkpoint(run_dir, 1, step)
+        manifest.record(f"iter_001/train/step_{step:06d}", tree=directory,
+                        checkpoint=str(directory.relative_to(run_dir.root)))
+    manifest.record("iter_001/export")
+    shutil.rmtree(run_dir.iteration(1) / "learner" / "step_000002")  # deleted, as the stages delete old checkpoints
+    (run_dir.iteration(1) / "learner" / "step_000004" / "latest").write_text("")
+    with pytest.raises(UserError, match=r"latest is truncated \(0 of 12 bytes\), and the checkpoint before it "
+                                        r"\(iter_001/train/step_000002\) is not intact either"):
+        manifest.intact_checkpoint("train/step_")
+    assert set(Manifest.load(run_dir).units) == {"iter_001/train/step_000002", "iter_001/train/step_000004",
+                                                 "iter_001/export"}
 
 
 def test_units_from_follows_the_order_of_a_run():
