@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> None:
     from rlhf_loop import loop
     from rlhf_loop.config import load_config, to_yaml
+    from rlhf_loop.fingerprints import record_inputs
+    from rlhf_loop.heartbeat import beating
     from rlhf_loop.preflight import preflight
     from rlhf_loop.rundir import RunDir, atomic_write_text
 
@@ -82,20 +84,26 @@ def _run(args) -> None:
     root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = RunDir.create(root, overwrite=args.overwrite)
     atomic_write_text(run_dir.config_path, to_yaml(cfg))
+    record_inputs(run_dir, cfg)  # what `resume` checks: the config and the prompt files are still these
     print(f"rlhf-loop: run directory {run_dir.root}", file=sys.stderr)
-    loop.run(cfg, run_dir)
+    with beating(run_dir):
+        loop.run(cfg, run_dir)
 
 
 def _resume(args) -> None:
     from rlhf_loop import loop
     from rlhf_loop.config import load_config
+    from rlhf_loop.fingerprints import check_inputs
+    from rlhf_loop.heartbeat import beating
     from rlhf_loop.preflight import preflight
     from rlhf_loop.rundir import RunDir
 
     run_dir = RunDir.existing(args.run_dir)
     cfg = load_config(run_dir.config_path)
     preflight(cfg)
-    loop.run(cfg, run_dir)
+    check_inputs(run_dir, cfg)
+    with beating(run_dir):
+        loop.run(cfg, run_dir)
 
 
 def _status(args) -> None:

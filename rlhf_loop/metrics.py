@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rlhf_loop.data import PromptSet
 from rlhf_loop.pairs import PairSelection
 from rlhf_loop.records import Pair, Scored
-from rlhf_loop.rundir import RunDir, atomic_write_jsonl
+from rlhf_loop.rundir import Manifest, RunDir, atomic_write_jsonl
 
 
 def reward_metrics(scored: Sequence[Scored], pairs: Sequence[Pair]) -> dict[str, float]:
@@ -58,7 +58,7 @@ class Tracker:
                 tags=list(wandb_cfg.tags),
                 dir=str(run_dir.root),
                 config=config_dict,
-                id=_wandb_id(run_dir),
+                id=wandb_run_id(run_dir),
                 resume="allow",  # a resumed run keeps logging to the same wandb run
             )
 
@@ -73,6 +73,7 @@ class Tracker:
             self.wandb_run.finish()
 
 
-def _wandb_id(run_dir: RunDir) -> str:
-    """One wandb run per run directory, so a resumed run keeps logging to the same one."""
-    return hashlib.sha256(str(run_dir.root.resolve()).encode()).hexdigest()[:16]
+def wandb_run_id(run_dir: RunDir) -> str:
+    """One wandb run per run: the run id made with the run directory, kept by `resume` and new after --overwrite.
+    Runs started before run ids existed keep the id derived from their path, so they go on logging where they did."""
+    return Manifest.load(run_dir).run_id or hashlib.sha256(str(run_dir.root.resolve()).encode()).hexdigest()[:16]

@@ -1,66 +1,132 @@
-"""`rlhf-loop status`: where a run stands, read from its manifest and metrics (no actor is started)."""
+"""`rlhf-loop status`: where a run stands, read from its manifest, heartbeat and metrics (no actor is started)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import time
 from typing import Any
 
-from rlhf_loop.config import load_config
-from rlhf_loop.rundir import Manifest, RunDir
+from rlhf_loop.config import RunConfig, load_config
+from rlhf_loop.heartbeat import HEARTBEAT_INTERVAL_S, read_heartbeat
+from rlhf_loop.rundir import ITERATION_STAGES, Manifest, RunDir
 
-# The order of the units of an iteration; the first one missing is where a resume picks up.
-STAGES = ("rollouts", "scores", "pairs", "train", "export", "sync", "eval", "done")
+# A live run's heartbeat is rewritten every HEARTBEAT_INTERVAL_S; ten missed beats mean its process is gone.
+STALE_AFTER_S = 10 * HEARTBEAT_INTERVAL_S
+
+
+def iteration_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages an iteration of this run goes through, in order: offline DPO (pairs.dataset) samples, scores and
+    evaluates nothing; train.enabled false trains and exports nothing; pairs_dataset only when exported."""
+    online = cfg.pairs.dataset is None
+    present = {"pairs", "done"}
+    present |= {"rollouts", "scores"} if online else set()
+    present |= {"pairs_dataset"} if cfg.pairs.export_format != "none" else set()
+    present |= {"train", "export"} if cfg.train.enabled else set()
+    present |= {"sync", "eval"} if online and cfg.train.enabled else set()
+    return tuple(stage for stage in ITERATION_STAGES if stage in present)
 
 
 def run_status(root: str) -> dict[str, Any]:
     run_dir = RunDir.existing(root)
     cfg = load_config(run_dir.config_path)
     units = Manifest.load(run_dir).units
-    finished = [i for i in range(1, cfg.iterations + 1) if f"iter_{i:03d}/done" in units]
-    current = next((i for i in range(1, cfg.iterations + 1) if i not in finished), None)
+    # Every stage of the run in order: the warm start, pi_0's evaluation, then each iteration's stages.
+    ordered: list[tuple[int | None, str, dict[str, Any]]] = []
+    if cfg.sft.enabled:
+        ordered.append((None, "sft", {"done": "sft/done" in units, "steps_done": _steps_done(units, "sft/step_")}))
+    if cfg.pairs.dataset is None and cfg.train.enabled:
+        ordered.append((None, "eval_initial", {"done": "eval_initial" in units}))
+    for iteration in range(1, cfg.iterations + 1):
+        prefix = f"iter_{iteration:03d}/"
+        ordered += [(iteration, stage, _stage_progress(units, prefix, stage)) for stage in iteration_stages(cfg)]
+    later_done = False  # a stage whose successor finished is finished, whatever its own units say
+    for _, _, progress in reversed(ordered):
+        progress["done"] = later_done = progress["done"] or later_done
+    current = next(((iteration, stage) for iteration, stage, progress in ordered if not progress["done"]), None)
     status: dict[str, Any] = {
         "run_dir": str(run_dir.root),
         "iterations": cfg.iterations,
-        "iterations_done": len(finished),
+        "iterations_done": sum(1 for iteration, stage, p in ordered if stage == "done" and p["done"]),
         "finished": current is None,
-        "sft_done": "sft/done" in units if cfg.sft.enabled else None,
+        "sft_done": ordered[0][2]["done"] if cfg.sft.enabled else None,
     }
     if current is not None:
-        prefix = f"iter_{current:03d}/"
-        progress = {stage: _stage_progress(units, prefix + stage) for stage in STAGES}
+        iteration, stage = current
         status["current"] = {
-            "iteration": current,
-            "stage": next((stage for stage in STAGES if not progress[stage]["done"]), "done"),
-            "progress": progress,
+            "iteration": iteration,
+            "stage": stage,
+            "progress": {s: p for i, s, p in ordered if i == iteration},
         }
+    status["heartbeat"], status["stopped_unannounced"] = _heartbeat(run_dir, finished=current is None)
     lines = run_dir.metrics_path.read_text().splitlines() if run_dir.metrics_path.exists() else []
     status["last_metrics"] = json.loads(lines[-1]) if lines else None
     return status
 
 
-def _stage_progress(units: dict[str, dict], stage_unit: str) -> dict[str, Any]:
-    if stage_unit in units:
-        return {"done": True}
-    parts = [info for unit, info in units.items() if unit.startswith(stage_unit + "/")]
-    if stage_unit.endswith(("/rollouts", "/scores")):
+def _stage_progress(units: dict[str, dict], prefix: str, stage: str) -> dict[str, Any]:
+    if stage in ("rollouts", "scores"):
+        parts = [info for unit, info in units.items() if unit.startswith(f"{prefix}{stage}/")]
         total = parts[0]["of_shards"] if parts else None
         return {"done": total is not None and len(parts) == total, "shards_done": len(parts), "shards": total}
-    if stage_unit.endswith("/train"):
-        return {"done": False, "steps_done": sum(p["steps"] for p in parts)}
-    return {"done": False}
+    if stage == "train":  # no unit of its own: done once the export after it is (see run_status)
+        return {"done": False, "steps_done": _steps_done(units, f"{prefix}train/step_")}
+    return {"done": prefix + stage in units}
+
+
+def _steps_done(units: dict[str, dict], chunk_prefix: str) -> int:
+    """Training runs in chunks, each a unit named by the step it reached ("iter_002/train/step_000040")."""
+    steps = [int(match[1]) for unit in units if (match := re.fullmatch(re.escape(chunk_prefix) + r"(\d+)", unit))]
+    return max(steps, default=0)
+
+
+def _heartbeat(run_dir: RunDir, finished: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """The heartbeat with its age, and why the run looks stopped without having said so (None when it does not)."""
+    beat = read_heartbeat(run_dir)
+    if beat is None:
+        return None, None
+    now = time.time()
+    shown = {"age_s": round(now - beat["time"], 1), "stage_s": round(now - beat["stage_since"], 1),
+             **{key: beat[key] for key in ("pid", "host", "stage", "ended")}}
+    if finished or beat["ended"] is not None:
+        return shown, None
+    if beat["host"] == socket.gethostname() and not _process_exists(beat["pid"]):
+        return shown, f"its process {beat['pid']} on {beat['host']} is gone"
+    if shown["age_s"] > STALE_AFTER_S:
+        return shown, f"no heartbeat for {shown['age_s']:.0f} s"
+    return shown, None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
 
 
 def describe(status: dict[str, Any]) -> str:
     lines = [f"run {status['run_dir']}: {status['iterations_done']}/{status['iterations']} iterations done"]
-    if status["sft_done"] is False:
-        lines.append("  sft warm start: not finished")
+    beat = status["heartbeat"]
+    if beat:
+        lines.append(f"  heartbeat {beat['age_s']:.0f} s ago: pid {beat['pid']} on {beat['host']}, stage "
+                     f"'{beat['stage']}' for {beat['stage_s']:.0f} s" +
+                     (f"; the process ended: {beat['ended']}" if beat["ended"] else ""))
+    if status["stopped_unannounced"]:
+        lines.append(f"  STOPPED without saying so ({status['stopped_unannounced']}); "
+                     f"`rlhf-loop resume {status['run_dir']}` continues it")
     current = status.get("current")
     if current:
-        lines.append(f"  iteration {current['iteration']}: at stage '{current['stage']}'")
+        where = f"iteration {current['iteration']}" if current["iteration"] else "before the first iteration"
+        lines.append(f"  {where}: at stage '{current['stage']}'")
         for stage, progress in current["progress"].items():
             detail = "done" if progress["done"] else ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in progress.items() if k != "done" and v is not None) or "-"
-            lines.append(f"    {stage:<9} {detail}")
+            lines.append(f"    {stage:<13} {detail}")
     if status["last_metrics"]:
         m = status["last_metrics"]
         shown = ("reward/mean", "pairs/count", "dpo/loss", "dpo/reward_accuracy", "kl/ref", "eval/gold_mean",

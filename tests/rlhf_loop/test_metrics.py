@@ -1,12 +1,14 @@
 import json
+import sys
+import types
 
 import pytest
 
 from rlhf_loop.config import WandbConfig
-from rlhf_loop.metrics import Tracker, reward_metrics
+from rlhf_loop.metrics import Tracker, reward_metrics, wandb_run_id
 from rlhf_loop.pairs import select_pairs
 from rlhf_loop.records import Prompt, Response, Rollout, Scored
-from rlhf_loop.rundir import RunDir, atomic_write_json
+from rlhf_loop.rundir import RunDir, atomic_write_json, atomic_write_text
 
 
 def scored(index, scores, objectives=None):
@@ -47,3 +49,33 @@ def test_disabled_wandb_writes_nothing_of_wandb(tmp_path):
     tracker = Tracker(run_dir, WandbConfig(mode="disabled"), {})
     tracker.close()
     assert not (run_dir.root / "wandb").exists()
+
+
+def test_overwrite_starts_a_new_wandb_run_and_resume_keeps_it(tmp_path, monkeypatch):
+    inits = []
+    fake_wandb = types.SimpleNamespace(init=lambda **kwargs: inits.append(kwargs) or types.SimpleNamespace(
+        finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+
+    def start(run_dir):
+        Tracker(run_dir, WandbConfig(mode="offline", project="test"), {}).close()
+        return inits[-1]["id"]
+
+    root = tmp_path / "run"
+    run_dir = RunDir.create(root, overwrite=False)
+    atomic_write_text(run_dir.config_path, "iterations: 1\n")
+    first = start(run_dir)
+    assert start(RunDir.existing(root)) == first  # resume: the same wandb run
+    assert inits[-1]["resume"] == "allow"
+    overwritten = RunDir.create(root, overwrite=True)
+    atomic_write_text(overwritten.config_path, "iterations: 1\n")
+    second = start(overwritten)
+    assert second != first and start(RunDir.existing(root)) == second
+
+
+def test_a_run_from_before_run_ids_keeps_its_path_derived_wandb_id(tmp_path):
+    old, other = RunDir(tmp_path / "old"), RunDir(tmp_path / "other")
+    for run_dir in (old, other):
+        atomic_write_json(run_dir.manifest_path, {"version": 1, "units": {}})
+    assert len(wandb_run_id(old)) == 16 and wandb_run_id(RunDir(tmp_path / "old")) == wandb_run_id(old)
+    assert wandb_run_id(other) != wandb_run_id(old)
