@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 DPI = 100
 WIDTH = 7.5  # inches: two figures side by side fit a laptop screen at DPI
 CHOSEN, REJECTED = "tab:green", "tab:red"
+BOX_ROOM = 1.0  # x-axis room beside the outer boxes, in iterations: a lone iteration's box does not fill the plot
 
 
 def _figure(height: float = 3.6) -> Figure:
@@ -61,6 +62,7 @@ def reward_distribution(scores: dict[int, Sequence[float]]) -> bytes | None:
     iterations = sorted(scores)
     axes.boxplot([scores[i] for i in iterations], positions=iterations, widths=0.5, whis=(5, 95), showmeans=True,
                  showfliers=False, tick_labels=[f"{i}\n(n={len(scores[i])})" for i in iterations])
+    axes.set_xlim(iterations[0] - BOX_ROOM, iterations[-1] + BOX_ROOM)
     axes.set_ylabel("reward")
     axes.set_title("Reward of every sampled response")
     axes.set_xlabel("iteration")
@@ -86,11 +88,13 @@ def chosen_vs_rejected(chosen: dict[int, Sequence[float]], rejected: dict[int, S
             median.set(color=colour)
         axes.plot(positions, [sum(values[i]) / len(values[i]) for i in iterations], "o-", color=colour, markersize=4)
     axes.set_xticks(iterations, [f"{i}\n({len(chosen[i])} pairs)" for i in iterations])
+    axes.set_xlim(iterations[0] - BOX_ROOM, iterations[-1] + BOX_ROOM)
     axes.set_xlabel("iteration")
     axes.set_ylabel("reward")
     axes.set_title("Chosen vs rejected reward (boxes 25-75%, whiskers 5-95%, dots the means)")
     axes.legend(handles=[Patch(color=CHOSEN, alpha=0.5, label="chosen"),
-                         Patch(color=REJECTED, alpha=0.5, label="rejected")], loc="best")
+                         Patch(color=REJECTED, alpha=0.5, label="rejected")],
+                loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: boxes fill the axes
     axes.grid(True, axis="y", alpha=0.3)
     return _png(figure)
 
