@@ -5,6 +5,7 @@
     rlhf-loop status RUN_DIR [--json]
     rlhf-loop plan CONFIG [key=value ...]
     rlhf-loop export RUN_DIR --iteration N --to DIR
+    rlhf-loop report RUN_DIR
     rlhf-loop serve-reward CONFIG [key=value ...] [--host H] [--port P] [--replicas N] [--token T]
 """
 
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--iteration", type=int, required=True, help="which finished iteration")
     export.add_argument("--to", required=True, help="a new (or empty) directory")
     export.set_defaults(command=_export)
+
+    report = commands.add_parser("report", help="an HTML page with plots, metrics and sample pairs: RUN_DIR/report/")
+    report.add_argument("run_dir", help="a finished, running or stopped run")
+    report.set_defaults(command=_report)
 
     serve = commands.add_parser("serve-reward", help="serve the config's reward model over HTTP")
     serve.add_argument("config", help="YAML with a reward: section (a run config works)")
@@ -128,6 +133,12 @@ def _export(args) -> None:
     export_iteration(args.run_dir, args.iteration, args.to)
     print(f"rlhf-loop: exported iteration {args.iteration} of {args.run_dir} to {args.to} (policy/, pairs/)",
           file=sys.stderr)
+
+
+def _report(args) -> None:
+    from rlhf_loop.report import write_report
+
+    print(f"rlhf-loop: report written to {write_report(args.run_dir)}", file=sys.stderr)
 
 
 def _serve_reward(args) -> None:
