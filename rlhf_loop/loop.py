@@ -48,7 +48,7 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
         learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
 
         # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
-        checkpoint = stages.latest_checkpoint(run)
+        checkpoint = run.manifest.intact_checkpoint("train/step_")  # a damaged newest one falls back
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
             if rollout:

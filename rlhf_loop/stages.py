@@ -21,7 +21,9 @@ from policy.rollout import Sampling
 from reward.base import RewardModel, RewardQuery
 from rlhf_loop import records
 from rlhf_loop.config import RunConfig
+from rlhf_loop.heartbeat import write_heartbeat
 from rlhf_loop.pairs import PairSelection, select_pairs
+from rlhf_loop.errors import UserError
 from rlhf_loop.records import Pair, Prompt, Rollout, Scored
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
 from rlhf_loop.seeds import derived_seed
@@ -44,6 +46,10 @@ class Run:
 
     def unit(self, iteration: int, name: str) -> str:
         return f"iter_{iteration:03d}/{name}"
+
+    def enter(self, unit: str) -> None:
+        """Say in the heartbeat which unit of work the run is in (`rlhf-loop status` shows it)."""
+        write_heartbeat(self.run_dir, unit)
 
     def seconds(self, iteration: int, stage: str = "") -> float:
         """Time spent in an iteration (or one of its stages) over all processes of the run, resumed ones included."""
@@ -69,9 +75,10 @@ def run_sharded(
     results: list[Result] = []
     for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False)):
         unit = run.unit(iteration, f"{stage}/shard_{index:05d}")
-        if run.manifest.done(unit):
+        if run.manifest.done_and_intact(unit):  # a damaged shard file is dropped here, and redone
             results += [decode(row) for row in read_jsonl(run.manifest.verified_file(unit))]
             continue
+        run.enter(unit)
         start = time.perf_counter()
         shard_results = work(shard)
         path = run.run_dir.iteration(iteration) / stage / f"shard_{index:05d}.jsonl"
@@ -106,7 +113,7 @@ def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout]) -> list[Sco
 def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelection:
     """Best vs worst (or the configured strategy) among each prompt's scored responses."""
     unit = run.unit(iteration, "pairs")
-    if run.manifest.done(unit):
+    if run.manifest.done_and_intact(unit):
         return _recorded_pairs(run, unit)
     selection = select_pairs(scored, run.cfg.pairs.strategy, run.cfg.pairs.min_margin,
                              derived_seed(run.cfg.seed, "pairs", iteration))
@@ -118,7 +125,7 @@ def dataset_pairs(run: Run, tokenizer, iteration: int) -> PairSelection:
     from rlhf_loop.data import load_preference_pairs
 
     unit = run.unit(iteration, "pairs")
-    if run.manifest.done(unit):
+    if run.manifest.done_and_intact(unit):
         return _recorded_pairs(run, unit)
     cfg = run.cfg
     loaded = load_preference_pairs(cfg.pairs.dataset, cfg.pairs.dataset_split, tokenizer, cfg.data.max_prompt_tokens)
@@ -178,13 +185,13 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
 
     directory = run.run_dir.root / "sft" / "policy"
     initial = replace(run.cfg.policy, model_path=str(directory), tokenizer_path=None)
-    if run.manifest.done("sft/done"):
+    if run.manifest.done_and_intact("sft/done"):
         return initial
     cfg = run.cfg.sft
     conversations = load_rows(cfg.dataset, "train")[cfg.messages_column]
     learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed)
     try:
-        checkpoint = latest_checkpoint(run, "sft/step_")
+        checkpoint = run.manifest.intact_checkpoint("sft/step_")
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
         total_steps = learner.begin(conversations)
@@ -193,45 +200,47 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
         learner.export_hf(str(directory))
     finally:
         learner.shutdown()
-    run.manifest.record("sft/done", path=str(directory.relative_to(run.run_dir.root)),
+    run.manifest.record("sft/done", tree=directory, path=str(directory.relative_to(run.run_dir.root)),
                         **chunk_means(run, "sft/step_"))
     shutil.rmtree(run.run_dir.root / "sft" / "learner", ignore_errors=True)  # the export is all that is needed now
     return initial
 
 
-def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, save_steps: int, kind: str, unit_prefix: str,
-                    checkpoints: Path, description: str) -> None:
-    """Train `save_steps` steps at a time; each chunk ends in a checkpoint that becomes a finished unit, and only
-    the newest checkpoint of its kind is kept (resume needs no other)."""
-    previous = latest_checkpoint(run, kind)
+def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, save_steps: int, kind: str,
+                    unit_prefix: str, checkpoints: Path, description: str) -> None:
+    """Train `save_steps` steps at a time; each chunk ends in a checkpoint that becomes a finished unit, with the
+    size and checksum of its every file. The newest two checkpoints of a kind are kept: resume falls back to the
+    older one when the newest is damaged."""
+    kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
+            for unit in sorted(unit for unit in run.manifest.units if kind in unit)][-2:]
     step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
     with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False) as bar:
         while step < total_steps:
+            run.enter(unit_prefix.rstrip("_"))
             start = time.perf_counter()
             stats = learner.train_steps(min(save_steps, total_steps - step))
             checkpoint = checkpoints / f"step_{stats.step:06d}"
             learner.save_checkpoint(str(checkpoint))
             run.manifest.record(
                 f"{unit_prefix}{stats.step:06d}",
+                tree=checkpoint,
                 checkpoint=str(checkpoint.relative_to(run.run_dir.root)),
                 steps=stats.step - step,
                 seconds=time.perf_counter() - start,
                 **{k: v for k, v in dataclasses.asdict(stats).items() if k not in NOT_AVERAGED},
             )
-            if previous is not None:
-                shutil.rmtree(previous, ignore_errors=True)
-                if previous.parent != checkpoints and not any(previous.parent.iterdir()):
-                    previous.parent.rmdir()
-            previous = checkpoint
+            kept.append(checkpoint)
+            while len(kept) > 2:
+                remove_checkpoint(kept.pop(0), checkpoints)
             bar.update(stats.step - step)
             step = stats.step
 
 
-def latest_checkpoint(run: Run, kind: str = "train/step_") -> Path | None:
-    """The newest checkpoint of a kind ("train/step_" for DPO, "sft/step_"); unit names are zero-padded
-    ("iter_002/train/step_000040"), so the newest one sorts last."""
-    units = [unit for unit in run.manifest.units if kind in unit]
-    return run.run_dir.root / run.manifest.info(max(units))["checkpoint"] if units else None
+def remove_checkpoint(directory: Path, checkpoints: Path) -> None:
+    """Delete a checkpoint, and its iteration's learner/ directory once that is empty."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.parent != checkpoints and directory.parent.is_dir() and not any(directory.parent.iterdir()):
+        directory.parent.rmdir()
 
 
 def chunk_means(run: Run, unit_prefix: str) -> dict[str, float]:
@@ -250,11 +259,17 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
     """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`."""
     unit = run.unit(iteration, "export")
     directory = run.run_dir.iteration(iteration) / "policy"
-    if not run.manifest.done(unit):
-        start = time.perf_counter()
-        learner.export_hf(str(directory))
-        run.manifest.record(unit, path=str(directory.relative_to(run.run_dir.root)),
-                            seconds=time.perf_counter() - start)
+    if run.manifest.done(unit):
+        problem = run.manifest.verify_unit(unit)
+        if problem is not None:  # the learner has moved on since: the export cannot be made again from it
+            raise UserError(f"{problem}; the exported policy of iteration {iteration} cannot be rebuilt from a later "
+                            f"learner state: restore the file, or start the run again in a new --run-dir")
+        return directory
+    run.enter(unit)
+    start = time.perf_counter()
+    learner.export_hf(str(directory))
+    run.manifest.record(unit, tree=directory, path=str(directory.relative_to(run.run_dir.root)),
+                        seconds=time.perf_counter() - start)
     return directory
 
 
@@ -274,8 +289,9 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
              iteration: int | None, gold: Callable | None) -> dict[str, float]:
     """Held-out evaluation of the current policy; iteration None evaluates pi_0, the baseline for win rates."""
     unit = EVAL_INITIAL if iteration is None else run.unit(iteration, "eval")
-    if run.manifest.done(unit):
+    if run.manifest.done_and_intact(unit):
         return run.manifest.info(unit)["metrics"]
+    run.enter(unit)
     start = time.perf_counter()
     cfg = run.cfg.eval
     sampling = Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=run.cfg.rollout.top_p,
