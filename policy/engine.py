@@ -96,7 +96,10 @@ def same_path(a: str, b: str) -> bool:
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types `torch.load(weights_only=True)` reads back: numpy's key array as a tensor."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                    has_gauss, cached_gaussian), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -104,7 +107,8 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -196,7 +200,7 @@ class PolicyEngine:
         _, client_state = self.engine.load_checkpoint(
             directory, tag=_ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        set_rng_states(torch.load(Path(directory) / f"rng_rank{self.rank}.pt", weights_only=False))
+        set_rng_states(torch.load(Path(directory) / f"rng_rank{self.rank}.pt", weights_only=True))
         return client_state
 
     # --- weights out ----------------------------------------------------------------------------------------------

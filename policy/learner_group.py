@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import ray
 
@@ -24,7 +25,7 @@ from policy.config import PolicyConfig, SFTConfig, TrainConfig
 from policy.learner import DPOLearner
 from policy.learning import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
-from rlhf_loop.actor_calls import wait
+from rlhf_loop.actor_calls import placement, wait
 from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
 
@@ -73,6 +74,9 @@ class LearnerActor(DPOLearner):
 
     def __init__(self):  # the learner itself is built by `start`
         pass
+
+    def placement(self) -> dict[str, Any]:
+        return placement()
 
     def address(self) -> tuple[str, int]:
         """This node's address and a free port: where the other ranks find rank 0."""
@@ -141,6 +145,10 @@ class LearnerGroup:
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
         return self._wait([a.log_ratios.remote(prompt_token_ids, response_token_ids) for a in self._weight_ranks],
                           "eval")[0]
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each rank runs (node id, address, pid)."""
+        return self._wait([actor.placement.remote() for actor in self._actors], "placement")
 
     def shutdown(self) -> None:
         for actor in self._actors:

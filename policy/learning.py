@@ -53,3 +53,7 @@ class Learner(Protocol):
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
         """Per sample: sum over response tokens of log pi - log ref."""
         ...
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each rank runs: Ray node id, address and process id."""
+        ...

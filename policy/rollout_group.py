@@ -19,7 +19,7 @@ import torch
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import RolloutEngine, Sampling
-from rlhf_loop.actor_calls import ActorDied, wait
+from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
 from rlhf_loop.records import Prompt, Rollout
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -54,6 +54,9 @@ class EngineActor:
 
     def update_weights(self, named_tensors: NamedTensors) -> None:
         self.engine.update_weights(named_tensors)
+
+    def placement(self) -> dict[str, Any]:
+        return placement()
 
 
 def start_engine_actor(
@@ -111,6 +114,10 @@ class RolloutGroup:
         per_engine = self._call_each("generate", [(prompts, sampling)] * len(self.actors))
         return [[rollout.responses[0].token_ids for rollout in rollouts] for rollouts in per_engine]
 
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each engine runs (node id, address, pid)."""
+        return self._call_each("placement", [()] * len(self.actors))
+
     def _call_each(self, method: str, arguments: Sequence[tuple]) -> list[Any]:
         """`method` on the first len(arguments) engines at once; an engine that died is restarted (it gets the last
         synced weights again) and redoes its call, as long as restarts are left."""
@@ -133,7 +140,8 @@ class RolloutGroup:
         print(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
               f"{self.max_restarts} restarts) and redoing its work", file=sys.stderr)
         actor = self.actors[index]
-        self._wait(actor.ready.remote(), "restart", index)  # Ray rebuilds the engine from the initial policy
+        # Ray rebuilds the engine from the initial policy; the last synced weights go in again.
+        wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")
         if self._weights_ref is not None:
             self._wait(actor.update_weights.remote(self._weights_ref), "restart", index)
 

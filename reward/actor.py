@@ -19,7 +19,7 @@ from typing import Any
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
-from rlhf_loop.actor_calls import ActorDied, wait
+from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
 
 
 class _RewardActor:
@@ -34,6 +34,9 @@ class _RewardActor:
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         return self.model.score(queries)
+
+    def placement(self) -> dict[str, Any]:
+        return placement()
 
 
 class RewardScorer:
@@ -63,7 +66,12 @@ class RewardScorer:
                 self.restarts += 1
                 print(f"rlhf-loop: the reward actor died while scoring; restarted it ({self.restarts} of "
                       f"{self.max_restarts} restarts) and scoring the batch again", file=sys.stderr)
-                self._wait(self._actor.start.remote(*self._start_arguments), "restart")
+                wait_restarted(lambda: self._actor.start.remote(*self._start_arguments), self.timeout_s,
+                               "reward actor", "reward.call_timeout_s")
+
+    def placement(self) -> dict[str, Any]:
+        """Where the reward actor runs (node id, address, pid)."""
+        return self._wait(self._actor.placement.remote(), "placement")
 
     def shutdown(self) -> None:
         import ray

@@ -30,8 +30,7 @@ class SequenceRewardModel:
         self.key, self.path = key, cfg.model_path
         self.batch_size, self.max_length = cfg.batch_size, cfg.max_length
         self.device = torch.device(device)
-        raw_config = hf.read_model_config(cfg.model_path, cfg.trust_remote_code, key)
-        self.check_config(raw_config)
+        self.check_files(cfg, key)
         self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")
         try:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -51,8 +50,15 @@ class SequenceRewardModel:
         self.pad_id = hf.pad_token_id(self.model.config, self.tokenizer, cfg.model_path)
         self.model.config.pad_token_id = self.pad_id
 
-    def check_config(self, raw_config: dict[str, Any]) -> None:
-        """Start-up checks on config.json; raise UserError."""
+    @classmethod
+    def check_files(cls, cfg: RewardConfig, key: str) -> None:
+        """What config.json alone tells (custom code allowed, the right head), before any weight is loaded: run at
+        start-up and by the pre-run checks, before anything is written. Raises UserError."""
+        cls.check_config(hf.read_model_config(cfg.model_path, cfg.trust_remote_code, key), key, cfg.model_path)
+
+    @classmethod
+    def check_config(cls, raw_config: dict[str, Any], key: str, path: str) -> None:
+        """Checks on config.json of a kind; raise UserError."""
 
     def outputs_to_scores(self, output: Any, batch: hf.PaddedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scores [B], objectives name -> [B]) from one forward pass."""
@@ -104,13 +110,14 @@ class BradleyTerryReward(SequenceRewardModel):
 
     objectives: list[str] = []
 
-    def check_config(self, raw_config: dict[str, Any]) -> None:
+    @classmethod
+    def check_config(cls, raw_config: dict[str, Any], key: str, path: str) -> None:
         if "id2label" not in raw_config and "num_labels" not in raw_config:
-            raise UserError(f"{self.key}.model_path {self.path!r} has no score head (its config.json defines no "
+            raise UserError(f"{key}.model_path {path!r} has no score head (its config.json defines no "
                             "labels: a causal LM?); kind bradley_terry needs a sequence classifier with num_labels=1")
         num_labels = len(raw_config.get("id2label") or {}) or raw_config["num_labels"]
         if num_labels != 1:
-            raise UserError(f"{self.key}.model_path {self.path!r} has {num_labels} output labels; a Bradley-Terry "
+            raise UserError(f"{key}.model_path {path!r} has {num_labels} output labels; a Bradley-Terry "
                             "reward model has one score head (num_labels=1); use kind armorm for multi-objective "
                             "models")
 
@@ -126,12 +133,16 @@ class ArmoRMReward(SequenceRewardModel):
     """
 
     def __init__(self, cfg: RewardConfig, device: str, key: str = "reward") -> None:
-        if not cfg.trust_remote_code:
-            raise UserError(f"kind armorm runs the model's own modeling code: set {key}.trust_remote_code=true "
-                            f"for {cfg.model_path!r} if you trust it")
         self.objectives = []
         super().__init__(cfg, device, key)
         self.objectives = self._probe_objectives(cfg.objectives)
+
+    @classmethod
+    def check_files(cls, cfg: RewardConfig, key: str) -> None:
+        if not cfg.trust_remote_code:
+            raise UserError(f"kind armorm runs the model's own modeling code: set {key}.trust_remote_code=true "
+                            f"for {cfg.model_path!r} if you trust it")
+        super().check_files(cfg, key)
 
     def _probe_objectives(self, names: list[str]) -> list[str]:
         """One forward pass at start-up: a model without `.score` fails here, not mid-run."""

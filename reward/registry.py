@@ -75,6 +75,22 @@ def build_reward_model(cfg: RewardConfig, device: str, key: str = "reward") -> N
     return _BUILDERS[cfg.kind](cfg, device, key)
 
 
+def check_model_files(cfg: RewardConfig, key: str = "reward") -> None:
+    """The checks config.json alone allows (custom code without trust_remote_code, a missing score head), for the
+    pre-run checks: seconds, no weights loaded, before the run directory is written. Raises UserError."""
+    if cfg.kind == "combined":
+        for i, component in enumerate(cfg.components):
+            check_model_files(component.reward, f"{key}.components[{i}].reward")
+    elif cfg.kind in ("bradley_terry", "armorm"):
+        from reward.classifier import ArmoRMReward, BradleyTerryReward
+
+        (BradleyTerryReward if cfg.kind == "bradley_terry" else ArmoRMReward).check_files(cfg, key)
+    elif cfg.kind == "pairwise":
+        from reward.hf import read_model_config
+
+        read_model_config(cfg.model_path, cfg.trust_remote_code, key)
+
+
 def uses_accelerator(cfg: RewardConfig) -> bool:
     """Whether scoring runs a network locally (so its actor should hold a GPU when there is one)."""
     return cfg.kind in MODEL_KINDS or any(uses_accelerator(c.reward) for c in cfg.components)

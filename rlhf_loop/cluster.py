@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+
+from rlhf_loop.errors import UserError
+from rlhf_loop.network import is_loopback
+
+CONNECT_TIMEOUT_S = 10.0
 
 
 def resolve_device(device: str) -> str:
@@ -15,19 +21,42 @@ def resolve_device(device: str) -> str:
 
 
 def start_ray(cluster_cfg) -> None:
+    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway cluster needs no token file in $HOME
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    node_ip = cluster_cfg.node_ip_address
+    if address is None:
+        # A local throwaway cluster needs no token file in $HOME; a cluster we join keeps its own auth settings.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    elif address != "auto":
+        host = check_reachable(address)
+        node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
     ray.init(
-        address=cluster_cfg.address,
-        num_cpus=cluster_cfg.num_cpus if cluster_cfg.address is None else None,
+        address=address,
+        num_cpus=cluster_cfg.num_cpus if address is None else None,
+        _node_ip_address=node_ip,
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """The host of a `host:port` (or ray://host:port) cluster address, once something answers there; otherwise one
+    line instead of Ray's silent retries."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"cluster.address {address!r} is not host:port; write e.g. 10.0.0.5:6379 or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return host
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s ({e.strerror or e}); "
+                        f"check cluster.address against what `ray start --head` printed") from None
 
 
 def stop_ray() -> None:

@@ -46,6 +46,7 @@ class PairsConfig:
     export_format: str = "none"  # also write each iteration's pairs as a DPO dataset: none | disk | parquet
     export_test_fraction: float = 0.02  # share of exported pairs held out as the "test" split
     push_to_hub: str | None = None  # a hub repo id to push the exported pairs dataset to
+    push_to_hub_private: bool = True  # create that repo private; set false to publish the pairs
 
 
 @dataclass
@@ -71,7 +72,8 @@ class WandbConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
+    address: str | None = None  # an existing Ray cluster ("auto" or host:port; else $RAY_ADDRESS); None: a local one
+    node_ip_address: str | None = None  # this machine's address in the cluster; None: loopback if the head is, else Ray's
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
     max_actor_restarts: int = 3  # a dead rollout or reward actor is restarted this often, its work redone
 

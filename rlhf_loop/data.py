@@ -50,24 +50,26 @@ def load_rows(source: str, split: str):
         raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from None
 
 
-def as_messages(value: Any, column: str, source: str) -> Messages:
+def as_messages(value: Any, column: str, source: str, column_key: str = "data.prompt_column") -> Messages:
     """A prompt cell as chat messages: a list of {"role", "content"} dicts, or a plain string made a user turn."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise UserError(f"column {column!r} of {source} holds {type(value).__name__} values; it must hold strings or "
-                    f"lists of {{'role', 'content'}} messages: set data.prompt_column to such a column")
+                    f"lists of {{'role', 'content'}} messages: set {column_key} to such a column")
 
 
-def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, first_index: int = 0) -> PromptSet:
-    """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens."""
+def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, first_index: int = 0,
+                   column_key: str = "data.prompt_column") -> PromptSet:
+    """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens. Errors name
+    `column_key`, the config key that chose the column."""
     if column not in rows.column_names:
         raise UserError(f"prompt column {column!r} is not in {source} (columns: {', '.join(rows.column_names)}); "
-                        f"set data.prompt_column to one of them")
+                        f"set {column_key} to one of them")
     prompts, skipped = [], 0
     for offset, row in enumerate(rows):
-        messages = as_messages(row[column], column, source)
+        messages = as_messages(row[column], column, source, column_key)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(token_ids) > max_tokens:
@@ -107,7 +109,8 @@ def evaluation_prompts(cfg, tokenizer) -> list[Prompt]:
         return []
     rows = load_rows(cfg.eval.prompts, cfg.eval.split)
     rows = rows.select(range(min(cfg.eval.num_prompts, len(rows))))
-    prompt_set = render_prompts(rows, cfg.eval.prompt_column, cfg.eval.prompts, tokenizer, cfg.data.max_prompt_tokens)
+    prompt_set = render_prompts(rows, cfg.eval.prompt_column, cfg.eval.prompts, tokenizer, cfg.data.max_prompt_tokens,
+                                column_key="eval.prompt_column")
     if not prompt_set.prompts:
         raise UserError(f"no usable evaluation prompts in {cfg.eval.prompts}; add prompts or raise "
                         f"data.max_prompt_tokens")

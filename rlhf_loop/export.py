@@ -98,9 +98,10 @@ def staged_directory(destination: Path) -> Iterator[Path]:
 # ---- the loop's per-iteration DPO dataset ---------------------------------------------------------------------------
 
 def write_preference_dataset(pairs: Sequence[Pair], out: Path, format: str, test_fraction: float, seed: int,
-                             push_to_hub: str | None) -> Path:
+                             push_to_hub: str | None, private: bool = True) -> Path:
     """The pairs as a DatasetDict with "train" and "test" splits, in `out`: save_to_disk ("disk") or one
-    SPLIT.parquet per split ("parquet"); pushed to the hub repo `push_to_hub` when given.
+    SPLIT.parquet per split ("parquet"); pushed to the hub repo `push_to_hub` when given (a new repo is private
+    unless `private` is false).
 
     The test split takes ceil(test_fraction x pairs) pairs, drawn with `seed`, but never every pair. An empty split
     gets no parquet file: `datasets.load_dataset(out)` fails on an empty one."""
@@ -120,7 +121,7 @@ def write_preference_dataset(pairs: Sequence[Pair], out: Path, format: str, test
                 if len(splits[name]):
                     splits[name].to_parquet(str(staging / f"{name}.parquet"))
     if push_to_hub is not None:
-        splits.push_to_hub(push_to_hub)
+        splits.push_to_hub(push_to_hub, private=private)
     return out
 
 

@@ -46,6 +46,7 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
             rollout = RolloutGroup(initial_policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts)
             reward = RewardScorer(cfg.reward, device, restarts)
         learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
+        stages.record_placement(run, rollout, reward, learner)
 
         # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
         checkpoint = run.manifest.intact_checkpoint("train/step_")  # a damaged newest one falls back

@@ -20,6 +20,10 @@ def preflight(cfg: RunConfig) -> None:
     if problems:
         raise UserError(f"{problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
     check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
+    if cfg.online:
+        from reward.registry import check_model_files
+
+        check_model_files(cfg.reward)  # custom code without trust_remote_code, no score head: before any write
     key = "policy.tokenizer_path" if cfg.policy.tokenizer_path else "policy.model_path"
     tokenizer = load_tokenizer(cfg.policy.tokenizer_source, cfg.policy.trust_remote_code, key)
 

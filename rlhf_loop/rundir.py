@@ -42,7 +42,7 @@ ITERATION_STAGES = ("rollouts", "scores", "pairs", "pairs_dataset", "train", "ex
 # What a run writes at its top level (the layout above, and atomic writes' temp files); `--overwrite` deletes a
 # directory only when it holds nothing else, so a mistyped --run-dir never costs anyone their files.
 RUN_ENTRIES = re.compile(r"config\.yaml|manifest\.json(\.prev)?|heartbeat\.json|metrics\.jsonl|eval_initial\.jsonl"
-                         r"|sft|wandb|iter_\d{3,}|\..+\.tmp")
+                         r"|placement\.json|sft|wandb|report|logs|iter_\d{3,}|\..+\.tmp")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -21,9 +21,9 @@ from policy.rollout import Sampling
 from reward.base import RewardModel, RewardQuery
 from rlhf_loop import records
 from rlhf_loop.config import RunConfig
+from rlhf_loop.errors import UserError
 from rlhf_loop.heartbeat import write_heartbeat
 from rlhf_loop.pairs import PairSelection, select_pairs
-from rlhf_loop.errors import UserError
 from rlhf_loop.records import Pair, Prompt, Rollout, Scored
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
 from rlhf_loop.seeds import derived_seed
@@ -31,6 +31,7 @@ from rlhf_loop.seeds import derived_seed
 if TYPE_CHECKING:  # both import Ray; the loop builds them
     from policy.learner_group import SFTActor
     from policy.rollout_group import RolloutGroup
+    from reward.actor import RewardScorer
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -156,7 +157,7 @@ def export_pairs(run: Run, pairs: Sequence[Pair], iteration: int) -> None:
     start = time.perf_counter()
     out = write_preference_dataset(list(pairs), run.run_dir.iteration(iteration) / "pairs_dataset", cfg.export_format,
                                    cfg.export_test_fraction, derived_seed(run.cfg.seed, "export", iteration),
-                                   cfg.push_to_hub)
+                                   cfg.push_to_hub, cfg.push_to_hub_private)
     run.manifest.record(unit, path=str(out.relative_to(run.run_dir.root)), seconds=time.perf_counter() - start)
 
 
@@ -355,6 +356,14 @@ def sync(run: Run, learner: Learner, rollout: RolloutGroup, iteration: int) -> N
     unit = run.unit(iteration, "sync")
     if not run.manifest.done(unit):  # once done, the start-up sync of a resumed process has the same effect
         run.manifest.record(unit, seconds=sync_weights(learner, rollout))
+
+
+def record_placement(run: Run, rollout: RolloutGroup | None, reward: RewardScorer | None,
+                     learner: Learner | None) -> None:
+    """RUN_DIR/placement.json: the node id, address and process id of every actor of this process's run."""
+    roles = {"rollout": rollout.placement() if rollout else [], "reward": [reward.placement()] if reward else [],
+             "learner": learner.placement() if learner else []}
+    atomic_write_json(run.run_dir.root / "placement.json", roles)
 
 
 def load_gold(eval_cfg) -> Callable | None:

@@ -3,6 +3,9 @@ rank with the same global batch."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse fixture)
@@ -15,6 +18,7 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
 
 from policy.learner import DPOLearner
 from policy.learner_group import LearnerGroup
+from rlhf_loop.actor_calls import ActorDied
 
 
 def assert_close_weights(a, b) -> None:
@@ -97,3 +101,18 @@ def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tm
         sft.shutdown()
     assert stats.step == 2 and stats.loss > 0 and after < before
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").num_parameters() > 0
+
+
+def test_a_killed_learner_stops_the_run_with_one_line(ray_local, tiny_tokenizer, tiny_policy_dir):
+    pairs = make_pairs(tiny_tokenizer, 8)
+    group = LearnerGroup(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
+    try:
+        group.begin_iteration(1, pairs, reference_dir=None)
+        (rank_0,) = group.placement()
+        assert rank_0["pid"] != os.getpid() and rank_0["node_id"]
+        os.kill(rank_0["pid"], signal.SIGKILL)
+        with pytest.raises(ActorDied, match="learner died during train") as error:
+            group.train_steps(1)
+        assert "\n" not in str(error.value) and "rlhf-loop resume" in str(error.value)
+    finally:
+        group.shutdown()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from policy.config import RolloutConfig
 from policy.rollout import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
+from rlhf_loop.actor_calls import ActorDied
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,3 +52,27 @@ def test_update_weights_reaches_every_engine(ray_local, group, prompts, tiny_mod
 
     group.update_weights(ray_local.put(named_parameters(new_model)))
     assert group.greedy(prompts[:4], MAX_TOKENS) == [new_reference, new_reference]
+
+
+@pytest.mark.integration
+def test_a_killed_engine_is_restarted_with_the_synced_weights_until_restarts_run_out(
+        ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy):
+    group = RolloutGroup(policy_config, RolloutConfig(engine="hf", num_engines=1), "cpu", max_model_len=256, seed=0,
+                         max_restarts=1)
+    try:
+        group.update_weights(ray_local.put(named_parameters(new_model)))
+        expected = group.generate(prompts[:4], SAMPLING)
+        (first,) = group.placement()
+        os.kill(first["pid"], signal.SIGKILL)
+        # Restarted from the initial policy, given the synced weights again: the same samples, and the new model's
+        # greedy tokens.
+        assert group.generate(prompts[:4], SAMPLING) == expected
+        assert group.greedy(prompts[:4], MAX_TOKENS) == [hf_greedy(new_model, prompts[:4], MAX_TOKENS)]
+        (second,) = group.placement()
+        assert group.restarts == 1 and second["pid"] != first["pid"]
+        os.kill(second["pid"], signal.SIGKILL)
+        with pytest.raises(ActorDied, match="rollout engine 0 died during generate") as error:
+            group.generate(prompts[:4], SAMPLING)
+        assert "\n" not in str(error.value) and "rlhf-loop resume" in str(error.value)
+    finally:
+        group.shutdown()

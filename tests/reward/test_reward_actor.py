@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from reward.base import RewardQuery
 from reward.config import RewardConfig
 from reward.registry import build_reward_model
+from rlhf_loop.actor_calls import ActorTimeout
 from rlhf_loop.errors import UserError
 
 
@@ -46,5 +50,35 @@ def test_relative_function_file_and_nan_error_reach_the_driver(ray_local, tmp_pa
         assert scorer.score([RewardQuery(tiny_messages[0], ["abc", ""])])[0].scores == [3.0, 0.0]
         with pytest.raises(UserError, match="returned nan for query 1 response 0"):
             scorer.score([RewardQuery(tiny_messages[0], ["ok"]), RewardQuery(tiny_messages[1], ["bad"])])
+    finally:
+        scorer.shutdown()
+
+
+def test_a_killed_reward_actor_is_restarted_and_scores_the_batch_again(ray_local, tiny_reward_dir, tiny_messages):
+    from reward.actor import RewardScorer
+
+    queries = [RewardQuery(m, ["one two", "three", ""]) for m in tiny_messages]
+    scorer = RewardScorer(RewardConfig(model_path=str(tiny_reward_dir), batch_size=3), "cpu", max_restarts=1)
+    try:
+        expected = scorer.score(queries)
+        first = scorer.placement()
+        os.kill(first["pid"], signal.SIGKILL)
+        assert [r.scores for r in scorer.score(queries)] == [r.scores for r in expected]
+        assert scorer.restarts == 1 and scorer.placement()["pid"] != first["pid"]
+    finally:
+        scorer.shutdown()
+
+
+def test_a_hung_reward_actor_becomes_a_one_line_timeout(ray_local, tmp_path, tiny_messages):
+    from reward.actor import RewardScorer
+
+    (tmp_path / "hang.py").write_text("import time\n\ndef forever(messages, response, meta):\n"
+                                      "    time.sleep(600)\n    return 0.0\n")
+    scorer = RewardScorer(RewardConfig(kind="function", function=f"{tmp_path / 'hang.py'}:forever"), "cpu")
+    scorer.timeout_s = 1.0  # after start-up, which a busy machine may slow beyond a second
+    try:
+        with pytest.raises(ActorTimeout, match="reward actor did not answer within 1 s during score") as error:
+            scorer.score([RewardQuery(tiny_messages[0], ["a"])])
+        assert "\n" not in str(error.value) and "reward.call_timeout_s" in str(error.value)
     finally:
         scorer.shutdown()
