@@ -10,7 +10,6 @@ import itertools
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from reward.function import load_code_reference
@@ -40,10 +39,9 @@ def test_random_requests_never_get_a_5xx_nor_a_score_without_token_and_json(fuzz
 
 
 def test_the_properties_can_fail(fuzz_server):
-    """A server that scores without the token breaks the property: the fuzzer must notice."""
+    """A server that scored requests without the token would break the property: a count that grows on every
+    request stands in for one, and the fuzzer must notice."""
     url, counter = fuzz_server
-    httpx.post(f"{url}/score", headers={"Authorization": f"Bearer {fuzzer.TOKEN}"},
-               json={"queries": [{"messages": [{"role": "user", "content": "hi"}], "responses": ["a"]}]})
     calls = itertools.count()
     with pytest.raises(AssertionError, match="scored a request without the right token"):
-        fuzzer.fuzz(url, lambda: counter[0] + next(calls), examples=50, shrink=False)  # a count that grows on every request
+        fuzzer.fuzz(url, lambda: counter[0] + next(calls), examples=50, shrink=False)

@@ -207,7 +207,8 @@ def test_a_crash_answers_500_with_a_request_id_and_logs_the_details(rewards, cap
     for answer in answers:
         assert answer.status_code == 500
         request_id = answer.headers["x-request-id"]
-        assert answer.json() == {"detail": f"scoring failed (request id {request_id}; the server's log has the details)"}
+        expected = f"scoring failed (request id {request_id}; the server's log has the details)"
+        assert answer.json() == {"detail": expected}
         for secret in ("secret", "weights", "RuntimeError", "Traceback", "/srv", ".py"):
             assert secret not in answer.text
         logged = [r for r in caplog.records if request_id in r.getMessage()]
