@@ -3,7 +3,9 @@
 Each replica is a thread owning one model. It takes the oldest waiting request, then keeps taking waiting requests
 of the same shape until it holds `batch_size` responses (or `max_wait_s` has passed), scores them in one call and
 hands every request its own slice. Under load, requests that arrive while a replica is busy queue up and are
-merged on its next round, so batching grows with traffic without delaying a lone request much.
+merged on its next round, so batching grows with traffic without delaying a lone request much. The queue is
+bounded: when `max_queued` requests are already waiting, a new one is refused at once (the server answers 503 with
+Retry-After) rather than queued behind work that would outlast its timeout.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ class Job:
         return (self.texts is None) == (other.texts is None)
 
 
+class QueueFull(Exception):
+    """Every replica is busy and the queue holds its maximum of waiting requests."""
+
+
 class ReplicaPool:
-    def __init__(self, models: Sequence[NamedRewardModel], batch_size: int, max_wait_s: float) -> None:
+    def __init__(self, models: Sequence[NamedRewardModel], batch_size: int, max_wait_s: float,
+                 max_queued: int) -> None:
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
         self._threads = [
             threading.Thread(target=self._serve, args=(model,), name=f"reward-replica-{i}", daemon=True)
             for i, model in enumerate(models)
@@ -51,12 +58,21 @@ class ReplicaPool:
             thread.start()
 
     def submit(self, job: Job) -> Future:
-        self._queue.put(job)
+        """Queue the job; raises QueueFull instead of waiting when `max_queued` jobs are already waiting."""
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
         return job.future
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet taken by a replica."""
+        return self._queue.qsize()
 
     def close(self) -> None:
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.put(None)  # waits while the queue is full: the replicas are draining it
         for thread in self._threads:
             thread.join()
 

@@ -47,9 +47,12 @@ class RemoteConfig:
     label_column: str | None = None  # openrlhf: the prompt's dataset column sent as `labels`; None sends nulls
     token_env: str = "RLHF_LOOP_REWARD_TOKEN"  # environment variable holding the bearer token (kept out of configs)
     concurrency: int = 4  # requests in flight at once
-    timeout_s: float = 120.0  # per request
+    # per request; our server's own limit (server.request_timeout_s, read from its /info) stretches it when longer
+    timeout_s: float = 120.0
     max_retries: int = 3  # extra attempts after a connection error, a timeout, a 429 or a 5xx
-    backoff_s: float = 1.0  # wait before retry n is backoff_s * 2**(n-1)
+    # wait before retry n: backoff_s * 2**(n-1), at least the server's Retry-After, times a random 1 to 1.5
+    backoff_s: float = 1.0
+    max_retry_after_s: float = 30.0  # a server's Retry-After longer than this is cut to it
 
 
 @dataclass
@@ -59,8 +62,13 @@ class ServerConfig:
     max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     max_items_per_request: int = 1024  # responses (or OpenRLHF queries) per request
     max_text_chars: int = 200_000  # characters per string (message, response, query)
-    request_timeout_s: float = 300.0  # a request still unscored after this gets 504
+    # a request still unscored after this (queueing included) gets 504; below the clients' remote.timeout_s, so
+    # they get the 504 and the request leaves the queue, instead of timing out while the server still works on it
+    request_timeout_s: float = 90.0
     max_batch_wait_ms: float = 0.0  # how long a replica waits for more requests to fill its batch
+    max_json_depth: int = 32  # bodies whose arrays and objects nest deeper get 400 (checked before parsing)
+    max_queued_requests: int = 256  # requests waiting for a replica; beyond this new ones get 503 with Retry-After
+    retry_after_s: int = 1  # the Retry-After (seconds) a 503 carries
 
 
 @dataclass
@@ -124,6 +132,7 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
         problems += _pairwise_problems(cfg.pairwise, f"{key}.pairwise")
     if cfg.kind == "remote":
         problems += _remote_problems(cfg, key)
+    problems += _server_problems(cfg.server, f"{key}.server")
     for i, component in enumerate(cfg.components):
         problems += reward_config_problems(component.reward, f"{key}.components[{i}].reward")
     return problems
@@ -156,6 +165,19 @@ def _remote_problems(cfg: RewardConfig, parent: str) -> list[str]:
         (remote.timeout_s > 0, f"{key}.timeout_s must be > 0, got {remote.timeout_s}"),
         (remote.max_retries >= 0, f"{key}.max_retries must be >= 0, got {remote.max_retries}"),
         (remote.backoff_s >= 0, f"{key}.backoff_s must be >= 0, got {remote.backoff_s}"),
+        (remote.max_retry_after_s >= 0, f"{key}.max_retry_after_s must be >= 0, got {remote.max_retry_after_s}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def _server_problems(server: ServerConfig, key: str) -> list[str]:
+    checks = [
+        (server.request_timeout_s > 0, f"{key}.request_timeout_s must be > 0, got {server.request_timeout_s}"),
+        # {"queries": [{"messages": [{...}]}]} is 4 levels deep: a smaller limit would refuse every request
+        (server.max_json_depth >= 4, f"{key}.max_json_depth must be >= 4, got {server.max_json_depth}"),
+        (server.max_queued_requests >= 1,
+         f"{key}.max_queued_requests must be >= 1, got {server.max_queued_requests}"),
+        (server.retry_after_s >= 0, f"{key}.retry_after_s must be >= 0, got {server.retry_after_s}"),
     ]
     return [message for ok, message in checks if not ok]
 

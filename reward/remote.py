@@ -2,26 +2,38 @@
 
 Queries go out in requests of about `batch_size` responses (a prompt's K responses always travel together, so a
 judge on the other side sees them all), `remote.concurrency` requests at a time. Connection errors, timeouts, 429
-and 5xx are retried with exponential backoff; other 4xx answers are bugs a retry cannot fix and stop at once. When
-the retries run out the scoring stage stops with a one-line RewardServerError; the run directory keeps every
-finished shard, so `rlhf-loop resume` continues from there once the server is back.
+and 5xx are retried with exponential backoff, waiting at least as long as the server's Retry-After asks (up to
+`remote.max_retry_after_s`) and a random 0-50% longer, so clients refused together do not return together; other
+4xx answers are bugs a retry cannot fix and stop at once. When the retries run out the scoring stage stops with a
+one-line RewardServerError; the run directory keeps every finished shard, so `rlhf-loop resume` continues from
+there once the server is back.
+
+Timeouts: our server answers 504 when a request is unscored after its `server.request_timeout_s`, by default below
+this client's `remote.timeout_s`. The client reads that limit from /info and, if its own timeout is shorter, waits
+the server's limit plus a margin instead: giving up first would resend work the server is still doing.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reward.base import RewardQuery, RewardResult
-from reward.config import RewardConfig
+from reward.config import RemoteConfig, RewardConfig
 from reward.groups import check_finite
 from rlhf_loop.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Past the server's own limit: time for its 504 to travel back (and for parsing, which its limit does not count).
+TIMEOUT_MARGIN_S = 10.0
+JITTER = 0.5  # each wait is stretched by a random fraction up to this
 
 
 class RewardServerError(UserError):
@@ -34,6 +46,7 @@ class RemoteReward:
 
         self.settings, self.batch_size = cfg.remote, cfg.batch_size
         self.url = cfg.remote.url.rstrip("/")
+        self.random = random.Random()
         token = os.environ.get(cfg.remote.token_env)
         self.client = httpx.Client(
             timeout=cfg.remote.timeout_s,
@@ -52,6 +65,18 @@ class RemoteReward:
                 raise RewardServerError(f"{self.url}/info is not an rlhf-loop reward server's answer; for an "
                                         f"OpenRLHF server set {key}.remote.protocol=openrlhf")
             self.objectives = [str(name) for name in info["objectives"]]
+            self._wait_at_least(info.get("request_timeout_s"))
+
+    def _wait_at_least(self, server_timeout_s: Any) -> None:
+        """Stretch the client's timeout past the server's own, so the server's 504 comes before the client gives up."""
+        if not isinstance(server_timeout_s, (int, float)):
+            return  # an older server that does not say
+        waited = server_timeout_s + TIMEOUT_MARGIN_S
+        if waited <= self.settings.timeout_s:
+            return
+        log.warning("reward server %s may take up to %s s per request; waiting %s s instead of remote.timeout_s=%s",
+                    self.url, server_timeout_s, waited, self.settings.timeout_s)
+        self.client.timeout = waited
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         chunks = self._chunks(queries)
@@ -115,6 +140,7 @@ class RemoteReward:
         attempts = self.settings.max_retries + 1
         problem = ""
         for attempt in range(attempts):
+            retry_after = None
             try:
                 response = self.client.request(method, self.url + path, json=body)
             except httpx.TransportError as e:
@@ -128,9 +154,10 @@ class RemoteReward:
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
                 if response.status_code != 429 and response.status_code < 500:
                     raise RewardServerError(f"reward server {self.url}{path} refused the request ({problem})")
+                retry_after = response.headers.get("retry-after")
             if attempt + 1 < attempts:
-                wait = self.settings.backoff_s * 2 ** attempt
-                log.warning("reward server %s%s: %s; retry %d/%d in %.1f s", self.url, path, problem, attempt + 1,
+                wait = retry_wait(self.settings, attempt, retry_after, self.random)
+                log.warning("reward server %s%s: %s; retry %d/%d in %.2f s", self.url, path, problem, attempt + 1,
                             self.settings.max_retries, wait)
                 time.sleep(wait)
         raise RewardServerError(f"reward server {self.url}{path} failed {attempts} times (last: {problem}); "
@@ -142,6 +169,32 @@ class RemoteReward:
         except ValueError:
             raise RewardServerError(f"reward server {self.url}{path} answered with something that is not JSON; "
                                     "is remote.url the server's base URL?") from None
+
+
+def retry_wait(settings: RemoteConfig, attempt: int, retry_after: str | None, rng: random.Random) -> float:
+    """Seconds before retry `attempt + 1`: exponential backoff, at least the server's Retry-After (cut to
+    max_retry_after_s), then up to JITTER longer at random."""
+    wait = settings.backoff_s * 2 ** attempt
+    asked = retry_after_seconds(retry_after)
+    if asked is not None:
+        wait = max(wait, min(asked, settings.max_retry_after_s))
+    return wait * (1 + rng.uniform(0, JITTER))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds: delay-seconds or an HTTP date (RFC 9110 10.2.3); None if absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT; a date without a zone is not one
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def _detail(response) -> str:

@@ -12,6 +12,11 @@ Why FastAPI + uvicorn and not Ray Serve: one process that starts in about a seco
 what OpenRLHF's own reward server uses; the two things Ray Serve would add, replicas and request batching, are a
 thread per model copy and a shared queue here (reward/batcher.py), which also lets replicas merge requests from
 different clients. A token is required whenever the server listens beyond loopback.
+
+Hardening (docs/rewards.md, "The reward server"): scoring requests must be `Content-Type: application/json` (else
+415: browsers send the other types cross-site without asking first); bodies nested deeper than
+`server.max_json_depth` get 400 before they are parsed; at most `server.max_queued_requests` requests wait for a
+replica, beyond that 503 with Retry-After; a 5xx says only what kind of failure and a request id, the log the rest.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from reward.base import NamedRewardModel, RewardQuery, RewardResult
-from reward.batcher import Job, ReplicaPool
+from reward.batcher import Job, QueueFull, ReplicaPool
 from reward.config import RewardConfig, ServerConfig, reward_config_problems
 from rlhf_loop.errors import ConfigError, UserError
+from rlhf_loop.network import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +56,9 @@ class TextRewardModel(Protocol):
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 # -- config ----------------------------------------------------------------------------------------------------
@@ -121,11 +128,35 @@ class GetRewardRequest(BaseModel):
     labels: list[Any] | None = None
 
 
+_SKELETON = b'[]{}"'
+_NOT_SKELETON = bytes(b for b in range(256) if b not in _SKELETON)
+_DEPTH_STEP = np.zeros(256, np.int8)
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON body nest, found without parsing it (the parser recurses, so a
+    deep enough body would exhaust the stack), in time linear in its length. Invalid JSON gets some number.
+
+    Escaped backslashes and then escaped quotes are dropped (a run of backslashes pairs up from its left, exactly
+    as the parser reads it), so every quote left opens or closes a string; a bracket counts when an even number of
+    quotes precede it.
+    """
+    skeleton = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SKELETON)
+    codes = np.frombuffer(skeleton, np.uint8)
+    outside_strings = ~np.logical_xor.accumulate(codes == ord('"'))
+    return int(np.cumsum(_DEPTH_STEP[codes[outside_strings]], dtype=np.int32).max(initial=0))
+
+
 class RequestParser:
     def __init__(self, limits: ServerConfig) -> None:
         self.limits = limits
 
     async def read_json(self, request: Request) -> Any:
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise BadRequest(415, f"content type {media_type[:60] or 'missing'!r} is not accepted: send the body "
+                                  "as JSON with 'Content-Type: application/json'")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_request_bytes:
             raise BadRequest(413, f"request body of {declared} bytes exceeds the limit of "
@@ -135,6 +166,10 @@ class RequestParser:
             body += chunk
             if len(body) > self.limits.max_request_bytes:
                 raise BadRequest(413, f"request body exceeds the limit of {self.limits.max_request_bytes} bytes")
+        limit = self.limits.max_json_depth
+        # Counting brackets is cheap; the exact scan runs only when there are enough of them to nest too deep.
+        if body.count(b"[") + body.count(b"{") > limit and json_depth(bytes(body)) > limit:
+            raise BadRequest(400, f"JSON nested more than {limit} levels deep (the server's max_json_depth)")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -143,6 +178,8 @@ class RequestParser:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise BadRequest(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except ValueError:  # Python refuses integers of over 4,300 digits (sys.get_int_max_str_digits)
+            raise BadRequest(400, "malformed JSON: a number has too many digits") from None
 
     def validate(self, schema: type[BaseModel], data: Any) -> Any:
         try:
@@ -222,11 +259,25 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
         "max_items_per_request": cfg.server.max_items_per_request,
         "max_text_chars": cfg.server.max_text_chars,
         "max_request_bytes": cfg.server.max_request_bytes,
+        "max_json_depth": cfg.server.max_json_depth,
+        "max_queued_requests": cfg.server.max_queued_requests,
+        "request_timeout_s": cfg.server.request_timeout_s,  # clients wait at least this long (reward/remote.py)
     }
 
-    def error(status: int, message: str) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    def server_error(status: int, what: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        """A 5xx that names the kind of failure and a request id to find the details in the log, and nothing else:
+        exception texts carry paths and internals that are no business of the client."""
+        request_id = secrets.token_hex(8)
+        if status == 500:
+            log.exception("request %s: %s", request_id, what)
+        else:  # overload and timeouts: no traceback to keep
+            log.warning("request %s: %s", request_id, what)
+        return error(status, f"{what} (request id {request_id}; the server's log has the details)",
+                     {**(headers or {}), "X-Request-ID": request_id})
 
     def authorized(request: Request) -> bool:
         if token is None:
@@ -236,8 +287,13 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
 
     async def scored(job: Job):
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(job)), cfg.server.request_timeout_s)
-        except asyncio.TimeoutError:
+            future = pool.submit(job)
+        except QueueFull:
+            raise BadRequest(503, "the server is overloaded: retry later",
+                             {"Retry-After": str(cfg.server.retry_after_s)}) from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), cfg.server.request_timeout_s)
+        except asyncio.TimeoutError:  # cancels the job too, if no replica has taken it yet
             raise BadRequest(504, f"scoring took longer than {cfg.server.request_timeout_s} s") from None
 
     async def handle(request: Request, answer) -> JSONResponse:
@@ -247,12 +303,13 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
         try:
             return JSONResponse(await answer(await parser.read_json(request)))
         except BadRequest as e:
-            return error(e.status, str(e))
+            if e.status >= 500:
+                return server_error(e.status, str(e), e.headers)
+            return error(e.status, str(e), e.headers)
         except UserError as e:  # e.g. a user function's NaN: the sample's fault, not the server's
             return error(422, str(e))
-        except Exception as e:
-            log.exception("scoring failed")
-            return error(500, f"scoring failed: {type(e).__name__}: {e}")
+        except Exception:
+            return server_error(500, "scoring failed")
 
     @app.get("/health")
     async def health():
@@ -262,7 +319,7 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
     async def get_info(request: Request):
         if not authorized(request):
             return error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-        return info
+        return {**info, "queued": pool.waiting}
 
     @app.post("/score")
     async def score(request: Request):
@@ -290,15 +347,6 @@ def build_app(pool: ReplicaPool, model: NamedRewardModel, cfg: RewardConfig, rep
 
 # -- running it ------------------------------------------------------------------------------------------------
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _start(cfg: RewardConfig, host: str, replicas: int, token: str | None, device: str):
     """Check the exposure rule, then load the replicas (start-up errors surface here) and build the app."""
     from reward.registry import build_reward_model
@@ -308,10 +356,10 @@ def _start(cfg: RewardConfig, host: str, replicas: int, token: str | None, devic
     if token is not None and not token:
         raise UserError("the token is empty; give a long random string")
     if token is None and not is_loopback(host):
-        raise UserError(f"serving on {host} (beyond loopback) needs a bearer token: pass --token "
-                        "(e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        raise UserError(f"serving on {host} (beyond loopback) needs a bearer token: set RLHF_LOOP_REWARD_TOKEN "
+                        "(e.g. to `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     models = [build_reward_model(cfg, device_for(device, i)) for i in range(replicas)]
-    pool = ReplicaPool(models, cfg.batch_size, cfg.server.max_batch_wait_ms / 1000)
+    pool = ReplicaPool(models, cfg.batch_size, cfg.server.max_batch_wait_ms / 1000, cfg.server.max_queued_requests)
     return pool, build_app(pool, models[0], cfg, replicas, token)
 
 

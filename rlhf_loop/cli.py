@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback a --token is required")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--replicas", type=int, default=1, help="model copies serving requests in parallel")
-    serve.add_argument("--token", default=None, help="bearer token clients must send (or env RLHF_LOOP_REWARD_TOKEN)")
+    serve.add_argument("--token", default=None,
+                       help="bearer token clients must send; prefer env RLHF_LOOP_REWARD_TOKEN (a flag shows in ps)")
     serve.set_defaults(command=_serve_reward)
     return parser
 
@@ -144,6 +145,9 @@ def _report(args) -> None:
 def _serve_reward(args) -> None:
     from reward.server import load_reward_config, serve
 
+    if args.token is not None:
+        print("rlhf-loop: warning: --token is visible to every user of this machine (ps, /proc); "
+              "set RLHF_LOOP_REWARD_TOKEN instead", file=sys.stderr)
     serve(load_reward_config(args.config, args.overrides), host=args.host, port=args.port,
           replicas=args.replicas, token=args.token or os.environ.get("RLHF_LOOP_REWARD_TOKEN"))
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import email.utils
+import logging
+import random
+import re
 import socket
+import time
 
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from reward.base import RewardQuery
-from reward.config import RemoteConfig, RewardComponent, RewardConfig
+from reward.config import RemoteConfig, RewardComponent, RewardConfig, ServerConfig
 from reward.registry import build_reward_model
-from reward.remote import RewardServerError
+from reward.remote import JITTER, TIMEOUT_MARGIN_S, RewardServerError, retry_after_seconds, retry_wait
 from reward.server import background, running_server
 from rlhf_loop.errors import UserError
 
@@ -75,8 +80,8 @@ def test_token_comes_from_the_environment(bt_config, monkeypatch):
         assert len(build_reward_model(remote_config(url), "cpu").score(QUERIES)) == 3
 
 
-def flaky_app(failures: int, status: int = 503):
-    """Fails the first `failures` /score calls with `status`, then scores every response 1.0."""
+def flaky_app(failures: int, status: int = 503, headers: dict[str, str] | None = None):
+    """Fails the first `failures` /score calls with `status` (and `headers`), then scores every response 1.0."""
     app, calls = FastAPI(), []
 
     @app.get("/info")
@@ -87,7 +92,7 @@ def flaky_app(failures: int, status: int = 503):
     async def score(body: dict):
         calls.append(1)
         if len(calls) <= failures:
-            return JSONResponse({"detail": "busy"}, status_code=status)
+            return JSONResponse({"detail": "busy"}, status_code=status, headers=headers)
         return {"results": [{"scores": [1.0] * len(q["responses"]), "objectives": {}} for q in body["queries"]]}
 
     return app, calls
@@ -117,6 +122,80 @@ def test_client_errors_are_not_retried():
         with pytest.raises(RewardServerError, match=r"refused the request \(HTTP 400: busy\)"):
             client.score(QUERIES[:1])
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 415, 422])
+def test_no_client_error_is_retried_even_with_a_retry_after(status):
+    app, calls = flaky_app(failures=100, status=status, headers={"Retry-After": "0"})
+    with background(app) as url:
+        client = build_reward_model(remote_config(url, max_retries=3), "cpu")
+        with pytest.raises(RewardServerError, match=rf"refused the request \(HTTP {status}: busy\)"):
+            client.score(QUERIES[:1])
+    assert len(calls) == 1
+
+
+def logged_waits(caplog) -> list[float]:
+    return [float(re.search(r"in ([0-9.]+) s$", r.getMessage()).group(1))
+            for r in caplog.records if r.name == "reward.remote" and "retry" in r.getMessage()]
+
+
+def test_a_503_retry_after_is_honoured_with_jitter(caplog):
+    app, calls = flaky_app(failures=1, headers={"Retry-After": "1"})
+    with background(app) as url, caplog.at_level(logging.WARNING, logger="reward.remote"):
+        client = build_reward_model(remote_config(url, max_retries=3), "cpu")  # backoff_s=0.01
+        start = time.monotonic()
+        assert [r.scores for r in client.score(QUERIES[:1])] == [[1.0, 1.0, 1.0]]
+        elapsed = time.monotonic() - start
+    [wait] = logged_waits(caplog)
+    assert 1.0 <= wait <= 1.0 + JITTER and elapsed >= 1.0 and len(calls) == 2
+
+
+def test_a_long_retry_after_is_cut_to_the_cap(caplog):
+    app, calls = flaky_app(failures=2, status=429, headers={"Retry-After": "3600"})
+    with background(app) as url, caplog.at_level(logging.WARNING, logger="reward.remote"):
+        client = build_reward_model(remote_config(url, max_retries=3, max_retry_after_s=0.2), "cpu")
+        assert [r.scores for r in client.score(QUERIES[:1])] == [[1.0, 1.0, 1.0]]
+    assert all(0.2 <= wait <= 0.2 * (1 + JITTER) for wait in logged_waits(caplog)) and len(calls) == 3
+
+
+def test_retry_waits_back_off_exponentially_spread_by_jitter():
+    settings, rng = RemoteConfig(backoff_s=1.0, max_retry_after_s=30), random.Random(0)
+    for attempt in range(4):
+        waits = [retry_wait(settings, attempt, None, rng) for _ in range(200)]
+        base = 2 ** attempt
+        assert base <= min(waits) and max(waits) <= base * (1 + JITTER)
+        assert max(waits) - min(waits) > base * JITTER * 0.8  # spread over the jitter range, not one value
+    assert 5 <= retry_wait(settings, 0, "5", rng) <= 5 * (1 + JITTER)  # Retry-After above the backoff wins
+    assert 4 <= retry_wait(settings, 2, "1", rng) <= 4 * (1 + JITTER)  # and below it, the backoff does
+    assert 30 <= retry_wait(settings, 0, "86400", rng) <= 30 * (1 + JITTER)
+
+
+def test_retry_after_is_read_in_both_forms():
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds(" 0 ") == 0.0
+    assert 55 <= retry_after_seconds(in_a_minute) <= 60
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date past: retry now
+    for bad in (None, "", "-3", "1.5", "soon", "Wed, 21 Oct 2015 07:28:00"):
+        assert retry_after_seconds(bad) is None, bad
+
+
+def test_the_server_times_out_before_the_client_by_default():
+    assert ServerConfig().request_timeout_s + TIMEOUT_MARGIN_S <= RemoteConfig().timeout_s
+
+
+@pytest.mark.parametrize("server_timeout, client_timeout, expected", [
+    (90.0, 120.0, 120.0),  # the defaults: the server's 504 comes first, nothing to change
+    (300.0, 120.0, 310.0),  # a patient server: the client waits for its answer
+    (5.0, 30.0, 30.0),
+])
+def test_the_client_waits_past_the_servers_timeout(tmp_path, server_timeout, client_timeout, expected):
+    (tmp_path / "r.py").write_text("def one(messages, response, meta):\n    return 1.0\n")
+    cfg = RewardConfig(kind="function", function=f"{tmp_path}/r.py:one",
+                       server=ServerConfig(request_timeout_s=server_timeout))
+    with running_server(cfg) as url:
+        client = build_reward_model(remote_config(url, timeout_s=client_timeout), "cpu")
+        assert client.client.timeout.read == expected
+        assert [r.scores for r in client.score(QUERIES[:1])] == [[1.0, 1.0, 1.0]]
 
 
 def test_unreachable_server_fails_at_start_up():

@@ -19,6 +19,7 @@ from reward.server import load_reward_config, running_server
 from rlhf_loop.errors import ConfigError, UserError
 
 PROMPT = [{"role": "user", "content": "Name three fruits."}]
+JSON = {"content-type": "application/json"}
 
 
 def score_body(responses, messages=PROMPT):
@@ -78,7 +79,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("body, status, message", BAD_REQUESTS)
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(bt_server, body, status, message):
-    answer = httpx.post(f"{bt_server}/score", content=body, headers={"content-type": "application/json"})
+    answer = httpx.post(f"{bt_server}/score", content=body, headers=JSON)
     assert answer.status_code == status
     assert message in answer.json()["detail"]
     assert httpx.post(f"{bt_server}/score", json=score_body(["still fine"])).status_code == 200
@@ -90,7 +91,7 @@ def test_oversized_body_without_content_length_is_cut_off(bt_server):
         for _ in range(30):
             yield b"z" * 10_000
 
-    answer = httpx.post(f"{bt_server}/score", content=chunks())
+    answer = httpx.post(f"{bt_server}/score", content=chunks(), headers=JSON)
     assert answer.status_code == 413 and "exceeds the limit of 200000 bytes" in answer.json()["detail"]
 
 
@@ -102,7 +103,7 @@ def test_concurrent_valid_and_malformed_requests(bt_server, bt_local):
 
     def send(item):
         if isinstance(item, bytes):
-            return httpx.post(f"{bt_server}/score", content=item, timeout=60)
+            return httpx.post(f"{bt_server}/score", content=item, headers=JSON, timeout=60)
         return httpx.post(f"{bt_server}/score", json=score_body(item), timeout=60)
 
     mixed = [item for pair in zip(valid, malformed + [None] * len(valid)) for item in pair if item is not None]
