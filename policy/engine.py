@@ -18,6 +18,7 @@ import torch
 from policy.batching import WeightedMicroBatch
 from policy.config import PolicyConfig
 from policy.optimization import OptimizationSpec, parameter_groups
+from rlhf_loop.faults import maybe_kill
 from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.network import free_port
 
@@ -192,6 +193,7 @@ class PolicyEngine:
         with atomic_directory(directory, self.rank) as partial:
             self.engine.save_checkpoint(str(partial), tag=_ENGINE_TAG, client_state=client_state, save_latest=False)
             torch.save(rng_states(), partial / f"rng_rank{self.rank}.pt")
+            maybe_kill(f"checkpoint:{Path(directory).parent.parent.name}/{Path(directory).name}")  # kill tests
 
     def load(self, directory: str) -> dict[str, Any]:
         """Restore what `save` wrote; returns the client state."""

@@ -20,6 +20,7 @@ import torch
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import RolloutEngine, Sampling
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.faults import maybe_kill_actor
 from rlhf_loop.records import Prompt, Rollout
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -50,6 +51,7 @@ class EngineActor:
         """Returns once the engine is built, so set-up errors surface at start rather than at the first shard."""
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        maybe_kill_actor("rollout")  # the kill tests' RLHF_LOOP_KILL_ACTOR
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, named_tensors: NamedTensors) -> None:

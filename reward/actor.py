@@ -20,6 +20,7 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.faults import maybe_kill_actor
 
 
 class _RewardActor:
@@ -33,6 +34,7 @@ class _RewardActor:
         return list(self.model.objectives)
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
+        maybe_kill_actor("reward")  # the kill tests' RLHF_LOOP_KILL_ACTOR
         return self.model.score(queries)
 
     def placement(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@
       manifest.json      finished units ("iter_001/rollouts/shard_00000", "iter_001/pairs", ...), written last
       manifest.json.prev the manifest before its last record: what a damaged manifest.json is recovered from
       heartbeat.json     the running process (pid, host, stage), rewritten while it lives; `status` reads it
+      journal.jsonl      every recording of a unit, by every process, appended: a unit appears once
+      placement.json     where each actor of the last process ran (node id, address, pid)
       metrics.jsonl      one line per finished iteration
       eval_initial.jsonl the evaluation of pi_0;  sft/  the warm start;  wandb/  wandb's files
       iter_001/          rollouts/ scores/ pairs.jsonl learner/ policy/ eval.jsonl metrics.json
@@ -21,9 +23,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,17 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_loop.errors import UserError
+from rlhf_loop.faults import maybe_kill
 
 MANIFEST_VERSION = 1
-# Fault injection for the kill-and-resume tests: "UNIT" kills the process right after UNIT is recorded,
-# "UNIT:before" right before (its files written, the manifest not yet updated).
-KILL_AT_ENV = "RLHF_LOOP_KILL_AT"
 # The units of an iteration, in the order the loop runs them (each optional one only when the config asks for it).
 ITERATION_STAGES = ("rollouts", "scores", "pairs", "pairs_dataset", "train", "export", "sync", "eval", "done")
 # What a run writes at its top level (the layout above, and atomic writes' temp files); `--overwrite` deletes a
 # directory only when it holds nothing else, so a mistyped --run-dir never costs anyone their files.
 RUN_ENTRIES = re.compile(r"config\.yaml|manifest\.json(\.prev)?|heartbeat\.json|metrics\.jsonl|eval_initial\.jsonl"
-                         r"|placement\.json|sft|wandb|report|logs|iter_\d{3,}|\..+\.tmp")
+                         r"|placement\.json|journal\.jsonl|sft|wandb|report|logs|iter_\d{3,}|\..+\.tmp")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -117,6 +117,10 @@ class RunDir:
     @property
     def previous_manifest_path(self) -> Path:
         return self.root / "manifest.json.prev"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "journal.jsonl"
 
     @property
     def heartbeat_path(self) -> Path:
@@ -253,10 +257,11 @@ class Manifest:
             {"path": str(path.relative_to(self.run_dir.root)), "bytes": path.stat().st_size, "sha256": digest}
             for path, digest in zip(paths, _sha256_files(paths), strict=True)
         ]
-        _maybe_kill(f"{unit}:before")
+        maybe_kill(f"{unit}:before")
         self.units[unit] = entry
-        self._write()
-        _maybe_kill(unit)
+        self._write(kill_point=f"{unit}:manifest")
+        self._journal(unit)
+        maybe_kill(unit)
 
     def verify_unit(self, unit: str) -> str | None:
         """The first of a finished unit's files that is missing, truncated or corrupt, said in words; None when
@@ -332,15 +337,25 @@ class Manifest:
         self.fingerprints = fingerprints
         self._write()
 
-    def _write(self) -> None:
+    def _write(self, kill_point: str = "") -> None:
         data: dict[str, Any] = {"version": MANIFEST_VERSION, "units": self.units}
         data.update({key: value for key, value in (("run_id", self.run_id), ("fingerprints", self.fingerprints))
                      if value is not None})
         raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
         if self._written is not None:
             atomic_write_bytes(self.run_dir.previous_manifest_path, self._written)
+        maybe_kill(kill_point)  # between the two writes: the kill tests' "UNIT:manifest"
         atomic_write_bytes(self.run_dir.manifest_path, raw)
         self._written = raw
+
+    def _journal(self, unit: str) -> None:
+        """One line per recorded unit, appended and never rewritten, by every process of the run: what the chaos
+        tests count to show that no finished unit is ever done twice."""
+        line = json.dumps({"unit": unit, "pid": os.getpid(), "time": time.time()}) + "\n"
+        with open(self.run_dir.journal_path, "a", encoding="utf-8") as journal:
+            journal.write(line)
+            journal.flush()
+            os.fsync(journal.fileno())
 
 
 def _pipeline_position(unit: str) -> tuple:
@@ -354,8 +369,3 @@ def _pipeline_position(unit: str) -> tuple:
     if match and match[2] in ITERATION_STAGES:
         return (2, int(match[1]), ITERATION_STAGES.index(match[2]), match[3])
     return (3, unit)  # a unit this version does not know: assume it depends on everything
-
-
-def _maybe_kill(point: str) -> None:
-    if os.environ.get(KILL_AT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)

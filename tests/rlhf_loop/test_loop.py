@@ -1,7 +1,8 @@
 """The whole loop, end to end, as a user runs it: `rlhf-loop run` in a subprocess, on tiny local models.
 
-Also the crash test: the run is SIGKILLed inside every stage and resumed, and must end with exactly the pairs,
-losses and weights of an uninterrupted run.
+Also the crash tests: the run is SIGKILLed inside every stage (a manifest write and a checkpoint write included) and
+resumed, and must end with exactly the pairs, metrics and weights of an uninterrupted run, having recorded no unit
+twice; and actors killed mid-run are restarted within the run, with the same results.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_loop.rundir import KILL_AT_ENV, read_jsonl
+from rlhf_loop.faults import KILL_ACTOR_ENV, KILL_AT_ENV
+from rlhf_loop.rundir import read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +62,14 @@ cluster: {{num_cpus: 2}}
 RUN_TIMEOUT_S = 600  # a run here takes about a minute; ten means it hangs
 
 
-def rlhf_loop(*args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def rlhf_loop(*args: str, kill_at: str | None = None, kill_actors: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(KILL_AT_ENV, None)
+    env.pop(KILL_ACTOR_ENV, None)
     if kill_at:
         env[KILL_AT_ENV] = kill_at
+    if kill_actors:
+        env[KILL_ACTOR_ENV] = kill_actors
     # Its own process group, so whatever a killed driver leaves behind (Ray's processes) is cleaned up here.
     process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -147,19 +153,23 @@ def test_three_iterations_with_hf_engine(config, tmp_path):
     assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
 
 
-# Kill points inside every stage: after a unit is recorded, or (":before") with its files written but not recorded.
+# Kill points inside every stage, in the order a run reaches them: after a unit is recorded, with its files written
+# but not recorded (":before"), between the manifest's two writes (":manifest"), and a learner rank dying in the
+# middle of writing a checkpoint ("checkpoint:"; the run then stops with one line instead of a SIGKILL).
 KILL_POINTS = [
     "sft/step_000002",
     "sft/done:before",
     "eval_initial:before",
     "iter_001/rollouts/shard_00001",
     "iter_001/scores/shard_00000:before",
+    "iter_001/pairs:manifest",
     "iter_001/pairs",
     "iter_001/train/step_000002",
     "iter_001/export:before",
     "iter_001/sync",
     "iter_001/eval",
     "iter_002/rollouts/shard_00002:before",
+    "checkpoint:iter_002/step_000002",
     "iter_002/train/step_000002:before",
     "iter_002/done:before",
     "iter_003/scores/shard_00001",
@@ -168,13 +178,22 @@ KILL_POINTS = [
 
 def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
-    result = rlhf_loop("run", str(config), "--run-dir", str(run_dir), kill_at=KILL_POINTS[0])
-    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:]
-    for point in KILL_POINTS[1:]:
-        result = rlhf_loop("resume", str(run_dir), kill_at=point)
-        assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
+    for number, point in enumerate(KILL_POINTS):
+        command = ("run", str(config), "--run-dir", str(run_dir)) if number == 0 else ("resume", str(run_dir))
+        result = rlhf_loop(*command, kill_at=point)
+        if point.startswith("checkpoint:"):
+            assert result.returncode == 2, f"not stopped at {point}: {result.stdout[-3000:]}"
+            assert "the learner died during checkpoint" in result.stdout, result.stdout[-3000:]
+        else:
+            assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
     result = rlhf_loop("resume", str(run_dir))
     assert result.returncode == 0, result.stdout[-3000:]
+
+    # No finished unit was done twice: each was recorded once, by one of the processes.
+    recorded = Counter(line["unit"] for line in read_jsonl(run_dir / "journal.jsonl"))
+    assert max(recorded.values()) == 1, [unit for unit, count in recorded.items() if count > 1]
+    assert set(recorded) == set(json.loads((run_dir / "manifest.json").read_text())["units"])
+    assert len({line["pid"] for line in read_jsonl(run_dir / "journal.jsonl")}) == len(KILL_POINTS) + 1
 
     expected, actual = finished(uninterrupted), finished(run_dir)
     assert actual["pairs"] == expected["pairs"]
@@ -214,3 +233,20 @@ def test_best_of_n_data_building_then_offline_dpo_on_it(config, tmp_path):
     trained = read_jsonl(offline / "iter_001" / "pairs.jsonl")
     built = {(p["chosen"]["text"].strip(), p["rejected"]["text"].strip()) for p in pairs}
     assert all((p["chosen"]["text"].strip(), p["rejected"]["text"].strip()) in built for p in trained)
+
+
+def test_killed_rollout_and_reward_actors_are_restarted_within_the_run(config, uninterrupted, tmp_path):
+    markers = tmp_path / "killed_once"
+    run_dir = tmp_path / "actors"
+    result = rlhf_loop("run", str(config), "iterations=1", "--run-dir", str(run_dir),
+                       kill_actors=f"rollout,reward:{markers}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert (markers / "rollout").exists() and (markers / "reward").exists()  # each was killed once
+    assert "rollout engine 0 died during generate; restarted it" in result.stdout
+    assert "the reward actor died while scoring; restarted it" in result.stdout
+    expected, actual = uninterrupted / "iter_001", run_dir / "iter_001"
+    assert read_jsonl(actual / "pairs.jsonl") == read_jsonl(expected / "pairs.jsonl")
+    assert read_jsonl(actual / "eval.jsonl") == read_jsonl(expected / "eval.jsonl")
+    weights, expected_weights = load_file(actual / "policy" / "model.safetensors"), load_file(
+        expected / "policy" / "model.safetensors")
+    assert all(weights[k].equal(expected_weights[k]) for k in expected_weights)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.errors import UserError
-from rlhf_loop.rundir import (KILL_AT_ENV, Manifest, RunDir, atomic_write_bytes, atomic_write_jsonl, atomic_write_text,
+from rlhf_loop.faults import KILL_AT_ENV
+from rlhf_loop.rundir import (Manifest, RunDir, atomic_write_bytes, atomic_write_jsonl, atomic_write_text,
                               read_jsonl)
 
 
