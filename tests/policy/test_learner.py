@@ -127,6 +127,7 @@ def independent_stats(policy, reference, pairs, train) -> dict[str, float]:
 @pytest.mark.parametrize(
     "loss", [dict(loss_type="sigmoid"), dict(loss_type="sigmoid", label_smoothing=0.2), dict(loss_type="ipo")]
 )
+@pytest.mark.integration  # DeepSpeed
 def test_training_lowers_the_loss_and_reports_what_an_independent_computation_finds(
     loss, tiny_tokenizer, tiny_policy_dir, tmp_path
 ):
@@ -171,6 +172,7 @@ def test_training_lowers_the_loss_and_reports_what_an_independent_computation_fi
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.integration  # DeepSpeed
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_exactly(
     zero_stage, tiny_tokenizer, tiny_policy_dir, tmp_path
 ):
@@ -200,6 +202,7 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_exactly(
 
 
 @pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.integration  # DeepSpeed
 def test_a_new_iteration_starts_at_step_0_with_fresh_adam_state_when_configured(
     reset, tiny_tokenizer, tiny_policy_dir, tmp_path
 ):
@@ -220,6 +223,7 @@ def test_a_new_iteration_starts_at_step_0_with_fresh_adam_state_when_configured(
     assert identical == reset
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_reference_previous_reloads_the_reference_from_the_given_policy(tiny_tokenizer, tiny_policy_dir, tmp_path):
     pairs = make_pairs(tiny_tokenizer, 4)
     prompts, responses = [p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs]
@@ -235,6 +239,7 @@ def test_reference_previous_reloads_the_reference_from_the_given_policy(tiny_tok
     assert stats.loss == pytest.approx(math.log(2)) and stats.chosen_reward == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_checkpoints_are_written_atomically(tiny_tokenizer, tiny_policy_dir, tmp_path):
     learner = DPOLearner(policy_config(tiny_policy_dir), train_config(), device="cpu", seed=0)
     learner.begin_iteration(1, make_pairs(tiny_tokenizer, 8), reference_dir=None)
@@ -269,6 +274,7 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, eos_token_id: int) -> l
     return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_named_weights_and_hf_export_round_trip(tiny_tokenizer, tiny_policy_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -295,6 +301,7 @@ def test_named_weights_and_hf_export_round_trip(tiny_tokenizer, tiny_policy_dir,
     assert learner.greedy_generate(prompts, 12) == expected
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_zero3_trains_like_zero0_and_gathers_full_weights(tiny_tokenizer, tiny_policy_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -20,6 +20,8 @@ from policy.learner import DPOLearner
 from policy.learner_group import LearnerGroup
 from rlhf_loop.actor_calls import ActorDied
 
+pytestmark = pytest.mark.integration  # starts Ray actors
+
 
 def assert_close_weights(a, b) -> None:
     assert [name for name, _ in a] == [name for name, _ in b]

@@ -35,6 +35,7 @@ def group(request, ray_local, policy_config):
     group.shutdown()
 
 
+@pytest.mark.integration  # Ray and vLLM
 def test_generate_returns_prompts_in_order_whichever_engine_ran_them(group, prompts, check_rollouts):
     rollouts = group.generate(prompts, SAMPLING)
     check_rollouts(rollouts, prompts, SAMPLING.n, MAX_TOKENS)
@@ -44,6 +45,7 @@ def test_generate_returns_prompts_in_order_whichever_engine_ran_them(group, prom
     assert group.generate(prompts[:1], SAMPLING) == rollouts[:1]
 
 
+@pytest.mark.integration  # Ray and vLLM
 def test_update_weights_reaches_every_engine(ray_local, group, prompts, tiny_model, new_model, hf_greedy, named_parameters):
     old_reference = hf_greedy(tiny_model, prompts[:4], MAX_TOKENS)
     new_reference = hf_greedy(new_model, prompts[:4], MAX_TOKENS)
@@ -54,7 +56,7 @@ def test_update_weights_reaches_every_engine(ray_local, group, prompts, tiny_mod
     assert group.greedy(prompts[:4], MAX_TOKENS) == [new_reference, new_reference]
 
 
-@pytest.mark.integration
+@pytest.mark.integration  # Ray
 def test_a_killed_engine_is_restarted_with_the_synced_weights_until_restarts_run_out(
         ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy):
     group = RolloutGroup(policy_config, RolloutConfig(engine="hf", num_engines=1), "cpu", max_model_len=256, seed=0,

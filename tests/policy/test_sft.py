@@ -50,6 +50,7 @@ def independent_nll(model_dir, examples: list[SFTExample]) -> float:
     return total / tokens
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_run_sft_lowers_the_nll_of_the_responses_and_exports(tiny_tokenizer, tiny_policy_dir, conversations, tmp_path):
     examples = [example_from_messages(tiny_tokenizer, c) for c in conversations]
     stats = run_sft(policy_config(tiny_policy_dir), sft_config(), conversations, str(tmp_path / "sft"), seed=0)
@@ -59,6 +60,7 @@ def test_run_sft_lowers_the_nll_of_the_responses_and_exports(tiny_tokenizer, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_sft_resumes_exactly_from_a_checkpoint(tiny_tokenizer, tiny_policy_dir, conversations, tmp_path):
     config = sft_config(lr_schedule="cosine", warmup_ratio=0.2, micro_batch_size=3, weight_decay=0.01)
     examples = [example_from_messages(tiny_tokenizer, c) for c in conversations]  # token ids are accepted too
@@ -79,6 +81,7 @@ def test_sft_resumes_exactly_from_a_checkpoint(tiny_tokenizer, tiny_policy_dir, 
     assert_same_weights(resumed.named_weights(), expected_weights)
 
 
+@pytest.mark.integration  # DeepSpeed
 def test_dpo_and_sft_checkpoints_are_not_interchangeable(tiny_tokenizer, tiny_policy_dir, conversations, tmp_path):
     from learner_fixtures import train_config
 

@@ -12,7 +12,7 @@ from policy.config import RolloutConfig
 from policy.rollout import Sampling
 from policy.rollout_group import start_engine_actor
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS = 32
 SAMPLING = Sampling(n=4, temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=7)

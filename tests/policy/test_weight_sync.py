@@ -8,6 +8,8 @@ from policy.config import RolloutConfig, TrainConfig
 from rlhf_loop.records import Pair, Response
 from rlhf_loop.stages import sync_weights
 
+pytestmark = pytest.mark.integration  # starts Ray actors
+
 
 def pairs_for(prompts, tokenizer) -> list[Pair]:
     def response(text: str) -> Response:

@@ -63,7 +63,7 @@ def pools():
     made: list[tuple[ReplicaPool, list[FakeModel]]] = []
 
     def make(models, batch_size=4, max_wait_s=0.05):
-        pool = ReplicaPool(models, batch_size, max_wait_s)
+        pool = ReplicaPool(models, batch_size, max_wait_s, max_queued=256)
         made.append((pool, models))
         return pool
 

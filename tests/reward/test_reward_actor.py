@@ -13,6 +13,8 @@ from reward.registry import build_reward_model
 from rlhf_loop.actor_calls import ActorTimeout
 from rlhf_loop.errors import UserError
 
+pytestmark = pytest.mark.integration  # starts Ray actors
+
 
 def test_actor_scores_like_in_process(ray_local, tiny_reward_dir, tiny_messages):
     from reward.actor import RewardScorer

@@ -45,6 +45,7 @@ def trained(tiny_reward_dir, pairs, tmp_path_factory):
     return train(tiny_reward_dir, out_dir, *pairs), out_dir
 
 
+@pytest.mark.integration  # trains reward models for a minute
 def test_training_learns_held_out_gold_preferences(tiny_reward_dir, pairs, trained, tmp_path):
     train_pairs, eval_pairs = pairs
     untrained = train(tiny_reward_dir, tmp_path / "untrained", train_pairs[:1], eval_pairs, lr=0.0, epochs=1)
@@ -54,6 +55,7 @@ def test_training_learns_held_out_gold_preferences(tiny_reward_dir, pairs, train
     assert 0 < metrics.train_loss < 0.6 and metrics.train_accuracy > 0.7
 
 
+@pytest.mark.integration  # trains reward models for a minute
 def test_the_saved_model_scores_chosen_above_rejected_through_the_scorer(pairs, trained):
     from reward.base import RewardQuery
     from reward.classifier import BradleyTerryReward
@@ -66,6 +68,7 @@ def test_the_saved_model_scores_chosen_above_rejected_through_the_scorer(pairs, 
     assert agreement == pytest.approx(metrics.eval_accuracy)  # the scorer sees exactly what training saw
 
 
+@pytest.mark.integration  # trains reward models for a minute
 def test_training_is_deterministic_for_a_seed_and_starts_a_score_head_on_a_causal_lm(tiny_policy_dir, pairs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

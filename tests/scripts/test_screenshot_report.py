@@ -28,6 +28,7 @@ def test_without_a_browser_it_says_which_it_looked_for(page, tmp_path, monkeypat
 
 
 @pytest.mark.skipif(screenshot_report.find_browser() is None, reason="no Chromium-family browser on PATH")
+@pytest.mark.integration  # a headless browser
 def test_screenshot_of_a_page(page, tmp_path):
     from PIL import Image
 

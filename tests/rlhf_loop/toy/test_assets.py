@@ -30,6 +30,7 @@ def built(tmp_path_factory):
     return cfg, ensure_toy_assets(cfg)
 
 
+@pytest.mark.integration  # builds the assets: SFT on DeepSpeed in a child process
 def test_ensure_builds_every_asset_with_the_documented_layout(built):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -50,6 +51,7 @@ def test_ensure_builds_every_asset_with_the_documented_layout(built):
     assert leftovers == [".toy_task.lock"]  # no staging or retired directories left behind
 
 
+@pytest.mark.integration  # builds the assets: SFT on DeepSpeed in a child process
 def test_a_second_call_is_a_cache_hit(built, monkeypatch):
     cfg, assets = built
     monkeypatch.setattr(assets_module, "_build_in_child_process", lambda *_: pytest.fail("rebuilt a valid cache"))
