@@ -34,15 +34,19 @@ def start_ray(cluster_cfg) -> None:
     elif address != "auto":
         host = check_reachable(address)
         node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
-    ray.init(
-        address=address,
-        num_cpus=cluster_cfg.num_cpus if address is None else None,
-        _node_ip_address=node_ip,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    try:
+        ray.init(
+            address=address,
+            num_cpus=cluster_cfg.num_cpus if address is None else None,
+            _node_ip_address=node_ip,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    except ConnectionError as e:  # address "auto" with no cluster running here, or a head that went away
+        raise UserError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0][:160]}); start it with "
+                        f"`ray start --head`, or unset cluster.address to start a local one") from None
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
