@@ -287,3 +287,13 @@ def test_an_iteration_without_pairs_exports_an_empty_dataset_with_the_columns(ru
     export_iteration(str(run_dir), 1, str(tmp_path / "out"))
     rows = datasets.load_from_disk(str(tmp_path / "out" / "pairs"))
     assert len(rows) == 0 and set(rows.column_names) == COLUMNS
+
+
+def test_a_hub_push_is_private_unless_asked_otherwise(tmp_path, many_pairs, monkeypatch):
+    from datasets import DatasetDict
+
+    pushes = []
+    monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo, **kwargs: pushes.append((repo, kwargs)))
+    write_preference_dataset(many_pairs, tmp_path / "a", "disk", 0.1, 0, push_to_hub="me/pairs")
+    write_preference_dataset(many_pairs, tmp_path / "b", "disk", 0.1, 0, push_to_hub="me/pairs", private=False)
+    assert pushes == [("me/pairs", {"private": True}), ("me/pairs", {"private": False})]

@@ -4,6 +4,7 @@ models and local jsonl files."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -124,3 +125,38 @@ def test_an_sft_messages_column_that_is_there_passes(config, files):
 def test_a_missing_gold_reward_names_the_key(config, files):
     with pytest.raises(UserError, match=r"eval\.gold_reward"):
         preflight(config(f"eval:\n  prompts: {files / 'eval.jsonl'}\n  gold_reward: {files / 'rewards.py'}:nope\n"))
+
+
+def with_reward(cfg, **fields):
+    from reward.config import RewardConfig
+
+    return dataclasses.replace(cfg, reward=RewardConfig(**fields))
+
+
+def test_a_reward_model_without_a_score_head_is_refused_before_anything_is_written(config, tiny_policy_dir, tmp_path):
+    cfg = with_reward(config(), kind="bradley_terry", model_path=str(tiny_policy_dir))  # a causal LM
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"reward\.model_path .* has no score head"):
+        preflight(cfg)
+    assert snapshot(tmp_path) == before
+
+
+def test_custom_reward_code_without_trust_remote_code_is_refused(config, tiny_reward_dir, tmp_path):
+    custom = tmp_path / "custom_rm"
+    shutil.copytree(tiny_reward_dir, custom)
+    settings = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**settings, "auto_map": {"AutoModel": "modeling.Model"}}))
+    with pytest.raises(UserError, match=r"ships custom modeling code .* reward\.trust_remote_code=true"):
+        preflight(with_reward(config(), kind="bradley_terry", model_path=str(custom)))
+    with pytest.raises(UserError, match=r"kind armorm runs the model's own modeling code"):
+        preflight(with_reward(config(), kind="armorm", model_path=str(tiny_reward_dir)))
+
+
+def test_a_combined_reward_checks_its_components(config, tiny_policy_dir, tiny_reward_dir):
+    from reward.config import RewardComponent, RewardConfig
+
+    good = RewardComponent(name="rm", reward=RewardConfig(kind="bradley_terry", model_path=str(tiny_reward_dir)))
+    bad = RewardComponent(name="lm", reward=RewardConfig(kind="bradley_terry", model_path=str(tiny_policy_dir)))
+    preflight(with_reward(config(), kind="combined", components=[good]))
+    with pytest.raises(UserError, match=r"reward\.components\[1\]\.reward\.model_path"):
+        preflight(with_reward(config(), kind="combined", components=[good, bad]))
