@@ -176,6 +176,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.timeout(2400)  # 17 processes, each starting Ray, vLLM and DeepSpeed: about 10 minutes here
 def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     for number, point in enumerate(KILL_POINTS):
