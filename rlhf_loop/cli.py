@@ -151,6 +151,8 @@ def _status(args) -> None:
     from rlhf_loop.status import describe, run_status, watch
 
     if args.watch:
+        if args.interval <= 0:
+            raise UserError(f"--interval must be > 0 seconds, got {args.interval:g}")
         watch(args.run_dir, args.interval)
         return
     status = run_status(args.run_dir)

@@ -116,3 +116,7 @@ def test_an_unknown_option_is_one_line(capsys, config, tmp_path):
 
 def test_a_command_without_overrides_refuses_them(capsys, tmp_path):
     fails(capsys, ["status", str(tmp_path), "iterations=2"], "`rlhf-loop status` takes no key=value overrides")
+
+
+def test_watch_needs_a_positive_interval(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path), "--watch", "--interval", "0"], "--interval must be > 0 seconds")

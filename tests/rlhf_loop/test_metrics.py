@@ -1,6 +1,7 @@
 import json
 import struct
 import sys
+import time
 import types
 
 import pytest
@@ -130,7 +131,7 @@ def wandb_records(path):
             position += 32768 - position % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:
+        if kind == 0 or position + 7 + length > len(data):  # the end, or a record still being written
             break
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
@@ -139,6 +140,17 @@ def wandb_records(path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_wandb_records(path, timeout_s=30.0):
+    """The records once the run's exit is among them: wandb's service process writes the file, and `finish()` can
+    return before it has."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def test_offline_wandb_gets_step_curves_and_iteration_metrics_on_their_own_axes(tmp_path, monkeypatch):
@@ -153,7 +165,7 @@ def test_offline_wandb_gets_step_curves_and_iteration_metrics_on_their_own_axes(
     tracker.close()
     (path,) = (run_dir.root / "wandb").glob("offline-run-*/run-*.wandb")
     history, axes = [], {}
-    for record in wandb_records(path):
+    for record in finished_wandb_records(path):
         if record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
             history.append({key: json.loads(value) for key, value in items.items() if not key.startswith("_")})
