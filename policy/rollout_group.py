@@ -10,7 +10,6 @@ the last synced weights again and has it redo its chunk.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import RolloutEngine, Sampling
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.console import say
 from rlhf_loop.faults import maybe_kill_actor
 from rlhf_loop.records import Prompt, Rollout
 
@@ -139,8 +139,8 @@ class RolloutGroup:
 
     def _recover(self, index: int, stage: str) -> None:
         self.restarts += 1
-        print(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
-              f"{self.max_restarts} restarts) and redoing its work", file=sys.stderr)
+        say(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
+            f"{self.max_restarts} restarts) and redoing its work")
         actor = self.actors[index]
         # Ray rebuilds the engine from the initial policy; the last synced weights go in again.
         wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")

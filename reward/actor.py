@@ -11,7 +11,6 @@ scores the batch again, so scores are as if nothing happened.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.console import say
 from rlhf_loop.faults import maybe_kill_actor
 
 
@@ -66,8 +66,8 @@ class RewardScorer:
                 if self.restarts >= self.max_restarts:
                     raise
                 self.restarts += 1
-                print(f"rlhf-loop: the reward actor died while scoring; restarted it ({self.restarts} of "
-                      f"{self.max_restarts} restarts) and scoring the batch again", file=sys.stderr)
+                say(f"rlhf-loop: the reward actor died while scoring; restarted it ({self.restarts} of "
+                    f"{self.max_restarts} restarts) and scoring the batch again")
                 wait_restarted(lambda: self._actor.start.remote(*self._start_arguments), self.timeout_s,
                                "reward actor", "reward.call_timeout_s")
 

@@ -1,12 +1,15 @@
 """`rlhf-loop`: run, resume and inspect online iterative DPO runs.
 
-    rlhf-loop run CONFIG [key=value ...] [--run-dir DIR] [--overwrite]
-    rlhf-loop resume RUN_DIR
-    rlhf-loop status RUN_DIR [--json]
+    rlhf-loop run CONFIG [key=value ...] [--run-dir DIR] [--overwrite] [--verbose]
+    rlhf-loop resume RUN_DIR [iterations=N ...] [--verbose]
+    rlhf-loop status RUN_DIR [--json | --watch [--interval S]]
     rlhf-loop plan CONFIG [key=value ...]
     rlhf-loop export RUN_DIR --iteration N --to DIR
     rlhf-loop report RUN_DIR
     rlhf-loop serve-reward CONFIG [key=value ...] [--host H] [--port P] [--replicas N] [--token T]
+
+`key=value` overrides may come anywhere on the line. `run` and `resume` keep the console to progress bars and one
+line per iteration; the libraries' output goes to RUN_DIR/logs/ (--verbose shows it on the console instead).
 """
 
 from __future__ import annotations
@@ -18,62 +21,87 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_loop.console import quiet, say
 from rlhf_loop.errors import UserError
+from rlhf_loop.resume import SAFE_ON_RESUME
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return args.command(args) or 0
     except UserError as e:
         print(f"rlhf-loop: error: {e}", file=sys.stderr)
         return 2
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command's arguments, with every word argparse does not know kept as a `key=value` override (so they may
+    come before, between or after the options); an unknown --flag, or an override to a command without any, is one
+    UserError line."""
+    args, extra = _parser().parse_known_args(argv)
+    flag = next((word for word in extra if word.startswith("-")), None)
+    if flag is not None:
+        raise UserError(f"unknown option {flag} for `rlhf-loop {args.name}`; `rlhf-loop {args.name} --help` lists "
+                        f"its options")
+    if extra and not args.takes_overrides:
+        raise UserError(f"`rlhf-loop {args.name}` takes no key=value overrides, got {extra[0]!r}")
+    args.overrides = extra
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-loop", description="Online iterative DPO.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="start a run from a config")
+    run = _command(commands, "run", _run, "start a run from a config", "config overrides, e.g. iterations=2")
     run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. iterations=2")
     run.add_argument("--run-dir", help="where the run writes everything (default: runs/CONFIG_NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
-    run.set_defaults(command=_run)
+    run.add_argument("--verbose", action="store_true", help="every library's output on the console, as it comes")
 
-    resume = commands.add_parser("resume", help="continue a run from its first unfinished unit of work")
+    resume = _command(commands, "resume", _resume, "continue a run from its first unfinished unit of work",
+                      f"what a resume may change: {', '.join(SAFE_ON_RESUME)} (e.g. iterations=5 extends the run)")
     resume.add_argument("run_dir")
-    resume.set_defaults(command=_resume)
+    resume.add_argument("--verbose", action="store_true", help="every library's output on the console, as it comes")
 
-    status = commands.add_parser("status", help="where a run stands: iteration, stage, shards done, last metrics")
+    status = _command(commands, "status", _status, "where a run stands: iteration, stage, shards done, last metrics")
     status.add_argument("run_dir")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(command=_status)
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="machine-readable output")
+    shown.add_argument("--watch", action="store_true", help="refresh in place until the run finishes (Ctrl-C: stop)")
+    status.add_argument("--interval", type=float, default=5.0, metavar="S",
+                        help="seconds between refreshes of --watch (default 5)")
 
-    plan = commands.add_parser("plan", help="the resolved config, resources and memory per role, and checks")
+    plan = _command(commands, "plan", _plan, "the resolved config, resources and memory per role, and checks",
+                    "config overrides")
     plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*", metavar="key=value")
-    plan.set_defaults(command=_plan)
 
-    export = commands.add_parser("export", help="an iteration's policy (HF format) and its pairs (HF dataset)")
+    export = _command(commands, "export", _export, "an iteration's policy (HF format) and its pairs (HF dataset)")
     export.add_argument("run_dir")
     export.add_argument("--iteration", type=int, required=True, help="which finished iteration")
     export.add_argument("--to", required=True, help="a new (or empty) directory")
-    export.set_defaults(command=_export)
 
-    report = commands.add_parser("report", help="an HTML page with plots, metrics and sample pairs: RUN_DIR/report/")
+    report = _command(commands, "report", _report,
+                      "an HTML page with plots, metrics and sample pairs: RUN_DIR/report/")
     report.add_argument("run_dir", help="a finished, running or stopped run")
-    report.set_defaults(command=_report)
 
-    serve = commands.add_parser("serve-reward", help="serve the config's reward model over HTTP")
+    serve = _command(commands, "serve-reward", _serve_reward, "serve the config's reward model over HTTP",
+                     "overrides of reward.* keys")
     serve.add_argument("config", help="YAML with a reward: section (a run config works)")
-    serve.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of reward.* keys")
     serve.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback a --token is required")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--replicas", type=int, default=1, help="model copies serving requests in parallel")
     serve.add_argument("--token", default=None,
                        help="bearer token clients must send; prefer env RLHF_LOOP_REWARD_TOKEN (a flag shows in ps)")
-    serve.set_defaults(command=_serve_reward)
+    return parser
+
+
+def _command(commands, name: str, function, description: str, overrides: str | None = None):
+    """A subcommand; `overrides` (their help) when it takes key=value overrides, which parse_args collects."""
+    parser = commands.add_parser(name, help=description, description=description + (
+        f"; key=value anywhere on the line: {overrides}" if overrides else ""))
+    parser.set_defaults(command=function, name=name, takes_overrides=overrides is not None)
     return parser
 
 
@@ -85,36 +113,48 @@ def _run(args) -> None:
     from rlhf_loop.preflight import preflight
     from rlhf_loop.rundir import RunDir, atomic_write_text
 
-    cfg = load_config(args.config, args.overrides)
-    preflight(cfg)  # bad paths and columns fail here, before anything is written or started
-    root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = RunDir.create(root, overwrite=args.overwrite)
-    atomic_write_text(run_dir.config_path, to_yaml(cfg))
-    record_inputs(run_dir, cfg)  # what `resume` checks: the config and the prompt files are still these
-    print(f"rlhf-loop: run directory {run_dir.root}", file=sys.stderr)
-    with beating(run_dir):
-        loop.run(cfg, run_dir)
+    with quiet(args.verbose) as log:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)  # bad paths and columns fail here, before anything is written or started
+        root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = RunDir.create(root, overwrite=args.overwrite)
+        log.into(run_dir.root / "logs")
+        atomic_write_text(run_dir.config_path, to_yaml(cfg))
+        record_inputs(run_dir, cfg)  # what `resume` checks: the config and the prompt files are still these
+        say(f"rlhf-loop: run directory {run_dir.root}{_where_logs_are(args, run_dir)}")
+        with beating(run_dir):
+            loop.run(cfg, run_dir)
+        say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
 
 
 def _resume(args) -> None:
     from rlhf_loop import loop
-    from rlhf_loop.config import load_config
-    from rlhf_loop.fingerprints import check_inputs
     from rlhf_loop.heartbeat import beating
-    from rlhf_loop.preflight import preflight
+    from rlhf_loop.resume import resumed_config
     from rlhf_loop.rundir import RunDir
 
-    run_dir = RunDir.existing(args.run_dir)
-    cfg = load_config(run_dir.config_path)
-    preflight(cfg)
-    check_inputs(run_dir, cfg)
-    with beating(run_dir):
-        loop.run(cfg, run_dir)
+    with quiet(args.verbose) as log:
+        run_dir = RunDir.existing(args.run_dir)
+        log.into(run_dir.root / "logs")
+        cfg = resumed_config(run_dir, args.overrides)
+        say(f"rlhf-loop: resuming {run_dir.root}{_where_logs_are(args, run_dir)}")
+        with beating(run_dir):
+            loop.run(cfg, run_dir)
+        say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
+
+
+def _where_logs_are(args, run_dir) -> str:
+    return "" if args.verbose else f" (the libraries' output: {run_dir.root / 'logs'}/; --verbose shows it here)"
 
 
 def _status(args) -> None:
-    from rlhf_loop.status import describe, run_status
+    from rlhf_loop.status import describe, run_status, watch
 
+    if args.watch:
+        if args.interval <= 0:
+            raise UserError(f"--interval must be > 0 seconds, got {args.interval:g}")
+        watch(args.run_dir, args.interval)
+        return
     status = run_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else describe(status))
 

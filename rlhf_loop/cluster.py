@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from pathlib import Path
 
+from rlhf_loop import console
 from rlhf_loop.errors import UserError
 from rlhf_loop.network import is_loopback
 
@@ -21,7 +24,8 @@ def resolve_device(device: str) -> str:
 
 
 def start_ray(cluster_cfg) -> None:
-    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one."""
+    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one. In a quiet process the
+    actors' output stays in Ray's log files (linked from RUN_DIR/logs/) instead of coming to the console."""
     import ray
 
     if ray.is_initialized():
@@ -34,19 +38,31 @@ def start_ray(cluster_cfg) -> None:
     elif address != "auto":
         host = check_reachable(address)
         node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
+    log_dir = console.log_dir()
     try:
-        ray.init(
+        context = ray.init(
             address=address,
             num_cpus=cluster_cfg.num_cpus if address is None else None,
             _node_ip_address=node_ip,
             include_dashboard=False,
-            log_to_driver=True,
+            log_to_driver=log_dir is None,
             configure_logging=True,
             logging_level="WARNING",
         )
     except ConnectionError as e:  # address "auto" with no cluster running here, or a head that went away
         raise UserError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0][:160]}); start it with "
                         f"`ray start --head`, or unset cluster.address to start a local one") from None
+    if log_dir is not None:
+        link_ray_logs(Path(context.address_info["session_dir"]) / "logs", log_dir)
+
+
+def link_ray_logs(ray_logs: Path, log_dir: Path) -> None:
+    """RUN_DIR/logs/ray_SESSION -> Ray's log directory of this session (every actor's worker-*-PID.out and .err;
+    placement.json has the actors' pids). Only this node's are there: on a cluster, each node keeps its own."""
+    link = log_dir / f"ray_{ray_logs.parent.name}"
+    if ray_logs.is_dir() and not link.exists():
+        link.symlink_to(ray_logs, target_is_directory=True)
+    logging.getLogger(__name__).info("the actors' logs (Ray's): %s", link if link.exists() else ray_logs)
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:

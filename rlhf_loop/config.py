@@ -64,10 +64,18 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
-    project: str = "rlhf-loop"  # wandb project
-    entity: str | None = None  # wandb team or user; None: your default
+    project: str | None = None  # wandb project; None: $WANDB_PROJECT, else rlhf-loop
+    entity: str | None = None  # wandb team or user; None: $WANDB_ENTITY, else your default
     name: str | None = None  # default: the run directory's name
     tags: list[str] = field(default_factory=list)  # wandb tags
+
+    @property
+    def resolved_project(self) -> str:
+        return self.project or os.environ.get("WANDB_PROJECT") or "rlhf-loop"
+
+    @property
+    def resolved_entity(self) -> str | None:
+        return self.entity or os.environ.get("WANDB_ENTITY")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rlhf_loop import console
 from rlhf_loop.errors import UserError
 from rlhf_loop.records import Messages, Pair, Prompt, Response
 
@@ -147,7 +148,8 @@ def load_preference_pairs(source: str, split: str, tokenizer, max_prompt_tokens:
         raise UserError(f"pairs.dataset {source} lacks the column(s) {', '.join(missing)} (columns: "
                         f"{', '.join(rows.column_names)}); it needs chosen and rejected conversations")
     pairs, skipped = [], 0
-    for index, row in enumerate(tqdm(rows, desc=f"pairs from {source}", unit="row", leave=False)):
+    for index, row in enumerate(tqdm(rows, desc=f"pairs from {source}", unit="row", leave=False,
+                                     file=console.stream())):
         prompt, chosen, rejected = conversation_parts(row, index, source)
         scores = optional_score(row, "score_chosen"), optional_score(row, "score_rejected")
         pair = render_pair(tokenizer, index, prompt, (chosen, rejected), scores, source)

@@ -1,12 +1,15 @@
-"""Per-iteration metrics: RUN_DIR/iter_NNN/metrics.json, RUN_DIR/metrics.jsonl, and wandb when enabled."""
+"""Per-iteration metrics: RUN_DIR/iter_NNN/metrics.json, RUN_DIR/metrics.jsonl, a console line, and wandb when
+enabled (with per-step training curves)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 from collections.abc import Sequence
 
+from rlhf_loop.console import say
 from rlhf_loop.data import PromptSet
 from rlhf_loop.pairs import PairSelection
 from rlhf_loop.records import Pair, Scored
@@ -42,18 +45,21 @@ def pair_metrics(selection: PairSelection) -> dict[str, float]:
 
 
 class Tracker:
-    """Writes metrics.jsonl from the finished iterations' metrics and mirrors each new line to wandb."""
+    """Writes metrics.jsonl from the finished iterations' metrics, says one line per iteration on the console, and
+    mirrors each iteration to wandb, with the training curves of its steps."""
 
     def __init__(self, run_dir: RunDir, wandb_cfg, config_dict: dict):
         self.run_dir = run_dir
+        self.iterations = config_dict.get("iterations")
         self.wandb_run = None
+        self._iteration_keys: set[str] = set()  # the iteration metrics given the iteration axis so far
         if wandb_cfg.mode != "disabled":
             import wandb
 
             self.wandb_run = wandb.init(
                 mode=wandb_cfg.mode,
-                project=wandb_cfg.project,
-                entity=wandb_cfg.entity,
+                project=wandb_cfg.resolved_project,
+                entity=wandb_cfg.resolved_entity,
                 name=wandb_cfg.name or run_dir.root.name,
                 tags=list(wandb_cfg.tags),
                 dir=str(run_dir.root),
@@ -65,12 +71,65 @@ class Tracker:
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         lines = [json.loads(p.read_text()) for p in sorted(self.run_dir.root.glob("iter_*/metrics.json"))]
         atomic_write_jsonl(self.run_dir.metrics_path, lines)
+        previous = next((line for line in lines if line.get("iteration") == iteration - 1), None)
+        say(summary_line(metrics, self.iterations, previous))
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=iteration)
+            self._define_axes(metrics)
+            for row in step_curves(Manifest.load(self.run_dir).units, iteration):
+                self.wandb_run.log(row)
+            self.wandb_run.log({**metrics, "iteration": iteration})
+
+    def _define_axes(self, metrics: dict[str, float]) -> None:
+        """Two x axes: the training curves over the run's optimizer steps, everything else over iterations."""
+        if not self._iteration_keys:
+            self.wandb_run.define_metric(STEP_AXIS)
+            self.wandb_run.define_metric("train/*", step_metric=STEP_AXIS)
+            self.wandb_run.define_metric("iteration")
+        for key in sorted(metrics.keys() - self._iteration_keys - {"iteration"}):
+            self.wandb_run.define_metric(key, step_metric="iteration")
+        self._iteration_keys |= metrics.keys() | {"iteration"}
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def summary_line(metrics: dict[str, float], iterations: int | None, previous: dict[str, float] | None) -> str:
+    """`iter 2/3  reward 0.29 (+1.25)  gold 0.67  kl 0.95  pairs 498/512  42.1 s`: the mean reward of the
+    iteration's samples (its change from the previous iteration's), the evaluated policy's gold mean and KL to the
+    reference, the pairs kept of the prompts sampled, and the iteration's time; what a run does not measure is left
+    out (offline DPO shows its DPO loss instead of rewards)."""
+    parts = [f"iter {metrics['iteration']}/{iterations or '?'}"]
+    if "reward/mean" in metrics:
+        change = (f" ({metrics['reward/mean'] - previous['reward/mean']:+.3g})"
+                  if previous and "reward/mean" in previous else "")
+        parts.append(f"reward {metrics['reward/mean']:.3g}{change}")
+    elif "dpo/loss" in metrics:
+        parts.append(f"loss {metrics['dpo/loss']:.3g}")
+    parts += [f"{name} {metrics[key]:.3g}" for name, key in (("gold", "eval/gold_mean"), ("kl", "kl/ref"))
+              if key in metrics]
+    if "pairs/count" in metrics:
+        of = f"/{metrics['prompts/count']}" if "prompts/count" in metrics else ""
+        parts.append(f"pairs {metrics['pairs/count']}{of}")
+    if "time/iteration_s" in metrics:
+        parts.append(f"{metrics['time/iteration_s']:.1f} s")
+    return "  ".join(parts)
+
+
+STEP_AXIS = "train/step"  # optimizer steps since the run began, over every iteration
+STEP_CURVES = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "learning_rate")
+
+
+def step_curves(units: dict[str, dict], iteration: int) -> list[dict[str, float]]:
+    """The training chunks of `iteration` (units "iter_NNN/train/step_NNNNNN", each with its steps' means) as
+    rows on the run's step axis: an iteration's steps count on from where the iterations before it ended."""
+    chunks: dict[int, list[tuple[int, dict]]] = {}
+    for unit, info in units.items():
+        if match := re.fullmatch(r"iter_(\d+)/train/step_(\d+)", unit):
+            chunks.setdefault(int(match[1]), []).append((int(match[2]), info))
+    start = sum(max(step for step, _ in done) for earlier, done in chunks.items() if earlier < iteration)
+    return [{STEP_AXIS: start + step, **{f"train/{key}": info[key] for key in STEP_CURVES if key in info}}
+            for step, info in sorted(chunks.get(iteration, []), key=lambda chunk: chunk[0])]
 
 
 def wandb_run_id(run_dir: RunDir) -> str:

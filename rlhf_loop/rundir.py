@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_loop.console import say
 from rlhf_loop.errors import UserError
 from rlhf_loop.faults import maybe_kill
 
@@ -149,7 +149,7 @@ class RunDir:
                 raise UserError(f"run directory {root} already exists; resume it with `rlhf-loop resume {root}`, "
                                 f"pick another --run-dir, or pass --overwrite to start it afresh")
             shutil.rmtree(root)
-            print(f"rlhf-loop: --overwrite: deleted the previous run in {root}", file=sys.stderr)
+            say(f"rlhf-loop: --overwrite: deleted the previous run in {root}")
         root.mkdir(parents=True, exist_ok=True)
         run_dir = RunDir(root)
         Manifest.load(run_dir)  # from here on the directory is recognisably a run's, and has its run id
@@ -229,8 +229,8 @@ class Manifest:
                 raise UserError(f"{current} is damaged ({damage}) and {previous.name} cannot replace it; restore "
                                 f"manifest.json from a backup, or delete {run_dir.root} and start the run again") \
                     from None
-            print(f"rlhf-loop: {current} is damaged ({damage}); recovered its previous generation from "
-                  f"{previous.name}: the unit recorded last is redone", file=sys.stderr)
+            say(f"rlhf-loop: {current} is damaged ({damage}); recovered its previous generation from "
+                f"{previous.name}: the unit recorded last is redone")
         version = data["version"]
         if version != MANIFEST_VERSION:
             fix = ("upgrade rlhf-loop to resume it" if version > MANIFEST_VERSION
@@ -331,7 +331,7 @@ class Manifest:
             return
         self._write()
         after = f" and the {len(dropped) - 1} unit(s) after it" if len(dropped) > 1 else ""
-        print(f"rlhf-loop: redoing {dropped[0]}{after}: {reason}", file=sys.stderr)
+        say(f"rlhf-loop: redoing {dropped[0]}{after}: {reason}")
 
     def record_fingerprints(self, fingerprints: dict[str, Any]) -> None:
         self.fingerprints = fingerprints

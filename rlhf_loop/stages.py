@@ -19,7 +19,7 @@ from policy.config import PolicyConfig
 from policy.learning import Learner, TrainStats
 from policy.rollout import Sampling
 from reward.base import RewardModel, RewardQuery
-from rlhf_loop import records
+from rlhf_loop import console, records
 from rlhf_loop.config import RunConfig
 from rlhf_loop.errors import UserError
 from rlhf_loop.heartbeat import write_heartbeat
@@ -74,7 +74,8 @@ def run_sharded(
     """Apply `work` shard by shard; a finished shard is read back from disk, never redone."""
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     results: list[Result] = []
-    for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False)):
+    for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False,
+                                       file=console.stream())):
         unit = run.unit(iteration, f"{stage}/shard_{index:05d}")
         if run.manifest.done_and_intact(unit):  # a damaged shard file is dropped here, and redone
             results += [decode(row) for row in read_jsonl(run.manifest.verified_file(unit))]
@@ -215,7 +216,8 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
     kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
             for unit in sorted(unit for unit in run.manifest.units if kind in unit)][-2:]
     step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
-    with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False) as bar:
+    with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False,
+              file=console.stream()) as bar:
         while step < total_steps:
             run.enter(unit_prefix.rstrip("_"))
             start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`rlhf-loop status`: where a run stands, read from its manifest, heartbeat and metrics (no actor is started)."""
+"""`rlhf-loop status`: where a run stands, read from its manifest, heartbeat and metrics (no actor is started);
+`--watch` redraws it until the run finishes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 import os
 import re
 import socket
+import statistics
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from rlhf_loop.config import RunConfig, load_config
 from rlhf_loop.heartbeat import HEARTBEAT_INTERVAL_S, read_heartbeat
@@ -62,8 +66,24 @@ def run_status(root: str) -> dict[str, Any]:
         }
     status["heartbeat"], status["stopped_unannounced"] = _heartbeat(run_dir, finished=current is None)
     lines = run_dir.metrics_path.read_text().splitlines() if run_dir.metrics_path.exists() else []
-    status["last_metrics"] = json.loads(lines[-1]) if lines else None
+    finished_metrics = [json.loads(line) for line in lines]
+    status["last_metrics"] = finished_metrics[-1] if finished_metrics else None
+    times = [m["time/iteration_s"] for m in finished_metrics if "time/iteration_s" in m]
+    status["iteration_mean_s"] = statistics.fmean(times) if times else None
+    status["eta_s"] = _eta_s(status, units)
     return status
+
+
+def _eta_s(status: dict[str, Any], units: dict[str, dict]) -> float | None:
+    """Seconds left: the finished iterations' mean time for each iteration not finished, less what the current one
+    has spent; None before an iteration has finished, and once the run has."""
+    if status["finished"] or status["iteration_mean_s"] is None:
+        return None
+    current = status["current"]["iteration"]
+    spent = sum(info.get("seconds", 0.0) for unit, info in units.items()
+                if current is not None and unit.startswith(f"iter_{current:03d}/"))
+    left = status["iteration_mean_s"] * (status["iterations"] - status["iterations_done"])
+    return max(left - spent, 0.0)
 
 
 def _stage_progress(units: dict[str, dict], prefix: str, stage: str) -> dict[str, Any]:
@@ -127,6 +147,9 @@ def describe(status: dict[str, Any]) -> str:
             detail = "done" if progress["done"] else ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in progress.items() if k != "done" and v is not None) or "-"
             lines.append(f"    {stage:<13} {detail}")
+    if status.get("eta_s") is not None:
+        lines.append(f"  about {_duration(status['eta_s'])} left ({_duration(status['iteration_mean_s'])} an "
+                     f"iteration so far)")
     if status["last_metrics"]:
         m = status["last_metrics"]
         shown = ("reward/mean", "pairs/count", "dpo/loss", "dpo/reward_accuracy", "kl/ref", "eval/gold_mean",
@@ -134,3 +157,34 @@ def describe(status: dict[str, Any]) -> str:
         lines.append(f"  last metrics (iteration {m['iteration']}): " +
                      ", ".join(f"{k}={m[k]:.4g}" for k in shown if k in m))
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+CLEAR = "\x1b[H\x1b[J"  # cursor home, clear to the end of the screen
+
+
+def watch(root: str, interval_s: float, out: TextIO | None = None, frames: int | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> None:
+    """Redraw the status every `interval_s` until the run finishes or Ctrl-C; in place on a terminal, one frame
+    after another elsewhere. `frames` stops after that many (for tests)."""
+    out = out or sys.stdout
+    in_place = out.isatty()
+    shown = 0
+    try:
+        while True:
+            status = run_status(root)
+            footer = "finished" if status["finished"] else f"every {interval_s:g} s; Ctrl-C stops watching"
+            frame = f"{describe(status)}\n  [{time.strftime('%H:%M:%S')}, {footer}]\n"
+            out.write(CLEAR + frame if in_place else ("\n" if shown else "") + frame)
+            out.flush()
+            shown += 1
+            if status["finished"] or (frames is not None and shown >= frames):
+                return
+            sleep(interval_s)
+    except KeyboardInterrupt:
+        out.write("\n")  # the shell's prompt on a line of its own; the run itself goes on

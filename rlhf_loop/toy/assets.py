@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_loop.console import say
 from rlhf_loop.rundir import atomic_write_jsonl
 from rlhf_loop.toy.task import (
     AnswerNoise,
@@ -128,6 +129,7 @@ def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
                 shutil.rmtree(leftover)  # left by an interrupted build; we hold the lock, so nobody is using it
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other directory
+        say(f"rlhf-loop: building the toy task's assets into {cfg.dir} (once; a few minutes on a CPU)")
         _build_in_child_process(cfg, staging)
         _replace_directory(staging, directory)
     return assets

@@ -99,3 +99,24 @@ def test_export_refuses_a_directory_that_is_not_a_run(capsys, tmp_path):
     (tmp_path / "to" / "keep.txt").write_text("mine")
     fails(capsys, ["export", str(tmp_path), "--iteration", "1", "--to", str(tmp_path / "to")], "not a run directory")
     assert (tmp_path / "to" / "keep.txt").read_text() == "mine"
+
+
+def test_overrides_may_come_after_the_options(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "--run-dir", str(tmp_path / "r"), "--overwrite", "rollout.samples_per_prompt=1"],
+          "rollout.samples_per_prompt must be >= 2")
+    fails(capsys, ["run", "--run-dir", str(tmp_path / "r"), config(), "rollout.samples_per_prompt=1"],
+          "rollout.samples_per_prompt must be >= 2")
+
+
+def test_an_unknown_option_is_one_line(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "--run-dir", str(tmp_path / "r"), "--bogus", "iterations=2"],
+          "unknown option --bogus for `rlhf-loop run`; `rlhf-loop run --help` lists its options")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_command_without_overrides_refuses_them(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path), "iterations=2"], "`rlhf-loop status` takes no key=value overrides")
+
+
+def test_watch_needs_a_positive_interval(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path), "--watch", "--interval", "0"], "--interval must be > 0 seconds")

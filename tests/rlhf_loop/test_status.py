@@ -1,6 +1,7 @@
 """`rlhf-loop status` on hand-made run directories: the stage of every unit of an online and an offline run, and
 runs that stopped without saying so."""
 
+import io
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from rlhf_loop.heartbeat import write_heartbeat
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_text
-from rlhf_loop.status import STALE_AFTER_S, describe, run_status
+from rlhf_loop.status import CLEAR, STALE_AFTER_S, describe, run_status, watch
 
 MODELS = "policy: {model_path: p}\nreward: {model_path: r}\n"
 ONLINE = MODELS + """iterations: 2
@@ -146,3 +147,70 @@ def test_a_run_that_said_how_it_ended_or_finished_is_not_flagged(tmp_path):
         record(manifest, unit)
     beat(run_dir, pid=a_gone_pid(), ended=None)
     assert run_status(str(run_dir.root))["stopped_unannounced"] is None
+
+
+# ---- --watch -----------------------------------------------------------------------------------------------------------
+
+class Screen(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def finish_iteration(manifest, run_dir, iteration, seconds):
+    """A finished online iteration without training, as the loop leaves it: units, metrics.json, metrics.jsonl."""
+    prefix = f"iter_{iteration:03d}/"
+    for unit in ("rollouts/shard_00000", "rollouts/shard_00001", "scores/shard_00000", "scores/shard_00001"):
+        manifest.record(prefix + unit, of_shards=2, seconds=seconds / 4)
+    manifest.record(prefix + "pairs")
+    metrics = {"iteration": iteration, "reward/mean": 0.1 * iteration, "time/iteration_s": seconds}
+    atomic_write_json(run_dir.iteration(iteration) / "metrics.json", metrics)
+    manifest.record(prefix + "done")
+    lines = [json.loads(p.read_text()) for p in sorted(run_dir.root.glob("iter_*/metrics.json"))]
+    atomic_write_text(run_dir.metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_watch_redraws_a_running_run_in_place_until_it_finishes(tmp_path):
+    run_dir = a_run(tmp_path, NO_TRAINING.replace("iterations: 1", "iterations: 3"))
+    manifest = Manifest.load(run_dir)
+    beat(run_dir)
+    finish_iteration(manifest, run_dir, 1, seconds=600.0)
+    manifest.record("iter_002/rollouts/shard_00000", of_shards=2, seconds=120.0)
+    progress = iter([lambda: manifest.record("iter_002/rollouts/shard_00001", of_shards=2, seconds=120.0),
+                     lambda: (finish_iteration(manifest, run_dir, 2, 600.0), finish_iteration(manifest, run_dir, 3,
+                                                                                               600.0))])
+    sleeps = []
+    screen = Screen(tty=True)
+    watch(str(run_dir.root), 2.5, out=screen, sleep=lambda s: (sleeps.append(s), next(progress)()))
+    frames = screen.getvalue().split(CLEAR)[1:]
+    assert len(frames) == 3 and sleeps == [2.5, 2.5]  # it stopped by itself once the run finished
+    assert "1/3 iterations done" in frames[0] and "rollouts      shards done 1, shards 2" in frames[0]
+    assert "about 18 min left (10 min an iteration so far)" in frames[0]  # 2 x 600 s less 120 s spent
+    assert "rollouts      done" in frames[1] and "about 16 min left" in frames[1]
+    assert "heartbeat 0 s ago" in frames[0] and "every 2.5 s; Ctrl-C stops watching" in frames[0]
+    assert "3/3 iterations done" in frames[2] and "left" not in frames[2] and "finished]" in frames[2]
+    assert "last metrics (iteration 3): reward/mean=0.3" in frames[2]
+
+
+def test_watch_elsewhere_than_a_terminal_prints_frames_one_after_another(tmp_path):
+    run_dir = a_run(tmp_path, NO_TRAINING)
+    screen = Screen(tty=False)
+    watch(str(run_dir.root), 1.0, out=screen, frames=2, sleep=lambda s: None)
+    text = screen.getvalue()
+    assert CLEAR not in text and text.count("0/1 iterations done") == 2
+
+
+def test_ctrl_c_stops_watching_cleanly_and_nothing_is_started(tmp_path):
+    run_dir = a_run(tmp_path, NO_TRAINING)
+    before = sorted(path.name for path in run_dir.root.iterdir())
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    screen = Screen(tty=True)
+    watch(str(run_dir.root), 1.0, out=screen, sleep=interrupted)  # returns instead of raising
+    assert screen.getvalue().endswith("\n") and "0/1 iterations done" in screen.getvalue()
+    assert sorted(path.name for path in run_dir.root.iterdir()) == before  # read only: no heartbeat, no logs
