@@ -247,14 +247,20 @@ def chunk_means(run: Run, unit_prefix: str) -> dict[str, float]:
 # ---- export, sync ------------------------------------------------------------------------------------------------
 
 def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
-    """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`."""
+    """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`; with
+    train.lora, the merged policy and, beside it in adapter/, the adapter alone."""
     unit = run.unit(iteration, "export")
     directory = run.run_dir.iteration(iteration) / "policy"
     if not run.manifest.done(unit):
         start = time.perf_counter()
         learner.export_hf(str(directory))
+        extra = {}
+        if run.cfg.train.lora.enabled:
+            adapter = run.run_dir.iteration(iteration) / "adapter"
+            learner.export_adapter(str(adapter))
+            extra["adapter"] = str(adapter.relative_to(run.run_dir.root))
         run.manifest.record(unit, path=str(directory.relative_to(run.run_dir.root)),
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, **extra)
     return directory
 
 
