@@ -14,6 +14,7 @@ from pathlib import Path
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
+from reward.shaping import objective_weights_problem, weigh_objectives
 from rlhf_loop.errors import UserError
 
 
@@ -25,10 +26,15 @@ class _RewardActor:
         from reward.registry import build_reward_model
 
         self.model = build_reward_model(cfg, device)
+        problem = objective_weights_problem(cfg.objective_weights, self.model.objectives)
+        if problem is not None:
+            raise UserError(problem)
+        self.objective_weights = dict(cfg.objective_weights)
         return list(self.model.objectives)
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
-        return self.model.score(queries)
+        """The model's results, with reward.objective_weights aggregating the objectives into the score."""
+        return weigh_objectives(self.model.score(queries), self.objective_weights)
 
 
 class RewardScorer:
