@@ -238,7 +238,8 @@ class PolicyEngine:
         with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
             if self.rank == 0:
                 if self.lora:
-                    self.module.get_base_model().save_pretrained(partial, state_dict=dict(merged_lora_weights(self.module)))
+                    merged = dict(merged_lora_weights(self.module))
+                    self.module.get_base_model().save_pretrained(partial, state_dict=merged)
                 else:
                     self.module.save_pretrained(partial)
                 self.tokenizer.save_pretrained(partial)

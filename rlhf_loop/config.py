@@ -159,7 +159,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.pairs.per_prompt >= 1, f"pairs.per_prompt must be >= 1, got {cfg.pairs.per_prompt}"),
         (cfg.pairs.multi in MULTI, f"pairs.multi {cfg.pairs.multi!r} is unknown; use one of {list(MULTI)}"),
         (cfg.pairs.per_prompt == 1 or cfg.pairs.strategy == "max_min",
-         f"pairs.per_prompt > 1 picks pairs by pairs.multi; leave pairs.strategy at max_min (got {cfg.pairs.strategy})"),
+         f"pairs.per_prompt > 1 picks pairs by pairs.multi; leave pairs.strategy at max_min "
+         f"(got {cfg.pairs.strategy})"),
         (cfg.pairs.per_prompt <= max_pairs_per_prompt(cfg),
          f"pairs.per_prompt {cfg.pairs.per_prompt} is more than {cfg.pairs.multi} can pick from "
          f"rollout.samples_per_prompt {cfg.rollout.samples_per_prompt}; use at most {max_pairs_per_prompt(cfg)}"),
@@ -174,7 +175,8 @@ def validate(cfg: RunConfig) -> list[str]:
          f"train.reference must be initial or previous, got {cfg.train.reference!r}"),
         (cfg.train.beta > 0, f"train.beta must be > 0, got {cfg.train.beta}"),
         (0 <= cfg.train.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {cfg.train.label_smoothing}"),
-        (cfg.train.label_smoothing == 0 or cfg.train.loss_type not in LOSSES or LOSSES[cfg.train.loss_type].label_smoothing,
+        (cfg.train.label_smoothing == 0 or cfg.train.loss_type not in LOSSES
+         or LOSSES[cfg.train.loss_type].label_smoothing,
          f"train.label_smoothing has no meaning for loss_type {cfg.train.loss_type}; set it to 0 or use a logistic "
          "loss (sigmoid, sigmoid_norm, simpo, rpo)"),
         (cfg.train.simpo_gamma >= 0, f"train.simpo_gamma must be >= 0, got {cfg.train.simpo_gamma}"),
