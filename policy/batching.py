@@ -81,6 +81,17 @@ def rank_micro_batches(
     return [mine[start : start + micro_batch_size] for start in range(0, share, micro_batch_size)]
 
 
+def margin_weights(margins: Sequence[float], scheme: str) -> list[float]:
+    """Each pair's share of the loss from its reward margin (chosen score - rejected score): none gives every pair 1;
+    linear gives margin / mean margin, so the mean weight stays 1 and the learning rate keeps its meaning."""
+    if scheme == "none":
+        return [1.0] * len(margins)
+    if scheme == "linear":
+        mean = sum(margins) / len(margins) if margins else 0.0
+        return [margin / mean for margin in margins] if mean > 0 else [1.0] * len(margins)
+    raise ValueError(f"train.margin_weighting {scheme!r} is unknown; use none or linear")
+
+
 def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 

@@ -5,7 +5,7 @@ Every default lives here; YAML files override them (see `rlhf_loop/config.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
@@ -40,11 +40,40 @@ class RolloutConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft): the policy's weights stay frozen; engines and exports get the merged weights."""
+
+    enabled: bool = False  # train adapters instead of the full policy
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling: the update is alpha / r x B A
+    dropout: float = 0.0  # dropout on the adapters' input while training (0 keeps the log-probs noise-free)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
+
+    def peft_config(self):
+        """This config as peft's LoraConfig."""
+        from peft import LoraConfig
+
+        targets = "all-linear" if list(self.target_modules) == ["all-linear"] else list(self.target_modules)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+
+
+@dataclass
 class TrainConfig:
     enabled: bool = True  # false: build and export pairs only (best-of-N data building), no DPO
-    loss_type: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo
-    beta: float = 0.1  # DPO temperature: strength of the pull toward the reference policy
-    label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped
+    # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo | sigmoid_norm (length-normalised DPO) | hinge |
+    # simpo (reference-free) | rpo (DPO + rpo_alpha x NLL of chosen); docs/algorithms.md says when to use which
+    loss_type: str = "sigmoid"
+    beta: float = 0.1  # DPO temperature: strength of the pull toward the reference policy (SimPO: reward scale, ~2)
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped (logistic losses)
+    simpo_gamma: float = 0.5  # simpo: target margin between chosen and rejected rewards (beta x mean log pi)
+    rpo_alpha: float = 1.0  # rpo: weight of the chosen response's per-token negative log-likelihood
+    # weight each pair's loss by its reward margin: none | linear (margin / the iteration's mean margin, so the
+    # mean weight is 1)
+    margin_weighting: str = "none"
+    # drop the reference model once its log-probs of the iteration's pairs are computed (begin of each iteration);
+    # the eval's KL estimate then loads it for the occasion
+    free_reference: bool = False
     reference: str = "initial"  # initial (pi_0 for every iteration) | previous (the policy the iteration starts from)
     learning_rate: float = 5e-7  # peak learning rate (AdamW), reached after warmup each iteration
     lr_schedule: str = "cosine"  # constant | linear | cosine, after linear warmup; restarts every iteration
@@ -63,6 +92,7 @@ class TrainConfig:
     save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
     reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)
     call_timeout_s: float = 7200.0  # save_steps steps (or a checkpoint, export, sync) taking longer: hung, stop
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train low-rank adapters instead of all weights
 
     @property
     def global_batch_size(self) -> int:

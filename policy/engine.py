@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from policy.batching import WeightedMicroBatch
-from policy.config import PolicyConfig
+from policy.config import LoRAConfig, PolicyConfig
 from policy.optimization import OptimizationSpec, parameter_groups
 from rlhf_loop.faults import maybe_kill
 from rlhf_loop.hf_models import load_tokenizer, torch_dtype
@@ -119,8 +119,10 @@ class PolicyEngine:
     """pi_theta inside a DeepSpeed engine, and what every trainer of it needs."""
 
     def __init__(
-        self, policy: PolicyConfig, spec: OptimizationSpec, device: str, seed: int, rank: int, world_size: int
+        self, policy: PolicyConfig, spec: OptimizationSpec, device: str, seed: int, rank: int, world_size: int,
+        lora: LoRAConfig | None = None,
     ):
+        """With `lora` enabled the engine trains adapters on the frozen policy; weights leave it merged."""
         init_distributed(device, rank, world_size)
         import deepspeed
 
@@ -138,6 +140,11 @@ class PolicyEngine:
         model = load_causal_lm(policy.model_path, policy, self.dtype, self.device)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = lora is not None and lora.enabled
+        if self.lora:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora.peft_config())
         # A plain torch AdamW: DeepSpeed's own Adam kernels would need a JIT build per machine.
         self.optimizer = torch.optim.AdamW(parameter_groups(model, spec.weight_decay), lr=spec.learning_rate)
         hidden_size = model.config.get_text_config().hidden_size
@@ -219,21 +226,41 @@ class PolicyEngine:
             yield
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Full weights on CPU for rank 0; other ranks only take part in the ZeRO-3 gather and get []."""
+        """Full weights on CPU for rank 0 (adapters merged in, under the base model's names); other ranks only take
+        part in the ZeRO-3 gather and get []."""
         with self.full_parameters():
             if self.rank != 0:
                 return []
+            if self.lora:
+                return merged_lora_weights(self.module)
             return [(name, param.detach().cpu().clone()) for name, param in self.module.named_parameters()]
 
     def export_hf(self, directory: str) -> None:
-        """HF format (safetensors, config, generation config, tokenizer with its chat template), written atomically."""
+        """HF format (safetensors, config, generation config, tokenizer with its chat template), written atomically;
+        with LoRA, the merged weights."""
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one small shard per save: the bar would only be noise
         with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
             if self.rank == 0:
-                self.module.save_pretrained(partial)
+                if self.lora:
+                    merged = dict(merged_lora_weights(self.module))
+                    self.module.get_base_model().save_pretrained(partial, state_dict=merged)
+                else:
+                    self.module.save_pretrained(partial)
                 self.tokenizer.save_pretrained(partial)
+
+    def export_adapter(self, directory: str) -> None:
+        """The LoRA adapter alone in peft's format (adapter_config.json, adapter_model.safetensors), atomically."""
+        with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
+            if self.rank == 0:
+                self.module.save_pretrained(partial)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The frozen base policy, pi_0: what the LoRA policy computes with its adapters switched off."""
+        with self.module.disable_adapter():
+            yield
 
     # --- inference ------------------------------------------------------------------------------------------------
 
@@ -262,6 +289,26 @@ class PolicyEngine:
             )[0, input_ids.shape[1] :].tolist()
             outputs.append(cut_after_eos(generated, eos_ids))
         return outputs
+
+
+def merged_lora_weights(peft_model) -> list[tuple[str, torch.Tensor]]:
+    """W + (alpha / r) B A for every adapted layer, computed beside the weights (merging in place and back would
+    not restore them bit for bit), under the base model's parameter names; on CPU."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    deltas = {
+        f"{name}.weight": sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+        for name, module in base.named_modules() if isinstance(module, LoraLayer)
+    }
+    weights = []
+    for name, param in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        weight = param.detach() + deltas[name] if name in deltas else param.detach()
+        weights.append((name, weight.cpu().clone()))
+    return weights
 
 
 def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

@@ -6,16 +6,19 @@
     engines.update_weights(learner.named_weights())
 
 The shared engine (model loading, optimizer step, checkpoints, export) is `policy.engine.PolicyEngine`; this module
-adds the reference model, the pairs of an iteration and the DPO losses. `policy.learner_group.LearnerGroup` runs one
-learner per rank in Ray actors; tests use a learner in-process.
+adds the reference model, the pairs of an iteration and the DPO losses. The reference's log-probabilities of an
+iteration's pairs are computed once, batched, when the iteration begins (the reference is fixed for the
+iteration), so the reference model need not stay in memory while training (`train.free_reference`).
+`policy.learner_group.LearnerGroup` runs one learner per rank in Ray actors; tests use a learner in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,7 +27,9 @@ from tqdm import tqdm
 from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
+    ceil_div,
     fingerprint,
+    margin_weights,
     pad_batch,
     rank_micro_batches,
     response_log_probs,
@@ -33,7 +38,7 @@ from policy.batching import (
 from policy.config import PolicyConfig, TrainConfig
 from policy.engine import PolicyEngine, load_reference, same_path
 from policy.learning import TrainStats
-from policy.losses import LOSSES
+from policy.losses import LOSSES, LossSettings
 from policy.optimization import OptimizationSpec, learning_rate_at
 from rlhf_loop.records import Pair
 
@@ -43,6 +48,9 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    reference_chosen: float = 0.0  # summed log ref(chosen | prompt); unused by a reference-free loss
+    reference_rejected: float = 0.0
+    weight: float = 1.0  # the pair's share of the loss (train.margin_weighting)
 
 
 _STAT_FIELDS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
@@ -65,9 +73,12 @@ class DPOLearner:
         self._train = train
         self._seed = seed
         self._loss = LOSSES[train.loss_type]
-        self._policy = PolicyEngine(policy, OptimizationSpec.from_train(train), device, seed, rank, world_size)
+        self._loss_settings = LossSettings.from_train(train)
+        self._policy = PolicyEngine(policy, OptimizationSpec.from_train(train), device, seed, rank, world_size,
+                                    train.lora)
         self._reference_dir = policy.model_path
-        self._reference = load_reference(policy.model_path, policy, self._policy.dtype, self._policy.device)
+        self._reference = None  # the reference model while it is kept in memory; loaded when first needed
+        self._keeps_reference = self._loss.uses_reference and not train.free_reference
         self._iteration: int | None = None
         self._step = 0
         self._data_fingerprint: str | None = None
@@ -81,11 +92,11 @@ class DPOLearner:
 
         Continues from the loaded checkpoint's step when it belongs to this iteration; otherwise starts at step 0
         (and resets Adam if train.reset_optimizer_each_iteration). `reference_dir` replaces the reference model when
-        it differs from the one loaded (reference: previous).
+        it differs from the one loaded (reference: previous). The reference's log-probabilities of the pairs are
+        computed here, so a resumed iteration gets exactly the numbers the interrupted one had.
         """
         if reference_dir is not None and not same_path(reference_dir, self._reference_dir):
-            policy = self._policy.policy_config
-            self._reference = load_reference(reference_dir, policy, self._policy.dtype, self._policy.device)
+            self._reference = None
             self._reference_dir = reference_dir
         tokenized = [self._tokenize(pair) for pair in pairs]
         data_fingerprint = fingerprint([[p.prompt, p.chosen, p.rejected] for p in tokenized])
@@ -101,7 +112,11 @@ class DPOLearner:
                 self._policy.reset_optimizer()
         self._iteration = iteration
         self._data_fingerprint = data_fingerprint
-        self._pairs = tokenized
+        weights = margin_weights([pair.chosen_score - pair.rejected_score for pair in pairs],
+                                 self._train.margin_weighting)
+        references = self._reference_log_probs(tokenized) if self._loss.uses_reference else [(0.0, 0.0)] * len(pairs)
+        self._pairs = [replace(pair, reference_chosen=chosen, reference_rejected=rejected, weight=weight)
+                       for pair, (chosen, rejected), weight in zip(tokenized, references, weights, strict=True)]
         self._schedule = batch_schedule(
             len(tokenized), self._train.epochs, self._train.global_batch_size, seed_key=(self._seed, iteration)
         )
@@ -112,6 +127,43 @@ class DPOLearner:
         prompt, chosen = truncate(pair.prompt_token_ids, pair.chosen.token_ids, *limits)
         _, rejected = truncate(pair.prompt_token_ids, pair.rejected.token_ids, *limits)
         return TokenizedPair(prompt, chosen, rejected)
+
+    def _reference_log_probs(self, pairs: Sequence[TokenizedPair]) -> list[tuple[float, float]]:
+        """Per pair, the reference's summed log-probabilities of chosen and rejected. Each rank computes its share
+        (every rank the same number of forward passes, which ZeRO-3's collectives need) and the ranks add theirs up."""
+        rank, world_size, chunk = self._policy.rank, self._policy.world_size, self._train.micro_batch_size
+        mine = list(range(rank, len(pairs), world_size))
+        totals = torch.zeros(2, len(pairs), dtype=torch.float64)
+        self._policy.engine.eval()
+        with self._reference_model() as reference, torch.no_grad():
+            for start in range(0, ceil_div(ceil_div(len(pairs), world_size), chunk) * chunk, chunk):
+                indices = mine[start : start + chunk]
+                log_probs, _ = self._log_probs(reference, [pairs[i] for i in indices or [0]])
+                if indices:
+                    totals[:, indices] = log_probs.double().cpu().view(2, -1)
+        totals = self._policy.all_reduce_sum(totals)
+        return list(zip(totals[0].tolist(), totals[1].tolist(), strict=True))
+
+    @contextlib.contextmanager
+    def _reference_model(self) -> Iterator[torch.nn.Module]:
+        """The reference as a model to run: the policy with its adapters off (LoRA on pi_0: nothing to load), the
+        copy kept in memory, or one loaded for the occasion and dropped after (free_reference, reference-free)."""
+        policy = self._policy.policy_config
+        if self._policy.lora and same_path(self._reference_dir, policy.model_path):
+            with self._policy.adapters_disabled():
+                yield self._policy.engine
+            return
+        reference = self._reference
+        if reference is None:
+            reference = load_reference(self._reference_dir, policy, self._policy.dtype, self._policy.device)
+            if self._keeps_reference:
+                self._reference = reference
+        yield reference
+
+    def _log_probs(self, model, pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities and token counts of the chosen responses, then of the rejected ones."""
+        sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        return response_log_probs(model, pad_batch(sequences, self._policy.pad_token_id, self._policy.device))
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Run up to `max_steps` optimizer steps, stopping at the end of the iteration."""
@@ -155,19 +207,17 @@ class DPOLearner:
         return {**stats, "learning_rate": learning_rate}
 
     def _pair_losses(self, pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per pair: the loss, and the implicit rewards beta * (log pi - log ref) of chosen and rejected."""
-        sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        batch = pad_batch(sequences, self._policy.pad_token_id, self._policy.device)
-        policy_log_probs, lengths = response_log_probs(self._policy.engine, batch)
-        with torch.no_grad():
-            reference_log_probs, _ = response_log_probs(self._reference, batch)
-        log_ratios = policy_log_probs - reference_log_probs
-        loss_inputs = log_ratios / lengths.clamp(min=1) if self._loss.average_log_probs else log_ratios
-        chosen, rejected = loss_inputs.chunk(2)
-        losses = self._loss(chosen, rejected, self._train.beta, self._train.label_smoothing)
-        rewards = self._train.beta * log_ratios.detach()
-        chosen_rewards, rejected_rewards = rewards.chunk(2)
-        return losses, chosen_rewards, rejected_rewards
+        """Per pair: the (weighted) loss, and the implicit rewards of chosen and rejected (see LossFn.pair_losses)."""
+        policy_log_probs, lengths = self._log_probs(self._policy.engine, pairs)
+        reference_log_probs = None
+        if self._loss.uses_reference:
+            values = [p.reference_chosen for p in pairs] + [p.reference_rejected for p in pairs]
+            reference_log_probs = torch.tensor(values, dtype=policy_log_probs.dtype, device=policy_log_probs.device)
+        losses, chosen_rewards, rejected_rewards = self._loss.pair_losses(
+            policy_log_probs, reference_log_probs, lengths, self._loss_settings
+        )
+        weights = torch.tensor([p.weight for p in pairs], dtype=losses.dtype, device=losses.device)
+        return losses * weights, chosen_rewards, rejected_rewards
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -195,8 +245,15 @@ class DPOLearner:
         return self._policy.named_weights()
 
     def export_hf(self, directory: str) -> None:
-        """HF format, written atomically by rank 0; every rank must call it (it synchronises the ranks)."""
+        """HF format, written atomically by rank 0; every rank must call it (it synchronises the ranks). With LoRA,
+        the merged weights."""
         self._policy.export_hf(directory)
+
+    def export_adapter(self, directory: str) -> None:
+        """train.lora: the adapter alone, in peft's format; every rank must call it."""
+        if not self._policy.lora:
+            raise ValueError("export_adapter needs train.lora.enabled: this learner trains every weight")
+        self._policy.export_adapter(directory)
 
     def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
         return self._policy.greedy_generate(prompt_token_ids, max_tokens)
@@ -204,18 +261,17 @@ class DPOLearner:
     @torch.no_grad()
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
         """Per sample: sum over response tokens of log pi - log ref (a KL estimate when responses come from pi).
-        Sequences are truncated as in training."""
+        Sequences are truncated as in training. A learner that keeps no reference loads it for this and drops it."""
         train = self._train
         sequences = [
             truncate(prompt, response, train.max_prompt_length, train.max_length)
             for prompt, response in zip(prompt_token_ids, response_token_ids, strict=True)
         ]
-        self._policy.engine.eval()
         chunk = 2 * train.micro_batch_size
-        ratios: list[float] = []
-        for start in range(0, len(sequences), chunk):
-            batch = pad_batch(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device)
-            policy_log_probs, _ = response_log_probs(self._policy.engine, batch)
-            reference_log_probs, _ = response_log_probs(self._reference, batch)
-            ratios += (policy_log_probs - reference_log_probs).tolist()
-        return ratios
+        batches = [pad_batch(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device)
+                   for start in range(0, len(sequences), chunk)]
+        self._policy.engine.eval()
+        policy_log_probs = [response_log_probs(self._policy.engine, batch)[0] for batch in batches]
+        with self._reference_model() as reference:
+            reference_log_probs = [response_log_probs(reference, batch)[0] for batch in batches]
+        return [ratio for p, r in zip(policy_log_probs, reference_log_probs, strict=True) for ratio in (p - r).tolist()]

@@ -20,6 +20,7 @@ class TrainStats:
     total_steps: int  # optimizer steps of this iteration
     loss: float
     reward_accuracy: float  # share of pairs whose implicit reward beta * (log pi - log ref) ranks chosen first
+    # (SimPO, reference-free: beta * the mean log pi over response tokens)
     margin: float  # mean of chosen reward - rejected reward
     chosen_reward: float
     rejected_reward: float
@@ -43,6 +44,10 @@ class Learner(Protocol):
 
     def export_hf(self, directory: str) -> None:
         """The current policy in Hugging Face format (weights, config, tokenizer), written atomically."""
+        ...
+
+    def export_adapter(self, directory: str) -> None:
+        """train.lora: the adapter alone, in peft's format, written atomically."""
         ...
 
     def weights_ref(self) -> Any:

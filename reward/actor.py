@@ -18,8 +18,10 @@ from typing import Any
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
+from reward.shaping import objective_weights_problem, weigh_objectives
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
 from rlhf_loop.console import say
+from rlhf_loop.errors import UserError
 from rlhf_loop.faults import maybe_kill_actor
 
 
@@ -31,11 +33,16 @@ class _RewardActor:
         from reward.registry import build_reward_model
 
         self.model = build_reward_model(cfg, device)
+        problem = objective_weights_problem(cfg.objective_weights, self.model.objectives)
+        if problem is not None:
+            raise UserError(problem)
+        self.objective_weights = dict(cfg.objective_weights)
         return list(self.model.objectives)
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
+        """The model's results, with reward.objective_weights aggregating the objectives into the score."""
         maybe_kill_actor("reward")  # the kill tests' RLHF_LOOP_KILL_ACTOR
-        return self.model.score(queries)
+        return weigh_objectives(self.model.score(queries), self.objective_weights)
 
     def placement(self) -> dict[str, Any]:
         return placement()

@@ -104,6 +104,12 @@ class RewardConfig:
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    # multi-objective models (armorm, combined, ...): the score becomes sum of weight x objective score over these
+    # objectives (objective name -> weight), in place of the model's own aggregate; empty keeps the model's score
+    objective_weights: dict[str, float] = field(default_factory=dict)
+    # score -= length_penalty x response tokens where the loop scores its rollouts (pairs and eval see the penalised
+    # score; the raw one is kept beside it); 0 is off
+    length_penalty: float = 0.0
 
 
 def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
@@ -126,6 +132,9 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
          f"{key}.components have repeated names; give each a unique name"),
         (cfg.normalize in NORMALIZATIONS,
          f"{key}.normalize must be one of {list(NORMALIZATIONS)}, got {cfg.normalize!r}"),
+        (cfg.length_penalty >= 0, f"{key}.length_penalty must be >= 0, got {cfg.length_penalty}"),
+        (key == "reward" or (cfg.length_penalty == 0 and not cfg.objective_weights),
+         f"{key} sets length_penalty or objective_weights, which apply to the whole reward only; set them on reward"),
     ]
     problems = [message for ok, message in checks if not ok]
     if cfg.kind == "pairwise":

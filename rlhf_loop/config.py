@@ -39,6 +39,10 @@ class DataConfig:
 class PairsConfig:
     strategy: str = "max_min"  # max_min (best vs worst) | max_random | random; see rlhf_loop/pairs.py
     min_margin: float = 0.0  # keep a pair only if chosen beats rejected by more than this (so ties are dropped)
+    per_prompt: int = 1  # pairs per prompt; above 1 they are picked by pairs.multi (strategy stays max_min)
+    # with per_prompt N > 1: best_vs_worst (the best response against each of the N worst) | top_vs_bottom (the i-th
+    # best against the i-th worst, i = 1..N; needs 2N <= K)
+    multi: str = "best_vs_worst"
     # Offline DPO: train on this preference dataset (hub name or local file with chosen/rejected conversations)
     # instead of generating and scoring; then no rollout engine or reward model is started.
     dataset: str | None = None
@@ -136,7 +140,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
 def validate(cfg: RunConfig) -> list[str]:
     """Value checks the type system cannot express; each problem names the key and a fix."""
     from policy.losses import LOSSES
-    from rlhf_loop.pairs import STRATEGIES
+    from rlhf_loop.pairs import MULTI, STRATEGIES
 
     checks = [
         (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
@@ -163,6 +167,14 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.pairs.strategy in STRATEGIES,
          f"pairs.strategy {cfg.pairs.strategy!r} is unknown; use one of {sorted(STRATEGIES)}"),
         (cfg.pairs.min_margin >= 0, f"pairs.min_margin must be >= 0, got {cfg.pairs.min_margin}"),
+        (cfg.pairs.per_prompt >= 1, f"pairs.per_prompt must be >= 1, got {cfg.pairs.per_prompt}"),
+        (cfg.pairs.multi in MULTI, f"pairs.multi {cfg.pairs.multi!r} is unknown; use one of {list(MULTI)}"),
+        (cfg.pairs.per_prompt == 1 or cfg.pairs.strategy == "max_min",
+         f"pairs.per_prompt > 1 picks pairs by pairs.multi; leave pairs.strategy at max_min "
+         f"(got {cfg.pairs.strategy})"),
+        (cfg.pairs.per_prompt <= max_pairs_per_prompt(cfg),
+         f"pairs.per_prompt {cfg.pairs.per_prompt} is more than {cfg.pairs.multi} can pick from "
+         f"rollout.samples_per_prompt {cfg.rollout.samples_per_prompt}; use at most {max_pairs_per_prompt(cfg)}"),
         (cfg.pairs.export_format in ("none", "disk", "parquet"),
          f"pairs.export_format must be none, disk or parquet, got {cfg.pairs.export_format!r}"),
         (0 <= cfg.pairs.export_test_fraction < 1,
@@ -174,6 +186,19 @@ def validate(cfg: RunConfig) -> list[str]:
          f"train.reference must be initial or previous, got {cfg.train.reference!r}"),
         (cfg.train.beta > 0, f"train.beta must be > 0, got {cfg.train.beta}"),
         (0 <= cfg.train.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {cfg.train.label_smoothing}"),
+        (cfg.train.label_smoothing == 0 or cfg.train.loss_type not in LOSSES
+         or LOSSES[cfg.train.loss_type].label_smoothing,
+         f"train.label_smoothing has no meaning for loss_type {cfg.train.loss_type}; set it to 0 or use a logistic "
+         "loss (sigmoid, sigmoid_norm, simpo, rpo)"),
+        (cfg.train.simpo_gamma >= 0, f"train.simpo_gamma must be >= 0, got {cfg.train.simpo_gamma}"),
+        (cfg.train.rpo_alpha >= 0, f"train.rpo_alpha must be >= 0, got {cfg.train.rpo_alpha}"),
+        (cfg.train.margin_weighting in ("none", "linear"),
+         f"train.margin_weighting must be none or linear, got {cfg.train.margin_weighting!r}"),
+        (cfg.train.lora.r >= 1, f"train.lora.r must be >= 1, got {cfg.train.lora.r}"),
+        (cfg.train.lora.alpha > 0, f"train.lora.alpha must be > 0, got {cfg.train.lora.alpha}"),
+        (0 <= cfg.train.lora.dropout < 1, f"train.lora.dropout must be in [0, 1), got {cfg.train.lora.dropout}"),
+        (len(cfg.train.lora.target_modules) >= 1,
+         "train.lora.target_modules is empty; name the modules to adapt (e.g. [q_proj, v_proj]) or use [all-linear]"),
         (cfg.train.lr_schedule in ("constant", "linear", "cosine"),
          f"train.lr_schedule must be constant, linear or cosine, got {cfg.train.lr_schedule!r}"),
         (0 <= cfg.train.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}"),
@@ -209,6 +234,12 @@ def validate(cfg: RunConfig) -> list[str]:
     ]
     # Offline DPO starts no reward model, so its reward section is not checked.
     return [message for ok, message in checks if not ok] + (reward_config_problems(cfg.reward) if cfg.online else [])
+
+
+def max_pairs_per_prompt(cfg: RunConfig) -> int:
+    """How many pairs pairs.multi can pick among K responses: the best against K - 1 others, or K // 2 disjoint."""
+    samples = cfg.rollout.samples_per_prompt
+    return samples // 2 if cfg.pairs.multi == "top_vs_bottom" else samples - 1
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -24,6 +24,9 @@ def reward_metrics(scored: Sequence[Scored], pairs: Sequence[Pair]) -> dict[str,
         "reward/chosen_mean": statistics.fmean(p.chosen_score for p in pairs) if pairs else float("nan"),
         "reward/rejected_mean": statistics.fmean(p.rejected_score for p in pairs) if pairs else float("nan"),
     }
+    raw_scores = [s for item in scored for s in item.raw_scores or item.scores]
+    if raw_scores != scores:  # reward.length_penalty is on
+        metrics["reward/raw_mean"] = statistics.fmean(raw_scores)
     for objective in scored[0].objectives if scored else ():
         metrics[f"reward/{objective}_mean"] = statistics.fmean(v for item in scored for v in item.objectives[objective])
     responses = [r for item in scored for r in item.rollout.responses]
@@ -40,6 +43,7 @@ def pair_metrics(selection: PairSelection) -> dict[str, float]:
     return {
         "pairs/count": len(selection.pairs),
         "pairs/dropped": sum(selection.dropped.values()),
+        "pairs/flat_prompts": selection.flat_prompts,
         **{f"pairs/dropped_{reason}": count for reason, count in selection.dropped.items()},
     }
 

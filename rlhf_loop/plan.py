@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policy.losses import LOSSES
 from rlhf_loop.config import RunConfig, to_yaml
 from rlhf_loop.sizing import (
     GIB,
@@ -96,7 +97,8 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         prompts_per_iteration=prompts,
         responses_per_iteration=None if prompts is None else prompts * cfg.rollout.samples_per_prompt,
         max_steps_per_iteration=(None if prompts is None or not train.enabled
-                                 else train.epochs * math.ceil(prompts / train.global_batch_size)),
+                                 else train.epochs * math.ceil(prompts * cfg.pairs.per_prompt
+                                                               / train.global_batch_size)),
         pair_source=pair_source(cfg),
         training=training_summary(cfg),
         models=models,
@@ -114,7 +116,8 @@ def pair_source(cfg: RunConfig) -> str:
         return (f"the preference dataset {cfg.pairs.dataset} (split {cfg.pairs.dataset_split}): offline DPO, "
                 f"no generation and no reward model")
     return (f"generation: K={cfg.rollout.samples_per_prompt} samples a prompt scored by {cfg.reward.kind}, "
-            f"pairs by {cfg.pairs.strategy} (at most one a prompt)")
+            + (f"pairs by {cfg.pairs.strategy} (at most one a prompt)" if cfg.pairs.per_prompt == 1
+               else f"pairs by {cfg.pairs.multi} (at most {cfg.pairs.per_prompt} a prompt)"))
 
 
 def training_summary(cfg: RunConfig) -> str:
@@ -122,8 +125,11 @@ def training_summary(cfg: RunConfig) -> str:
     if not train.enabled:
         return "no (train.enabled is false): pairs are built and exported only"
     reference = "pi_0, the initial policy" if train.reference == "initial" else "the previous iteration's policy"
+    if not LOSSES[train.loss_type].uses_reference:
+        reference = "none (reference-free loss)"
     return (f"DPO {train.loss_type}, beta {train.beta}, lr {train.learning_rate:g} {train.lr_schedule}, "
-            f"{train.epochs} epoch(s) an iteration, ZeRO-{train.zero_stage}, reference {reference}")
+            f"{train.epochs} epoch(s) an iteration, ZeRO-{train.zero_stage}, reference {reference}"
+            + (f", LoRA r={train.lora.r} alpha={train.lora.alpha:g}" if train.lora.enabled else ""))
 
 
 # ---- checks -------------------------------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ class Scored:
     """Reward-model scores for the K responses of one rollout, in the same order."""
 
     rollout: Rollout
-    scores: list[float]
+    scores: list[float]  # what pairs are built from: after reward.length_penalty
     objectives: dict[str, list[float]] = field(default_factory=dict)  # per-objective scores, e.g. ArmoRM's
+    raw_scores: list[float] = field(default_factory=list)  # the reward model's, before the length penalty
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def scored_from_json(data: dict[str, Any]) -> Scored:
         rollout=rollout_from_json(data["rollout"]),
         scores=list(data["scores"]),
         objectives={k: list(v) for k, v in data.get("objectives", {}).items()},
+        raw_scores=list(data.get("raw_scores", data["scores"])),
     )
 
 

@@ -4,6 +4,7 @@ the text of `rlhf-loop plan`."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,35 +187,79 @@ def learner_role(cfg: RunConfig, device: str, policy: ModelSize) -> RolePlan:
     train = cfg.train
     what = (f"DeepSpeed DPO ranks: micro batch {train.micro_batch_size}, accumulation "
             f"{train.gradient_accumulation_steps}, ZeRO-{train.zero_stage}"
-            + (", gradient checkpointing" if train.gradient_checkpointing else ""))
-    memory = training_memory(policy, dtype_bytes(cfg.policy.dtype, device), train.zero_stage, train.num_workers,
-                             with_reference=True)
+            + (", gradient checkpointing" if train.gradient_checkpointing else "")
+            + (f", LoRA r={train.lora.r}" if train.lora.enabled else ""))
+    width = dtype_bytes(cfg.policy.dtype, device)
+    trained = adapter_parameters(cfg) if train.lora.enabled else policy.parameters
+    no_reference = reference_not_kept(cfg)
+    memory = training_memory(policy, width, train.zero_stage, train.num_workers, with_reference=no_reference is None,
+                             trained_parameters=trained)
+    if no_reference is not None and policy.parameters is not None:
+        saved = human_bytes(policy.parameters * width)
+        memory = dataclasses.replace(memory, formula=f"{memory.formula}; no reference kept ({no_reference}): "
+                                                     f"saves {saved}")
     return RolePlan("learner", train.num_workers, gpus(train.gpus_per_worker, device), what, memory)
 
 
+def reference_not_kept(cfg: RunConfig) -> str | None:
+    """Why the learner holds no reference model while it trains, or None when it keeps one."""
+    from policy.losses import LOSSES
+
+    train = cfg.train
+    if not LOSSES[train.loss_type].uses_reference:
+        return f"loss_type {train.loss_type} is reference-free"
+    if train.lora.enabled and train.reference == "initial":
+        return "LoRA: pi_0 is the policy with its adapters off"
+    if train.free_reference:
+        return "train.free_reference: it scores the iteration's pairs once, then is freed"
+    return None
+
+
+def adapter_parameters(cfg: RunConfig) -> int | None:
+    """Parameters of the LoRA adapters train.lora puts on the policy (built on the meta device), None if unknown."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.policy.model_path, trust_remote_code=cfg.policy.trust_remote_code,
+                                            local_files_only=True)
+        with torch.device("meta"):
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), cfg.train.lora.peft_config())
+    except Exception:  # not local, or target modules this model does not have (the learner reports that one)
+        return None
+    return sum(parameter.numel() for name, parameter in model.named_parameters() if ".lora_" in name)
+
+
 def sft_role(cfg: RunConfig, device: str, policy: ModelSize) -> RolePlan:
-    memory = training_memory(policy, dtype_bytes(cfg.policy.dtype, device), 0, 1, with_reference=False)
+    memory = training_memory(policy, dtype_bytes(cfg.policy.dtype, device), 0, 1, with_reference=False,
+                             trained_parameters=policy.parameters)
     return RolePlan("sft", 1, gpus(1, device), "SFT warm start before iteration 1, then released", memory)
 
 
 def training_memory(policy: ModelSize, width: int, zero_stage: int, workers: int,
-                    with_reference: bool) -> MemoryEstimate:
+                    with_reference: bool, trained_parameters: int | None = None) -> MemoryEstimate:
     """Per worker: weights + reference + gradients + Adam (fp32 master when training below fp32, two fp32
-    moments); ZeRO-1 splits the optimizer state over the workers, ZeRO-2 the gradients too, ZeRO-3 the weights too."""
+    moments); ZeRO-1 splits the optimizer state over the workers, ZeRO-2 the gradients too, ZeRO-3 the weights too.
+    Gradients and Adam cover the trained parameters only (all of them, or LoRA's adapters)."""
     if policy.parameters is None:
         return MemoryEstimate(None, "policy size unknown")
+    if trained_parameters is None:
+        return MemoryEstimate(None, "adapter size unknown")
     count = policy.parameters
     adam = ADAM_MOMENT_BYTES + (MASTER_WEIGHT_BYTES if width < 4 else 0)
     parts = [
         ("weights", count * width, zero_stage >= 3),
         *([("reference", count * width, False)] if with_reference else []),
-        ("gradients", count * width, zero_stage >= 2),
-        ("Adam", count * adam, zero_stage >= 1),
+        ("gradients", trained_parameters * width, zero_stage >= 2),
+        ("Adam", trained_parameters * adam, zero_stage >= 1),
     ]
     total = sum(part // (workers if split else 1) for _, part, split in parts)
     formula = " + ".join(f"{name} {human_bytes(part)}" + (f"/{workers}" if split and workers > 1 else "")
                          for name, part, split in parts)
-    return MemoryEstimate(total, f"{human_bytes(total)} = {formula} ({params(count)} params; Adam {adam} B a param)")
+    trained = "" if trained_parameters == count else f", {params(trained_parameters)} trained"
+    return MemoryEstimate(total, f"{human_bytes(total)} = {formula} ({params(count)} params{trained}; "
+                                 f"Adam {adam} B a param)")
 
 
 def gpus(share: float, device: str) -> float:

@@ -19,6 +19,7 @@ from policy.config import PolicyConfig
 from policy.learning import Learner, TrainStats
 from policy.rollout import Sampling
 from reward.base import RewardModel, RewardQuery
+from reward.shaping import length_penalized
 from rlhf_loop import console, records
 from rlhf_loop.config import RunConfig
 from rlhf_loop.errors import UserError
@@ -100,14 +101,20 @@ def generate(run: Run, rollout: RolloutGroup, prompts: Sequence[Prompt], iterati
 
 
 def score(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iteration: int) -> list[Scored]:
+    penalty = run.cfg.reward.length_penalty
     return run_sharded(run, iteration, "scores", rollouts, run.cfg.reward.shard_size,
-                       lambda shard: score_rollouts(reward, shard), records.to_json, records.scored_from_json)
+                       lambda shard: score_rollouts(reward, shard, penalty), records.to_json, records.scored_from_json)
 
 
-def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout]) -> list[Scored]:
+def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout], length_penalty: float) -> list[Scored]:
+    """The reward model's scores, less reward.length_penalty per response token (the raw ones kept beside)."""
     queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta) for r in rollouts]
     results = reward.score(queries)
-    return [Scored(r, res.scores, res.objectives) for r, res in zip(rollouts, results, strict=True)]
+    return [
+        Scored(r, length_penalized(res.scores, [len(resp.token_ids) for resp in r.responses], length_penalty),
+               res.objectives, list(res.scores))
+        for r, res in zip(rollouts, results, strict=True)
+    ]
 
 
 # ---- pairs ----------------------------------------------------------------------------------------------------------
@@ -117,8 +124,9 @@ def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelec
     unit = run.unit(iteration, "pairs")
     if run.manifest.done_and_intact(unit):
         return _recorded_pairs(run, unit)
-    selection = select_pairs(scored, run.cfg.pairs.strategy, run.cfg.pairs.min_margin,
-                             derived_seed(run.cfg.seed, "pairs", iteration))
+    cfg = run.cfg.pairs
+    selection = select_pairs(scored, cfg.strategy, cfg.min_margin, derived_seed(run.cfg.seed, "pairs", iteration),
+                             cfg.per_prompt, cfg.multi)
     return _record_pairs(run, unit, iteration, selection)
 
 
@@ -138,13 +146,14 @@ def dataset_pairs(run: Run, tokenizer, iteration: int) -> PairSelection:
 def _record_pairs(run: Run, unit: str, iteration: int, selection: PairSelection) -> PairSelection:
     path = run.run_dir.iteration(iteration) / "pairs.jsonl"
     atomic_write_jsonl(path, map(records.to_json, selection.pairs))
-    run.manifest.record(unit, files=[path], count=len(selection.pairs), dropped=selection.dropped)
+    run.manifest.record(unit, files=[path], count=len(selection.pairs), dropped=selection.dropped,
+                        flat_prompts=selection.flat_prompts)
     return selection
 
 
 def _recorded_pairs(run: Run, unit: str) -> PairSelection:
-    rows = read_jsonl(run.manifest.verified_file(unit))
-    return PairSelection([records.pair_from_json(row) for row in rows], run.manifest.info(unit)["dropped"])
+    rows, info = read_jsonl(run.manifest.verified_file(unit)), run.manifest.info(unit)
+    return PairSelection([records.pair_from_json(row) for row in rows], info["dropped"], info.get("flat_prompts", 0))
 
 
 def export_pairs(run: Run, pairs: Sequence[Pair], iteration: int) -> None:
@@ -259,7 +268,8 @@ def chunk_means(run: Run, unit_prefix: str) -> dict[str, float]:
 # ---- export, sync ------------------------------------------------------------------------------------------------
 
 def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
-    """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`."""
+    """The iteration's policy in HF format: what users keep, and the reference for `reference: previous`; with
+    train.lora, the merged policy and, beside it in adapter/, the adapter alone."""
     unit = run.unit(iteration, "export")
     directory = run.run_dir.iteration(iteration) / "policy"
     if run.manifest.done(unit):
@@ -271,8 +281,13 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
     run.enter(unit)
     start = time.perf_counter()
     learner.export_hf(str(directory))
+    extra = {}
+    if run.cfg.train.lora.enabled:
+        adapter = run.run_dir.iteration(iteration) / "adapter"
+        learner.export_adapter(str(adapter))
+        extra["adapter"] = str(adapter.relative_to(run.run_dir.root))
     run.manifest.record(unit, tree=directory, path=str(directory.relative_to(run.run_dir.root)),
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, **extra)
     return directory
 
 
@@ -301,13 +316,16 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
                         max_tokens=cfg.max_tokens,
                         seed=derived_seed(run.cfg.seed, "eval"))  # same seed each iteration: less noisy deltas
     # One row per sampled response, in (prompt, sample) order, so iteration t's row i faces pi_0's row i.
-    scored = score_rollouts(reward, rollout.generate(prompts, sampling))
+    scored = score_rollouts(reward, rollout.generate(prompts, sampling), run.cfg.reward.length_penalty)
     samples = [(item.rollout.prompt, response, score) for item in scored
                for response, score in zip(item.rollout.responses, item.scores, strict=True)]
-    rows = [{"prompt_index": prompt.index, "response": r.text, "tokens": len(r.token_ids), "reward": s}
-            for prompt, r, s in samples]
+    raw_scores = [raw for item in scored for raw in item.raw_scores]
+    rows = [{"prompt_index": prompt.index, "response": r.text, "tokens": len(r.token_ids), "reward": s,
+             "raw_reward": raw} for (prompt, r, s), raw in zip(samples, raw_scores, strict=True)]
     metrics = {"eval/reward_mean": statistics.fmean(s for _, _, s in samples),
                "eval/response_tokens_mean": statistics.fmean(len(r.token_ids) for _, r, _ in samples)}
+    if run.cfg.reward.length_penalty:
+        metrics["eval/reward_raw_mean"] = statistics.fmean(raw_scores)
     if gold is not None:
         golds = [gold(prompt.messages, r.text, prompt.meta) for prompt, r, _ in samples]
         for row, value in zip(rows, golds, strict=True):
@@ -317,6 +335,8 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
         log_ratios = learner.log_ratios([prompt.token_ids for prompt, _, _ in samples],
                                         [r.token_ids for _, r, _ in samples])
         metrics["kl/ref"] = statistics.fmean(log_ratios)  # E_{y~pi}[log pi(y) - log ref(y)], on fresh samples
+        initial_tokens = run.manifest.info(EVAL_INITIAL)["metrics"]["eval/response_tokens_mean"]
+        metrics["eval/length_drift"] = metrics["eval/response_tokens_mean"] / initial_tokens  # 1: pi_0's length
         initial = read_jsonl(run.manifest.verified_file(EVAL_INITIAL))
         wins = [1.0 if row["reward"] > base["reward"] else 0.5 if row["reward"] == base["reward"] else 0.0
                 for row, base in zip(rows, initial, strict=True)]

@@ -4,6 +4,7 @@ reports match an independent computation, checkpoints resume bit-exactly, weight
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
     train_config,
 )
 
-from policy.batching import batch_schedule, rank_micro_batches, truncate
+from policy.batching import batch_schedule, margin_weights, rank_micro_batches, truncate
+from policy.config import LoRAConfig
 from policy.learner import DPOLearner
 from policy.optimization import OptimizationSpec, learning_rate_at
 
@@ -62,6 +64,12 @@ def test_ranks_split_a_global_batch_and_pad_to_the_same_number_of_micro_batches(
     assert len(padding) == 1
     lone = rank_micro_batches(["x"], rank=1, world_size=2, micro_batch_size=4)
     assert lone == [[("x", 0.0)]]  # a rank with nothing to do still takes part
+
+
+def test_margin_weights_keep_a_mean_of_one():
+    assert margin_weights([1.0, 2.0, 3.0], "linear") == pytest.approx([0.5, 1.0, 1.5])
+    assert margin_weights([1.0, 2.0, 3.0], "none") == [1.0, 1.0, 1.0]
+    assert margin_weights([], "linear") == []
 
 
 def test_truncation_keeps_prompt_end_and_response_start():
@@ -322,3 +330,139 @@ def test_zero3_trains_like_zero0_and_gathers_full_weights(tiny_tokenizer, tiny_p
     assert tokens3 == tokens0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "stage_3").state_dict()
     assert_same_weights(list(exported.items()), weights3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The menu: more losses, margin weighting, the reference freed or never loaded, LoRA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def menu_loss(train, ratios, policy_log_probs, lengths) -> float:
+    """One pair's loss in plain Python; `ratios` are log pi - log ref of (chosen, rejected)."""
+    beta = train.beta
+    if train.loss_type == "hinge":
+        return max(0.0, 1 - beta * (ratios[0] - ratios[1]))
+    if train.loss_type == "sigmoid_norm":
+        x = beta * (ratios[0] / lengths[0] - ratios[1] / lengths[1])
+    elif train.loss_type == "simpo":
+        x = beta * (policy_log_probs[0] / lengths[0] - policy_log_probs[1] / lengths[1]) - train.simpo_gamma
+    else:  # sigmoid, rpo
+        x = beta * (ratios[0] - ratios[1])
+    loss = math.log1p(math.exp(-x))
+    if train.loss_type == "rpo":
+        loss -= train.rpo_alpha * policy_log_probs[0] / lengths[0]
+    return loss
+
+
+def counting_reference_loads(monkeypatch) -> list[str]:
+    """Every path the learner loads a reference model from, in order."""
+    import policy.learner
+
+    loads, load = [], policy.learner.load_reference
+    monkeypatch.setattr(policy.learner, "load_reference", lambda path, *args: loads.append(path) or load(path, *args))
+    return loads
+
+
+@pytest.mark.parametrize("settings", [
+    dict(loss_type="hinge"), dict(loss_type="sigmoid_norm"), dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
+    dict(loss_type="rpo", rpo_alpha=0.5), dict(loss_type="sigmoid", margin_weighting="linear"),
+])
+def test_the_menu_losses_train_and_report_what_an_independent_computation_finds(
+    settings, tiny_tokenizer, tiny_policy_dir, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    loads = counting_reference_loads(monkeypatch)
+    pairs = make_pairs(tiny_tokenizer, 4)
+    pairs = [replace(pair, chosen_score=1.0 + i) for i, pair in enumerate(pairs)]  # margins 1, 2, 3, 4
+    train = train_config(epochs=6, **settings)
+    learner = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    learner.begin_iteration(1, pairs, reference_dir=None)
+    first = learner.train_steps(1)
+    learner.train_steps(4)
+    assert loads == ([] if train.loss_type == "simpo" else [str(tiny_policy_dir)])  # SimPO needs no reference
+    learner.export_hf(str(tmp_path / "policy"))
+    last = learner.train_steps(1)  # the last step runs on the exported weights
+    assert last.step == last.total_steps == 6
+
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    margins = [pair.chosen_score - pair.rejected_score for pair in pairs]
+    weights = [m * len(margins) / sum(margins) for m in margins] if train.margin_weighting == "linear" else [1.0] * 4
+    losses = []
+    for pair, weight in zip(pairs, weights):
+        prompt = pair.prompt_token_ids[-train.max_prompt_length :]
+        responses = [r[: train.max_length - len(prompt)] for r in (pair.chosen.token_ids, pair.rejected.token_ids)]
+        policy_log_probs = [response_log_prob(policy, prompt, r) for r in responses]
+        ratios = [p - response_log_prob(reference, prompt, r) for p, r in zip(policy_log_probs, responses)]
+        losses.append(weight * menu_loss(train, ratios, policy_log_probs, [len(r) for r in responses]))
+    assert last.loss == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert last.loss < first.loss and last.reward_accuracy == 1.0
+
+
+def test_a_freed_reference_trains_exactly_like_a_kept_one_and_resumes_exactly(
+    tiny_tokenizer, tiny_policy_dir, tmp_path, monkeypatch
+):
+    loads = counting_reference_loads(monkeypatch)
+    pairs = make_pairs(tiny_tokenizer, 8)
+    results = {}
+    for free in (False, True):
+        train = train_config(free_reference=free, epochs=2, loss_type="rpo")
+        learner = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+        learner.begin_iteration(1, pairs, reference_dir=None)
+        learner.train_steps(2)
+        learner.save_checkpoint(str(tmp_path / f"free_{free}"))
+        stats = learner.train_steps(10)
+        prompts, responses = [p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs]
+        results[free] = (stats, learner.named_weights(), learner.log_ratios(prompts, responses))
+        assert (learner._reference is None) == free  # freed: nothing kept between uses
+        del learner
+    assert results[True][0] == results[False][0]
+    assert_same_weights(results[True][1], results[False][1])
+    assert results[True][2] == results[False][2]  # the eval's KL estimate loads the reference for the occasion
+    assert len(loads) == 1 + 2  # kept: loaded once; freed: for the pairs, then for log_ratios
+
+    resumed = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    resumed.load_checkpoint(str(tmp_path / "free_True"))
+    resumed.begin_iteration(1, pairs, reference_dir=None)  # recomputes the reference log-probs
+    assert resumed.train_steps(10) == results[True][0]
+    assert_same_weights(resumed.named_weights(), results[True][1])
+
+
+def test_lora_trains_adapters_and_hands_out_merged_weights(tiny_tokenizer, tiny_policy_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loads = counting_reference_loads(monkeypatch)
+    pairs = make_pairs(tiny_tokenizer, 8)
+    train = train_config(lora=LoRAConfig(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),
+                         learning_rate=1e-2)
+    learner = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    assert_same_weights(learner.named_weights(), list(initial.named_parameters()))  # B = 0: pi starts as pi_0
+
+    learner.begin_iteration(1, pairs, reference_dir=None)
+    first = learner.train_steps(1)
+    assert first.loss == pytest.approx(math.log(2)) and first.margin == 0.0  # reference: the adapters switched off
+    learner.save_checkpoint(str(tmp_path / "step_1"))
+    last = learner.train_steps(10)
+    assert last.loss < first.loss
+    assert loads == []  # pi_0 is the policy with its adapters off: no reference model loaded
+
+    weights = learner.named_weights()
+    assert [name for name, _ in weights] == [name for name, _ in initial.named_parameters()]
+    moved = {name for (name, a), (_, b) in zip(weights, initial.named_parameters()) if not torch.equal(a, b)}
+    assert moved and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in moved)
+
+    learner.export_hf(str(tmp_path / "policy"))
+    learner.export_adapter(str(tmp_path / "adapter"))
+    assert_same_weights(list(AutoModelForCausalLM.from_pretrained(tmp_path / "policy").named_parameters()), weights)
+    merged = PeftModel.from_pretrained(initial, tmp_path / "adapter").merge_and_unload()
+    for (name, a), (_, b) in zip(weights, merged.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    resumed = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    resumed.load_checkpoint(str(tmp_path / "step_1"))
+    resumed.begin_iteration(1, pairs, reference_dir=None)
+    assert resumed.train_steps(10) == last
+    assert_same_weights(resumed.named_weights(), weights)

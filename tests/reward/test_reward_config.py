@@ -53,6 +53,10 @@ def test_every_kind_is_a_config_change():
     (RewardConfig(kind="remote"), "reward.remote.url must be an http"),
     (RewardConfig(kind="remote", remote=RemoteConfig(url="http://h", protocol="grpc")), "reward.remote.protocol"),
     (RewardConfig(kind="remote", remote=RemoteConfig(url="http://h", concurrency=0)), "reward.remote.concurrency"),
+    (RewardConfig(model_path="rm", length_penalty=-1.0), "reward.length_penalty must be >= 0"),
+    (RewardConfig(kind="combined", components=[RewardComponent(name="a", reward=RewardConfig(
+        kind="function", function="m:f", length_penalty=0.1))]),
+     r"reward.components\[0\].reward sets length_penalty or objective_weights, which apply to the whole reward"),
 ])
 def test_problems_name_the_key(cfg, message):
     problems = reward_config_problems(cfg)

@@ -26,6 +26,16 @@ def test_defaults_come_from_the_dataclasses(tmp_path):
     assert cfg.eval.max_tokens == cfg.rollout.max_tokens
 
 
+def test_the_menu_options_are_config_changes(tmp_path):
+    overrides = ["train.loss_type=simpo", "train.beta=2.0", "train.simpo_gamma=1.0", "train.free_reference=true",
+                 "train.margin_weighting=linear", "train.lora.enabled=true", "train.lora.target_modules=[q_proj]",
+                 "pairs.per_prompt=4", "pairs.multi=top_vs_bottom", "reward.length_penalty=0.01",
+                 "reward.objective_weights={helpful: 1.0, safe: 0.5}"]
+    cfg = load_config(write(tmp_path, MINIMAL), overrides)
+    assert cfg.train.lora.target_modules == ["q_proj"] and cfg.pairs.per_prompt == 4
+    assert cfg.reward.objective_weights == {"helpful": 1.0, "safe": 0.5} and cfg.train.loss_type == "simpo"
+
+
 def test_overrides_merge_over_the_file(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["rollout.samples_per_prompt=4", "train.beta=0.01"])
     assert cfg.rollout.samples_per_prompt == 4 and cfg.train.beta == 0.01
@@ -41,6 +51,19 @@ def test_overrides_merge_over_the_file(tmp_path):
     (MINIMAL + "train:\n  loss_type: kto\n", "train.loss_type 'kto' is unknown"),
     ("policy:\n  model_path: m\ndata:\n  prompts: []\n", "data.prompts is empty"),
     (MINIMAL + "rollout: [\n", "cannot parse YAML"),
+    (MINIMAL + "pairs:\n  per_prompt: 0\n", "pairs.per_prompt must be >= 1"),
+    (MINIMAL + "pairs:\n  per_prompt: 8\n", "pairs.per_prompt 8 is more than best_vs_worst can pick"),
+    (MINIMAL + "pairs:\n  per_prompt: 5\n  multi: top_vs_bottom\n", "use at most 4"),
+    (MINIMAL + "pairs:\n  multi: all\n", "pairs.multi 'all' is unknown"),
+    (MINIMAL + "pairs:\n  per_prompt: 2\n  strategy: random\n", "leave pairs.strategy at max_min"),
+    (MINIMAL + "train:\n  loss_type: hinge\n  label_smoothing: 0.1\n", "no meaning for loss_type hinge"),
+    (MINIMAL + "train:\n  simpo_gamma: -1\n", "train.simpo_gamma must be >= 0"),
+    (MINIMAL + "train:\n  rpo_alpha: -1\n", "train.rpo_alpha must be >= 0"),
+    (MINIMAL + "train:\n  margin_weighting: square\n", "train.margin_weighting must be none or linear"),
+    (MINIMAL + "train:\n  lora:\n    r: 0\n", "train.lora.r must be >= 1"),
+    (MINIMAL + "train:\n  lora:\n    target_modules: []\n", "train.lora.target_modules is empty"),
+    (MINIMAL.replace("model_path: some/rm\n", "model_path: some/rm\n  length_penalty: -0.1\n"),
+     "reward.length_penalty must be >= 0"),
 ])
 def test_bad_configs_fail_with_one_line_naming_key_and_file(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -7,7 +7,7 @@ import types
 import pytest
 
 from rlhf_loop.config import WandbConfig
-from rlhf_loop.metrics import Tracker, reward_metrics, step_curves, summary_line, wandb_run_id
+from rlhf_loop.metrics import Tracker, pair_metrics, reward_metrics, step_curves, summary_line, wandb_run_id
 from rlhf_loop.pairs import select_pairs
 from rlhf_loop.records import Prompt, Response, Rollout, Scored
 from rlhf_loop.rundir import Manifest, RunDir, atomic_write_json, atomic_write_text
@@ -30,6 +30,20 @@ def test_reward_metrics_match_a_hand_computation():
     assert metrics["reward/helpful_mean"] == pytest.approx(3.0)
     assert metrics["rollout/response_tokens_mean"] == pytest.approx(1.5)
     assert metrics["rollout/truncated_fraction"] == pytest.approx(0.5)
+
+
+def test_raw_scores_are_reported_only_when_a_length_penalty_changed_them():
+    plain = [scored(0, [1.0, 3.0])]
+    assert "reward/raw_mean" not in reward_metrics(plain, [])
+    penalised = [Scored(plain[0].rollout, [0.9, 2.8], {}, [1.0, 3.0])]
+    metrics = reward_metrics(penalised, [])
+    assert metrics["reward/mean"] == pytest.approx(1.85) and metrics["reward/raw_mean"] == pytest.approx(2.0)
+
+
+def test_pair_metrics_count_flat_prompts_beside_dropped_pairs():
+    items = [scored(0, [1.0, 1.0, 1.0]), scored(1, [0.0, 2.0, 1.0])]
+    metrics = pair_metrics(select_pairs(items, "max_min", 0.0, seed=0, per_prompt=2))
+    assert metrics["pairs/count"] == 2 and metrics["pairs/dropped_tie"] == 2 and metrics["pairs/flat_prompts"] == 1
 
 
 def test_tracker_writes_metrics_jsonl_and_an_offline_wandb_run(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from rlhf_loop.pairs import STRATEGIES, max_min, max_random, random_pair, select_pairs
+from rlhf_loop.pairs import STRATEGIES, max_min, max_random, random_pair, select_pairs, several_pairs
 from rlhf_loop.records import Prompt, Response, Rollout, Scored
 
 
@@ -63,3 +63,34 @@ def test_selection_is_reproducible_and_independent_of_order(strategy):
     key = lambda sel: sorted((p.prompt_index, p.chosen.text, p.rejected.text) for p in sel.pairs)
     assert key(forward) == key(backward)
     assert all(p.chosen_score > p.rejected_score for p in forward.pairs)
+
+
+def test_several_pairs_take_the_best_against_the_worst_or_pair_ranks_off():
+    scores = [0.5, 0.9, -0.3, 0.1, 0.7, -0.1]  # ranks: 1 (0.9), 4, 0, 3, 5, 2 (-0.3)
+    assert several_pairs(scores, 3, "best_vs_worst") == [(1, 2), (1, 5), (1, 3)]
+    assert several_pairs(scores, 3, "top_vs_bottom") == [(1, 2), (4, 5), (0, 3)]
+    assert several_pairs([0.2, 0.2, 0.1], 2, "best_vs_worst") == [(0, 2), (0, 1)]  # ties by position
+
+
+@pytest.mark.parametrize("multi", ["best_vs_worst", "top_vs_bottom"])
+def test_per_prompt_gives_several_pairs_a_prompt_and_counts_flat_prompts(multi):
+    items = [
+        scored(0, ["a", "b", "c", "d"], [1.0, 0.0, 0.5, 0.2]),
+        scored(1, ["a", "b", "c", "d"], [0.30, 0.28, 0.31, 0.29]),  # every score within min_margin 0.05: flat
+        scored(2, ["a", "b", "c", "d"], [0.9, 0.1, 0.5, 0.5]),
+    ]
+    selection = select_pairs(items, "max_min", min_margin=0.05, seed=0, per_prompt=2, multi=multi)
+    assert selection.flat_prompts == 1
+    got = [(p.prompt_index, p.chosen.text, p.rejected.text) for p in selection.pairs]
+    if multi == "best_vs_worst":
+        assert got == [(0, "a", "b"), (0, "a", "d"), (2, "a", "b"), (2, "a", "d")]
+    else:
+        assert got == [(0, "a", "b"), (0, "c", "d"), (2, "a", "b")]  # prompt 2's c vs d tie (0.5, 0.5)
+    assert sum(selection.dropped.values()) + len(selection.pairs) == 2 * len(items)
+    assert all(p.chosen_score - p.rejected_score > 0.05 for p in selection.pairs)
+
+
+def test_one_pair_a_prompt_counts_flat_prompts_without_changing_what_is_dropped():
+    items = [scored(0, ["a", "b"], [0.5, 0.5]), scored(1, ["a", "b"], [0.9, 0.1])]
+    selection = select_pairs(items, "random", min_margin=0.0, seed=0)
+    assert selection.flat_prompts == 1 and selection.dropped == {"tie": 1} and len(selection.pairs) == 1

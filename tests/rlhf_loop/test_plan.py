@@ -70,6 +70,28 @@ def test_learner_memory_follows_the_zero_stage(config, tiny_policy_dir, stage, e
     assert role(report, "learner").memory.bytes_per_actor == pytest.approx(policy * expected, abs=4)
 
 
+@pytest.mark.parametrize("overrides, reason", [
+    (["train.free_reference=true"], "train.free_reference"),
+    (["train.loss_type=simpo"], "reference-free"),
+    (["train.lora.enabled=true"], "adapters off"),
+])
+def test_a_learner_without_a_reference_shows_the_memory_it_saves(config, tiny_policy_dir, overrides, reason):
+    policy = parameters(AutoModelForCausalLM, tiny_policy_dir)
+    kept = role(plan_report(config()), "learner").memory
+    freed = role(plan_report(config(*overrides)), "learner").memory
+    assert reason in freed.formula and f"saves {human_bytes(policy * 4)}" in freed.formula
+    if "train.lora.enabled=true" in overrides:  # and gradients and Adam cover the adapters only
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_policy_dir),
+                               LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+        assert 0 < adapters < policy / 2
+        assert freed.bytes_per_actor == policy * 4 + adapters * (4 + 8)
+    else:
+        assert freed.bytes_per_actor == kept.bytes_per_actor - policy * 4
+
+
 def test_hf_engine_reserves_no_kv_cache(config, tiny_policy_dir):
     report = plan_report(config("rollout.engine=hf"))
     assert role(report, "rollout").memory.bytes_per_actor == parameters(AutoModelForCausalLM, tiny_policy_dir) * 4

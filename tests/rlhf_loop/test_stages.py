@@ -17,7 +17,7 @@ from policy.config import PolicyConfig
 from policy.learning import TrainStats
 from policy.rollout import Sampling
 from reward.base import RewardResult
-from rlhf_loop import stages
+from rlhf_loop import records, stages
 from rlhf_loop.config import RunConfig
 from rlhf_loop.errors import UserError
 from rlhf_loop.heartbeat import read_heartbeat
@@ -218,7 +218,7 @@ def test_generate_samples_with_the_configured_sampling_and_an_iteration_seed(run
 def test_score_rollouts_keeps_order_and_objectives():
     rollouts = [rollout_of(0, ["abc", "a"]), rollout_of(1, ["xy", "wxyz", ""])]
     reward = LengthReward()
-    scored = stages.score_rollouts(reward, rollouts)
+    scored = stages.score_rollouts(reward, rollouts, length_penalty=0.0)
     assert [s.rollout for s in scored] == rollouts
     assert [s.scores for s in scored] == [[3.0, 1.0], [2.0, 4.0, 0.0]]
     assert scored[1].objectives == {"len": [2.0, 4.0, 0.0], "neg": [-2.0, -4.0, -0.0]}
@@ -484,3 +484,32 @@ def test_finish_iteration_sums_stage_times_from_the_manifest(run_dir):
     assert metrics == pytest.approx(expected)
     assert json.loads((run_dir.iteration(1) / "metrics.json").read_text()) == pytest.approx(expected)
     assert new_run(run_dir).manifest.info("iter_001/done")["files"][0]["path"] == "iter_001/metrics.json"
+
+
+class FixedReward:
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, queries):
+        return [RewardResult(scores=list(self.scores)) for _ in queries]
+
+
+def rollout_of_lengths(token_counts):
+    responses = [Response(text=f"r{i}", token_ids=[7] * n, finish_reason="stop") for i, n in enumerate(token_counts)]
+    return Rollout(Prompt(0, [{"role": "user", "content": "q"}], [1, 2]), responses)
+
+
+def test_length_penalty_is_applied_once_and_the_raw_scores_are_kept():
+    [scored] = stages.score_rollouts(FixedReward([1.0, 1.0, 2.0]), [rollout_of_lengths([10, 40, 100])],
+                                     length_penalty=0.01)
+    assert scored.scores == pytest.approx([0.9, 0.6, 1.0])
+    assert scored.raw_scores == [1.0, 1.0, 2.0]
+    assert records.scored_from_json(records.to_json(scored)) == scored
+
+
+def test_no_penalty_leaves_the_scores_as_the_model_gave_them():
+    [scored] = stages.score_rollouts(FixedReward([0.3, -0.2]), [rollout_of_lengths([5, 6])], length_penalty=0.0)
+    assert scored.scores == scored.raw_scores == [0.3, -0.2]
+    old = records.to_json(scored)
+    del old["raw_scores"]  # a scores file written before raw scores were recorded
+    assert records.scored_from_json(old).raw_scores == [0.3, -0.2]
