@@ -78,9 +78,9 @@ class RewardScorer:
                 wait_restarted(lambda: self._actor.start.remote(*self._start_arguments), self.timeout_s,
                                "reward actor", "reward.call_timeout_s")
 
-    def placement(self) -> dict[str, Any]:
-        """Where the reward actor runs (node id, address, pid)."""
-        return self._wait(self._actor.placement.remote(), "placement")
+    def placement(self) -> list[dict[str, Any]]:
+        """Where the reward actor runs (node id, address, pid), as the only item of a list like the other roles'."""
+        return [self._wait(self._actor.placement.remote(), "placement")]
 
     def shutdown(self) -> None:
         import ray

@@ -22,14 +22,11 @@ from rlhf_loop.config import RunConfig
 from rlhf_loop.data import evaluation_prompts, iteration_prompts
 from rlhf_loop.hf_models import load_tokenizer
 from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
+from rlhf_loop.roles import start_actors
 from rlhf_loop.rundir import Manifest, RunDir
 
 
 def run(cfg: RunConfig, run_dir: RunDir) -> None:
-    from policy.learner_group import LearnerGroup
-    from policy.rollout_group import RolloutGroup
-    from reward.actor import RewardScorer
-
     run = stages.Run(cfg, run_dir, Manifest.load(run_dir))
     device = resolve_device(cfg.device)
     tracker = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -39,14 +36,8 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
         initial_policy = stages.sft_warm_start(run, device) if cfg.sft.enabled else cfg.policy
         tokenizer = load_tokenizer(initial_policy.tokenizer_source, initial_policy.trust_remote_code)
 
-        # ---- the actors: rollout engines, reward model, DPO learner ------------------------------------------
-        rollout, reward = None, None
-        if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
-            restarts = cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted, its work redone
-            rollout = RolloutGroup(initial_policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts)
-            reward = RewardScorer(cfg.reward, device, restarts)
-        learner = LearnerGroup(initial_policy, cfg.train, device, cfg.seed) if cfg.train.enabled else None
-        stages.record_placement(run, rollout, reward, learner)
+        # ---- the actors: rollout engines, reward model, DPO learner, started at once -------------------------
+        rollout, reward, learner = start_actors(run, initial_policy, device)
 
         # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
         checkpoint = run.manifest.intact_checkpoint("train/step_")  # a damaged newest one falls back

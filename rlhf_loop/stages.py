@@ -32,7 +32,6 @@ from rlhf_loop.seeds import derived_seed
 if TYPE_CHECKING:  # both import Ray; the loop builds them
     from policy.learner_group import SFTActor
     from policy.rollout_group import RolloutGroup
-    from reward.actor import RewardScorer
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -378,14 +377,6 @@ def sync(run: Run, learner: Learner, rollout: RolloutGroup, iteration: int) -> N
     unit = run.unit(iteration, "sync")
     if not run.manifest.done(unit):  # once done, the start-up sync of a resumed process has the same effect
         run.manifest.record(unit, seconds=sync_weights(learner, rollout))
-
-
-def record_placement(run: Run, rollout: RolloutGroup | None, reward: RewardScorer | None,
-                     learner: Learner | None) -> None:
-    """RUN_DIR/placement.json: the node id, address and process id of every actor of this process's run."""
-    roles = {"rollout": rollout.placement() if rollout else [], "reward": [reward.placement()] if reward else [],
-             "learner": learner.placement() if learner else []}
-    atomic_write_json(run.run_dir.root / "placement.json", roles)
 
 
 def load_gold(eval_cfg) -> Callable | None:

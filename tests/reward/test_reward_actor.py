@@ -63,10 +63,10 @@ def test_a_killed_reward_actor_is_restarted_and_scores_the_batch_again(ray_local
     scorer = RewardScorer(RewardConfig(model_path=str(tiny_reward_dir), batch_size=3), "cpu", max_restarts=1)
     try:
         expected = scorer.score(queries)
-        first = scorer.placement()
+        (first,) = scorer.placement()
         os.kill(first["pid"], signal.SIGKILL)
         assert [r.scores for r in scorer.score(queries)] == [r.scores for r in expected]
-        assert scorer.restarts == 1 and scorer.placement()["pid"] != first["pid"]
+        assert scorer.restarts == 1 and scorer.placement()[0]["pid"] != first["pid"]
     finally:
         scorer.shutdown()
 

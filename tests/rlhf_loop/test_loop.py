@@ -121,6 +121,9 @@ def test_three_iterations_with_vllm(uninterrupted):
         assert REQUIRED_METRICS <= m.keys(), REQUIRED_METRICS - m.keys()
         assert m["pairs/count"] + m["pairs/dropped"] == m["prompts/count"] == 12
     assert (uninterrupted / "sft" / "policy" / "model.safetensors").is_file()  # the warm start ran first
+    placement = json.loads((uninterrupted / "placement.json").read_text())
+    assert set(placement) == {"rollout", "reward", "learner"}  # started at once; each says where and how long
+    assert all(info["startup_s"] > 0 and info["actors"][0]["node_id"] for info in placement.values())
     assert not (uninterrupted / "sft" / "learner").exists()  # its checkpoints are gone once it is exported
     for i in (1, 2, 3):
         iteration = uninterrupted / f"iter_{i:03d}"
