@@ -75,7 +75,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_lazy_imports():
     graph = import_graph()
-    assert "policy.learner_group" in graph["rlhf_loop.loop"]  # imported inside run()
+    assert "policy.learner_group" in graph["rlhf_loop.stages"]  # imported inside sft_warm_start()
     assert {"rlhf_loop.records", "rlhf_loop.errors"} <= leaf_modules(graph)
     assert "rlhf_loop.config" not in leaf_modules(graph)
 
