@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy.config import RolloutConfig, TrainConfig
+from policy.config import LoRAConfig, RolloutConfig, TrainConfig
 from rlhf_loop.records import Pair, Response
 from rlhf_loop.stages import sync_weights
 
@@ -21,12 +21,13 @@ def pairs_for(prompts, tokenizer) -> list[Pair]:
                  chosen_score=1.0, rejected_score=0.0) for p in prompts]
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
-def test_every_engine_matches_the_learner_after_sync(engine, ray_local, policy_config, prompts, tiny_tokenizer):
+@pytest.mark.parametrize(("engine", "lora"), [("vllm", False), ("hf", False), ("vllm", True)])
+def test_every_engine_matches_the_learner_after_sync(engine, lora, ray_local, policy_config, prompts, tiny_tokenizer):
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
 
-    learner = LearnerGroup(policy_config, TrainConfig(learning_rate=5e-3, micro_batch_size=4), "cpu", seed=0)
+    train = TrainConfig(learning_rate=5e-2 if lora else 5e-3, micro_batch_size=4, lora=LoRAConfig(enabled=lora))
+    learner = LearnerGroup(policy_config, train, "cpu", seed=0)  # with LoRA the engines get the merged weights
     rollout = RolloutGroup(policy_config, RolloutConfig(engine=engine, num_engines=2), "cpu", max_model_len=128,
                            seed=0)
     try:
