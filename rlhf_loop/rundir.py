@@ -53,12 +53,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# The mode open() would give a new file under this process's umask (read once, at import, while single-threaded).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp's 0600 would keep the run's files from anyone else
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

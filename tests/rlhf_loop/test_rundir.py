@@ -341,3 +341,12 @@ def test_units_from_follows_the_order_of_a_run():
     assert manifest.units_from("iter_001/train/step_000010") == [
         "iter_001/train/step_000010", "iter_001/export", "iter_001/eval", "iter_002/rollouts/shard_00000"]
     assert manifest.units_from("sft/step_000004")[:3] == ["sft/step_000004", "sft/done", "eval_initial"]
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with open(tmp_path / "b.txt", "w") as plain:
+        plain.write("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask
