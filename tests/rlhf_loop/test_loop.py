@@ -197,7 +197,6 @@ def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninter
     recorded = Counter(line["unit"] for line in read_jsonl(run_dir / "journal.jsonl"))
     assert max(recorded.values()) == 1, [unit for unit, count in recorded.items() if count > 1]
     assert set(recorded) == set(json.loads((run_dir / "manifest.json").read_text())["units"])
-    assert len({line["pid"] for line in read_jsonl(run_dir / "journal.jsonl")}) == len(KILL_POINTS) + 1
 
     expected, actual = finished(uninterrupted), finished(run_dir)
     assert actual["pairs"] == expected["pairs"]
