@@ -139,7 +139,7 @@ class LearnerGroup:
         self._wait([actor.export_hf.remote(directory) for actor in self._actors], "export")
 
     def export_adapter(self, directory: str) -> None:
-        ray.get([actor.export_adapter.remote(directory) for actor in self._actors])
+        self._wait([actor.export_adapter.remote(directory) for actor in self._actors], "export")
 
     def greedy_generate(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
         return self._wait([a.greedy_generate.remote(prompt_token_ids, max_tokens) for a in self._weight_ranks],
