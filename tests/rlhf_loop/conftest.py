@@ -1,4 +1,5 @@
-"""Fixtures for planning tests: plans are made offline and as if on a machine without GPUs."""
+"""Fixtures for the driver's tests: plans made offline and as if on a machine without GPUs, and the CLI with the
+models and the loop left out."""
 
 import socket
 
@@ -27,3 +28,18 @@ def no_gpu_here(monkeypatch):
     machine the tests run on."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def cli_without_models(tmp_path, monkeypatch):
+    """`rlhf-loop run/resume` with preflight and the loop itself stubbed out (the models and data are not what is
+    tested): returns a config file and the prompt file it names."""
+    from rlhf_loop import loop, preflight
+
+    monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: None)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name 3 fruits."}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"policy: {{model_path: p}}\nreward: {{model_path: r}}\ndata: {{prompts: [{prompts}]}}\n")
+    return config, prompts

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rlhf_loop import cli, loop, preflight
+from rlhf_loop import cli
 from rlhf_loop.config import load_config
 from rlhf_loop.errors import UserError
 from rlhf_loop.fingerprints import HUB, check_inputs, record_inputs
@@ -61,13 +61,8 @@ def test_a_run_from_before_fingerprints_gets_them_at_its_first_resume(started, c
     assert Manifest.load(run_dir).fingerprints is not None
 
 
-def test_run_records_and_resume_checks_through_the_cli(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(preflight, "preflight", lambda cfg: None)  # the models and data are not what is tested
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: None)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Name 3 fruits."}\n')
-    config = tmp_path / "run.yaml"
-    config.write_text(f"policy: {{model_path: p}}\nreward: {{model_path: r}}\ndata: {{prompts: [{prompts}]}}\n")
+def test_run_records_and_resume_checks_through_the_cli(tmp_path, capsys, cli_without_models):
+    config, prompts = cli_without_models
     root = tmp_path / "run"
     assert cli.main(["run", str(config), "--run-dir", str(root)]) == 0
     assert read_heartbeat(RunDir(root))["ended"] == "finished"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_loop import cli, loop, preflight
+from rlhf_loop import cli, loop
 from rlhf_loop.config import load_config
 from rlhf_loop.errors import UserError
 from rlhf_loop.fingerprints import PENDING_CONFIG, check_inputs
@@ -14,14 +14,9 @@ from rlhf_loop.rundir import Manifest, RunDir, sha256_file
 
 
 @pytest.fixture
-def started(tmp_path, monkeypatch):
+def started(tmp_path, cli_without_models):
     """A run of 2 iterations started through the CLI, with one iteration finished; returns its directory."""
-    monkeypatch.setattr(preflight, "preflight", lambda cfg: None)  # the models and data are not what is tested
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: None)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Name 3 fruits."}\n')
-    config = tmp_path / "run.yaml"
-    config.write_text(f"policy: {{model_path: p}}\nreward: {{model_path: r}}\ndata: {{prompts: [{prompts}]}}\n")
+    config, _ = cli_without_models
     root = tmp_path / "run"
     assert cli.main(["run", str(config), "iterations=2", "--run-dir", str(root)]) == 0
     Manifest.load(RunDir(root)).record("iter_001/done")
