@@ -23,9 +23,9 @@ PENDING_CONFIG = "config.yaml pending"  # the digest of a config.yaml being repl
 
 def input_sources(cfg) -> dict[str, list[str]]:
     """The datasets a run reads, by config key (a key the run ignores, e.g. sft.dataset without sft, is left out)."""
-    online = cfg.pairs.dataset is None
+    online = cfg.online
     sources = {"data.prompts": list(cfg.data.prompts) if online else [],
-               "eval.prompts": [cfg.eval.prompts] if online else [],
+               "eval.prompts": [cfg.eval.prompts] if cfg.evaluates else [],
                "pairs.dataset": [] if online else [cfg.pairs.dataset],
                "sft.dataset": [cfg.sft.dataset] if cfg.sft.enabled else []}
     return {key: [source for source in values if source] for key, values in sources.items() if any(values)}

@@ -23,13 +23,14 @@ STALE_AFTER_S = 10 * HEARTBEAT_INTERVAL_S
 
 def iteration_stages(cfg: RunConfig) -> tuple[str, ...]:
     """The stages an iteration of this run goes through, in order: offline DPO (pairs.dataset) samples, scores and
-    evaluates nothing; train.enabled false trains and exports nothing; pairs_dataset only when exported."""
-    online = cfg.pairs.dataset is None
+    evaluates nothing; train.enabled false trains and exports nothing; pairs_dataset only when exported; eval only
+    with held-out prompts (eval.prompts)."""
     present = {"pairs", "done"}
-    present |= {"rollouts", "scores"} if online else set()
+    present |= {"rollouts", "scores"} if cfg.online else set()
     present |= {"pairs_dataset"} if cfg.pairs.export_format != "none" else set()
     present |= {"train", "export"} if cfg.train.enabled else set()
-    present |= {"sync", "eval"} if online and cfg.train.enabled else set()
+    present |= {"sync"} if cfg.online and cfg.train.enabled else set()
+    present |= {"eval"} if cfg.evaluates else set()
     return tuple(stage for stage in ITERATION_STAGES if stage in present)
 
 
@@ -41,7 +42,7 @@ def run_status(root: str) -> dict[str, Any]:
     ordered: list[tuple[int | None, str, dict[str, Any]]] = []
     if cfg.sft.enabled:
         ordered.append((None, "sft", {"done": "sft/done" in units, "steps_done": _steps_done(units, "sft/step_")}))
-    if cfg.pairs.dataset is None and cfg.train.enabled:
+    if cfg.evaluates:
         ordered.append((None, "eval_initial", {"done": "eval_initial" in units}))
     for iteration in range(1, cfg.iterations + 1):
         prefix = f"iter_{iteration:03d}/"

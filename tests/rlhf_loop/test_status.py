@@ -17,6 +17,7 @@ from rlhf_loop.status import CLEAR, STALE_AFTER_S, describe, run_status, watch
 MODELS = "policy: {model_path: p}\nreward: {model_path: r}\n"
 ONLINE = MODELS + """iterations: 2
 data: {prompts: [prompts.jsonl]}
+eval: {prompts: eval.jsonl}
 sft: {enabled: true, dataset: sft.jsonl}
 pairs: {export_format: parquet}
 """
@@ -214,3 +215,11 @@ def test_ctrl_c_stops_watching_cleanly_and_nothing_is_started(tmp_path):
     watch(str(run_dir.root), 1.0, out=screen, sleep=interrupted)  # returns instead of raising
     assert screen.getvalue().endswith("\n") and "0/1 iterations done" in screen.getvalue()
     assert sorted(path.name for path in run_dir.root.iterdir()) == before  # read only: no heartbeat, no logs
+
+
+def test_without_held_out_prompts_there_is_no_evaluation_stage(tmp_path):
+    run_dir = a_run(tmp_path, ONLINE.replace("eval: {prompts: eval.jsonl}\n", "").replace(
+        "sft: {enabled: true, dataset: sft.jsonl}\n", ""))
+    status = run_status(str(run_dir.root))
+    assert list(status["current"]["progress"]) == ["rollouts", "scores", "pairs", "pairs_dataset", "train", "export",
+                                                   "sync", "done"]
