@@ -179,7 +179,8 @@ def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, ref
           ) -> dict[str, float]:
     """DPO on the iteration's pairs, checkpointing every `train.save_steps` steps; returns step-weighted means."""
     if not pairs:
-        tqdm.write(f"iteration {iteration}: no pairs (every prompt's responses tied or were identical); no DPO step")
+        console.say(f"rlhf-loop: iteration {iteration}: no pairs (every prompt's responses tied or were identical); "
+                    "no DPO step")
         return {field.name: math.nan for field in dataclasses.fields(TrainStats) if field.name not in NOT_AVERAGED}
     total_steps = learner.begin_iteration(iteration, list(pairs), reference_dir)
     unit_prefix = run.unit(iteration, "train/step_")
