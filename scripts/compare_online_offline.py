@@ -1,12 +1,22 @@
-"""Online vs offline DPO on the toy task with a gold reward: do fresh on-policy pairs pay?
+"""Online vs offline DPO on the toy task with a gold reward, each at its own best learning rate: do fresh on-policy
+pairs pay?
 
-    python scripts/compare_online_offline.py [--seeds 0 1 2 3 4] [--runs-dir runs/compare]
+    python scripts/compare_online_offline.py [--asset-seeds 0 1 2] [--run-seeds 0 1] \
+        [--learning-rates 1e-4 2e-4 4e-4] [--runs-dir runs/compare] [--jobs 1] [--json results.json]
 
-Runs configs/tiny_online.yaml (3 iterations of online DPO) and configs/tiny_offline.yaml (one round of DPO on the same
-total number of pairs, all sampled from pi_0) once per seed, then prints the held-out gold reward (`eval/gold_mean`)
-per iteration as mean +- standard error over seeds, then what else moved by the end (KL to pi_0, length, reward-model
-score) and the verdict. Finished runs are reused and unfinished ones resumed, so the script can be stopped and started
-again.
+configs/tiny_online.yaml runs 3 iterations of online DPO; configs/tiny_offline.yaml one round of DPO on the same
+total number of pairs, all sampled from pi_0. An asset seed builds its own toy task (tokenizer, pi_0, reward model,
+prompts: `toy_task.seed`); a run seed drives sampling, pair choice and training order (`seed`).
+
+1. Sweep: each arm at each learning rate, on every asset seed with the first run seed.
+2. Each arm takes the learning rate with the highest mean final gold (`eval/gold_mean` on held-out prompts).
+3. At those rates, every asset seed x run seed: the gold curve per iteration, what else moved by the end (KL to
+   pi_0, length, reward-model score), and the verdict. The gap is paired by asset seed (both arms start from the
+   same pi_0), and standard errors treat the asset seed as the unit: the run seeds of one asset seed are averaged
+   first, so a lucky set of assets cannot count three times.
+
+Finished runs are reused and unfinished ones resumed, so the script can be stopped and started again. Tables go
+to stdout, the runs' own output to stderr.
 """
 
 from __future__ import annotations
@@ -17,25 +27,54 @@ import math
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"online": REPO / "configs" / "tiny_online.yaml", "offline": REPO / "configs" / "tiny_offline.yaml"}
+SHIPPED_LEARNING_RATE = 4e-4  # configs/tiny.yaml's train.learning_rate: the shared-rate note
+
+# What moved besides gold, after the last iteration: how far from pi_0 (kl/ref), whether length was gamed, and what the
+# reward model thinks; these tell apart a policy that improved from one that drifted where the reward model is blind.
+# dpo/chosen_reward below zero means DPO lowered the likelihood of the very responses it was told to prefer.
+DIAGNOSTICS = ("kl/ref", "dpo/chosen_reward", "eval/response_tokens_mean", "eval/reward_mean",
+               "eval/win_rate_vs_initial")
 
 
-def run(config: Path, seed: int, run_dir: Path) -> None:
-    """Run (or finish) one config with one seed."""
+@dataclass(frozen=True)
+class Arm:
+    """One run of the comparison: which config, at which rate, on which assets, with which seed."""
+
+    name: str  # online | offline
+    learning_rate: float
+    asset_seed: int
+    run_seed: int
+
+    def run_dir(self, runs_dir: Path) -> Path:
+        return runs_dir / f"{self.name}-lr{self.learning_rate:g}-assets{self.asset_seed}-seed{self.run_seed}"
+
+    def overrides(self) -> list[str]:
+        # Asset seed 0 shares the demo's cache; the others get their own.
+        cache = ".cache/toy_task" if self.asset_seed == 0 else f".cache/toy_task_seed{self.asset_seed}"
+        return [f"seed={self.run_seed}", f"train.learning_rate={self.learning_rate:g}",
+                f"toy_task.seed={self.asset_seed}", f"toy_task.dir={cache}"]
+
+
+def run(arm: Arm, runs_dir: Path) -> Path:
+    """Run (or finish) one arm; returns its run directory."""
     from rlhf_loop.status import run_status
 
+    run_dir = arm.run_dir(runs_dir)
     if (run_dir / "manifest.json").exists():
         if run_status(str(run_dir))["finished"]:
-            return
+            return run_dir
         command = ["resume", str(run_dir)]
     else:
-        command = ["run", str(config), f"seed={seed}", "--run-dir", str(run_dir)]
+        command = ["run", str(CONFIGS[arm.name]), *arm.overrides(), "--run-dir", str(run_dir)]
     print(f"$ rlhf-loop {' '.join(command)}", file=sys.stderr, flush=True)
-    # The runs' own output goes to stderr, so stdout holds only the tables.
     subprocess.run([sys.executable, "-m", "rlhf_loop.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
+    return run_dir
 
 
 def gold_curve(run_dir: Path) -> list[float]:
@@ -47,13 +86,6 @@ def gold_curve(run_dir: Path) -> list[float]:
     return curve
 
 
-# What moved besides gold, after the last iteration: how far from pi_0 (kl/ref), whether length was gamed, and what the
-# reward model thinks; these tell apart a policy that improved from one that drifted where the reward model is blind.
-# dpo/chosen_reward below zero means DPO lowered the likelihood of the very responses it was told to prefer.
-DIAGNOSTICS = ("kl/ref", "dpo/chosen_reward", "eval/response_tokens_mean", "eval/reward_mean",
-               "eval/win_rate_vs_initial")
-
-
 def final_metrics(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
@@ -63,60 +95,123 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
 
 
-def table(curves: dict[str, list[list[float]]]) -> str:
-    iterations = max(len(curve) for per_seed in curves.values() for curve in per_seed)
-    seeds = len(next(iter(curves.values())))
-    lines = [f"eval/gold_mean on held-out prompts, mean +- standard error over {seeds} seeds", "",
-             "| iteration | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+def clustered(values: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """Mean and standard error of values keyed by (asset seed, run seed): run seeds are averaged within each asset
+    seed first, and the asset seeds are the independent units."""
+    per_asset: dict[int, list[float]] = {}
+    for (asset_seed, _), value in sorted(values.items()):
+        per_asset.setdefault(asset_seed, []).append(value)
+    return mean_and_standard_error([statistics.fmean(group) for group in per_asset.values()])
+
+
+def cell(mean_se: tuple[float, float]) -> str:
+    return "{:.3f} +- {:.3f}".format(*mean_se)
+
+
+def sweep_table(finals: dict[str, dict[float, dict[tuple[int, int], float]]]) -> str:
+    """Final gold per arm and learning rate, the best of each arm marked."""
+    rates = sorted({rate for per_rate in finals.values() for rate in per_rate})
+    lines = ["final eval/gold_mean per learning rate (sweep), mean +- standard error over asset seeds", "",
+             "| learning rate | " + " | ".join(finals) + " |", "|---|" + "---|" * len(finals)]
+    best = {name: best_rate(per_rate) for name, per_rate in finals.items()}
+    for rate in rates:
+        cells = [cell(clustered(per_rate[rate])) + (" (best)" if rate == best[name] else "") if rate in per_rate
+                 else "" for name, per_rate in finals.items()]
+        lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_rate(per_rate: dict[float, dict[tuple[int, int], float]]) -> float:
+    return max(per_rate, key=lambda rate: clustered(per_rate[rate])[0])
+
+
+def curve_table(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float]) -> str:
+    iterations = max(len(curve) for per_seed in curves.values() for curve in per_seed.values())
+    units = len({asset for per_seed in curves.values() for asset, _ in per_seed})
+    runs = len(next(iter(curves.values())))
+    header = " | ".join(f"{name} (lr {rates[name]:g})" for name in curves)
+    lines = [f"eval/gold_mean per iteration at each arm's best learning rate, mean +- standard error over {units} "
+             f"asset seeds ({runs} runs per arm)", "", f"| iteration | {header} |", "|---|" + "---|" * len(curves)]
     for i in range(iterations):
-        cells = []
-        for per_seed in curves.values():
-            values = [curve[i] for curve in per_seed if i < len(curve)]
-            cells.append("{:.3f} +- {:.3f}".format(*mean_and_standard_error(values)) if values else "")
+        cells = [cell(clustered({key: curve[i] for key, curve in per_seed.items() if i < len(curve)}))
+                 if any(i < len(curve) for curve in per_seed.values()) else "" for per_seed in curves.values()]
         lines.append(f"| {i if i else '0 (pi_0)'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def diagnostics_table(finals: dict[str, list[dict[str, float]]]) -> str:
-    lines = ["after the last iteration, mean +- standard error over seeds", "",
+def diagnostics_table(finals: dict[str, dict[tuple[int, int], dict[str, float]]]) -> str:
+    lines = ["after the last iteration, at each arm's best learning rate", "",
              "| metric | " + " | ".join(finals) + " |", "|---|" + "---|" * len(finals)]
     for key in DIAGNOSTICS:
-        cells = ["{:.3f} +- {:.3f}".format(*mean_and_standard_error([m[key] for m in per_seed]))
+        cells = [cell(clustered({seeds: metrics[key] for seeds, metrics in per_seed.items()}))
                  for per_seed in finals.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def verdict(curves: dict[str, list[list[float]]]) -> str:
-    online = [curve[-1] for curve in curves["online"]]
-    offline = [curve[-1] for curve in curves["offline"]]
-    (on_mean, on_se), (off_mean, off_se) = mean_and_standard_error(online), mean_and_standard_error(offline)
-    gap, gap_se = on_mean - off_mean, math.sqrt(on_se**2 + off_se**2)
-    per_iteration = [statistics.fmean(curve[i] for curve in curves["online"]) for i in range(len(curves["online"][0]))]
+def gap(online: dict[tuple[int, int], float], offline: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """Online minus offline final gold, paired by (asset seed, run seed), with the clustered standard error."""
+    return clustered({seeds: online[seeds] - offline[seeds] for seeds in online.keys() & offline.keys()})
+
+
+def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = "each arm at its best rate") -> str:
+    finals = {name: {seeds: curve[-1] for seeds, curve in per_seed.items()} for name, per_seed in curves.items()}
+    difference, difference_se = gap(finals["online"], finals["offline"])
+    online_curve = curves["online"].values()
+    per_iteration = [statistics.fmean(curve[i] for curve in online_curve) for i in range(len(next(iter(online_curve))))]
     rising = all(b > a for a, b in zip(per_iteration, per_iteration[1:]))
-    return (f"final gold: online {on_mean:.3f} +- {on_se:.3f}, offline {off_mean:.3f} +- {off_se:.3f}; "
-            f"online - offline = {gap:.3f} +- {gap_se:.3f} ({gap / gap_se:.1f} standard errors)\n"
-            f"online gold rises every iteration: {'yes' if rising else 'no'}")
+    standard_errors = difference / difference_se if difference_se > 0 else float("inf")
+    return (f"{label}: final gold online {cell(clustered(finals['online']))}, offline "
+            f"{cell(clustered(finals['offline']))}; online - offline = {difference:.3f} +- {difference_se:.3f} "
+            f"({standard_errors:.1f} standard errors): {'online wins' if standard_errors > 2 else 'no clear winner'}"
+            f"\nonline gold rises every iteration: {'yes' if rising else 'no'}")
+
+
+def run_all(arms: list[Arm], runs_dir: Path, jobs: int) -> dict[Arm, Path]:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(zip(arms, pool.map(lambda arm: run(arm, runs_dir), arms)))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--run-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each starts its own local Ray)")
+    parser.add_argument("--json", type=Path, help="also write every number to this file")
     args = parser.parse_args()
-    curves: dict[str, list[list[float]]] = {name: [] for name in CONFIGS}
-    finals: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
-    for seed in args.seeds:
-        for name, config in CONFIGS.items():
-            run_dir = args.runs_dir / f"{name}-seed{seed}"
-            run(config, seed, run_dir)
-            curves[name].append(gold_curve(run_dir))
-            finals[name].append(final_metrics(run_dir))
-    print(table(curves))
-    print()
-    print(diagnostics_table(finals))
-    print()
-    print(verdict(curves))
+    if len(args.learning_rates) < 3:
+        parser.error("--learning-rates needs at least 3 values: each arm is compared at its best of a real sweep")
+
+    sweep = [Arm(name, rate, asset, args.run_seeds[0])
+             for rate in args.learning_rates for asset in args.asset_seeds for name in CONFIGS]
+    sweep_dirs = run_all(sweep, args.runs_dir, args.jobs)
+    sweep_finals = {name: {rate: {(arm.asset_seed, arm.run_seed): gold_curve(path)[-1]
+                                  for arm, path in sweep_dirs.items() if arm.name == name and arm.learning_rate == rate}
+                           for rate in args.learning_rates} for name in CONFIGS}
+    rates = {name: best_rate(per_rate) for name, per_rate in sweep_finals.items()}
+
+    final = [Arm(name, rates[name], asset, seed) for asset in args.asset_seeds for seed in args.run_seeds
+             for name in CONFIGS]
+    final_dirs = run_all(final, args.runs_dir, args.jobs)
+    curves = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in final_dirs.items() if a.name == name}
+              for name in CONFIGS}
+    finals = {name: {(a.asset_seed, a.run_seed): final_metrics(p) for a, p in final_dirs.items() if a.name == name}
+              for name in CONFIGS}
+    print(sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals), verdict(curves), sep="\n\n")
+    if SHIPPED_LEARNING_RATE in args.learning_rates:
+        shared = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in sweep_dirs.items()
+                         if a.name == name and a.learning_rate == SHIPPED_LEARNING_RATE} for name in CONFIGS}
+        print("\n" + verdict(shared, f"note: both arms at the demo's rate {SHIPPED_LEARNING_RATE:g}").splitlines()[0])
+    if args.json:
+        args.json.write_text(json.dumps({
+            "best_learning_rates": rates,
+            "sweep": {name: {f"{rate:g}": {f"{a}/{s}": v for (a, s), v in per_seeds.items()}
+                             for rate, per_seeds in per_rate.items()} for name, per_rate in sweep_finals.items()},
+            "curves": {name: {f"{a}/{s}": curve for (a, s), curve in per_seed.items()}
+                       for name, per_seed in curves.items()},
+        }, indent=2) + "\n")
     return 0
 
 

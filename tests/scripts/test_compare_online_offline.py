@@ -1,14 +1,17 @@
-"""The comparison script's arithmetic: tables and verdict from finished run directories (built here by hand)."""
+"""The comparison script's arithmetic: the sweep, the best rate per arm, tables and verdict from finished run
+directories (built here by hand)."""
 
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("compare_online_offline",
                                                REPO / "scripts" / "compare_online_offline.py")
 compare = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = compare  # dataclasses look their module up there
 _spec.loader.exec_module(compare)
 
 
@@ -33,22 +36,51 @@ def test_mean_and_standard_error():
     assert mean == 2.0 and math.isclose(se, 1.0 / math.sqrt(3))
 
 
-def test_verdict_counts_standard_errors_and_checks_the_rise():
-    curves = {"online": [[0.5, 0.6, 0.7], [0.5, 0.62, 0.72]], "offline": [[0.5, 0.55], [0.5, 0.57]]}
+def test_standard_errors_treat_the_asset_seed_as_the_unit():
+    # Two run seeds per asset seed are averaged first: asset means 1, 2, 3.
+    values = {(0, 0): 0.5, (0, 1): 1.5, (1, 0): 2.0, (1, 1): 2.0, (2, 0): 3.0, (2, 1): 3.0}
+    mean, se = compare.clustered(values)
+    assert mean == 2.0 and math.isclose(se, 1.0 / math.sqrt(3))
+
+
+def test_each_arm_takes_its_own_best_rate():
+    finals = {"online": {1e-4: {(0, 0): 0.6, (1, 0): 0.62}, 4e-4: {(0, 0): 0.7, (1, 0): 0.72}},
+              "offline": {1e-4: {(0, 0): 0.58, (1, 0): 0.6}, 4e-4: {(0, 0): 0.3, (1, 0): 0.5}}}
+    assert compare.best_rate(finals["online"]) == 4e-4 and compare.best_rate(finals["offline"]) == 1e-4
+    table = compare.sweep_table(finals)
+    assert "| 0.0001 | 0.610 +- 0.010 | 0.590 +- 0.010 (best) |" in table
+    assert "| 0.0004 | 0.710 +- 0.010 (best) | 0.400 +- 0.100 |" in table
+
+
+def test_verdict_pairs_the_arms_by_seed_and_counts_standard_errors():
+    curves = {"online": {(0, 0): [0.5, 0.6, 0.7], (1, 0): [0.5, 0.62, 0.74]},
+              "offline": {(0, 0): [0.5, 0.55], (1, 0): [0.5, 0.57]}}
     text = compare.verdict(curves)
-    # online 0.71 +- 0.01, offline 0.56 +- 0.01: gap 0.15 +- sqrt(2) * 0.01
-    assert "online - offline = 0.150 +- 0.014 (10.6 standard errors)" in text
+    # paired gaps 0.15 and 0.17: mean 0.16, standard error 0.01
+    assert "online - offline = 0.160 +- 0.010 (16.0 standard errors): online wins" in text
     assert text.endswith("online gold rises every iteration: yes")
-    falling = {"online": [[0.5, 0.7, 0.6], [0.5, 0.7, 0.6]], "offline": [[0.5, 0.55], [0.5, 0.57]]}
-    assert compare.verdict(falling).endswith("online gold rises every iteration: no")
+    close = {"online": {(0, 0): [0.5, 0.7, 0.6], (1, 0): [0.5, 0.7, 0.62]},
+             "offline": {(0, 0): [0.5, 0.62], (1, 0): [0.5, 0.58]}}
+    assert "no clear winner" in compare.verdict(close)
+    assert compare.verdict(close).endswith("online gold rises every iteration: no")
 
 
 def test_tables_show_every_iteration_and_the_final_diagnostics(tmp_path):
-    runs = {"online": [fake_run(tmp_path / f"on{s}", [0.5, 0.6, 0.7], kl=2.0 + s) for s in range(2)],
-            "offline": [fake_run(tmp_path / f"off{s}", [0.5, 0.55], kl=8.0) for s in range(2)]}
-    gold = compare.table({name: [compare.gold_curve(d) for d in dirs] for name, dirs in runs.items()})
+    runs = {"online": {(s, 0): fake_run(tmp_path / f"on{s}", [0.5, 0.6, 0.7], kl=2.0 + s) for s in range(2)},
+            "offline": {(s, 0): fake_run(tmp_path / f"off{s}", [0.5, 0.55], kl=8.0) for s in range(2)}}
+    curves = {name: {seeds: compare.gold_curve(d) for seeds, d in dirs.items()} for name, dirs in runs.items()}
+    gold = compare.curve_table(curves, {"online": 4e-4, "offline": 1e-4})
+    assert "| iteration | online (lr 0.0004) | offline (lr 0.0001) |" in gold
     assert "| 0 (pi_0) | 0.500 +- 0.000 | 0.500 +- 0.000 |" in gold
     assert "| 2 | 0.700 +- 0.000 |  |" in gold
-    diagnostics = compare.diagnostics_table({name: [compare.final_metrics(d) for d in dirs]
+    diagnostics = compare.diagnostics_table({name: {seeds: compare.final_metrics(d) for seeds, d in dirs.items()}
                                              for name, dirs in runs.items()})
     assert "| kl/ref | 2.500 +- 0.500 | 8.000 +- 0.000 |" in diagnostics
+
+
+def test_the_arms_run_with_their_seeds_and_rate():
+    arm = compare.Arm("offline", 2e-4, asset_seed=1, run_seed=3)
+    assert arm.overrides() == ["seed=3", "train.learning_rate=0.0002", "toy_task.seed=1",
+                               "toy_task.dir=.cache/toy_task_seed1"]
+    assert arm.run_dir(Path("runs")) == Path("runs/offline-lr0.0002-assets1-seed3")
+    assert "toy_task.dir=.cache/toy_task" in compare.Arm("online", 4e-4, 0, 0).overrides()
