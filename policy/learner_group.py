@@ -93,11 +93,15 @@ class LearnerActor(DPOLearner):
 class LearnerGroup:
     """`train.num_workers` DPO learner ranks, one actor each: the loop's `Learner`."""
 
-    def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
-        actor_class = ray.remote(LearnerActor).options(**learner_resources(device, train.gpus_per_worker))
+    def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int,
+                 placements: Sequence[dict[str, Any]] | None = None):
+        """`placements`: each rank's Ray options for its placement-group bundle (`rlhf_loop.roles`), rank order;
+        without, each rank takes train.gpus_per_worker on CUDA and no CPU, wherever Ray puts it."""
         world_size = train.num_workers
+        resources = learner_resources(device, train.gpus_per_worker)
         self._timeout_s = train.call_timeout_s
-        self._actors = [actor_class.remote() for _ in range(world_size)]
+        self._actors = [ray.remote(LearnerActor).options(**{**resources, **where}).remote()
+                        for where in placements or [{}] * world_size]
         master_addr, master_port = self._wait(self._actors[0].address.remote(), "start-up")
         self._wait(
             [

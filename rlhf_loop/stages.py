@@ -9,6 +9,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -187,6 +188,11 @@ def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, ref
     train_in_chunks(run, learner, total_steps, run.cfg.train.save_steps, "train/step_", unit_prefix,
                     run.run_dir.iteration(iteration) / "learner", f"iter {iteration} train")
     return chunk_means(run, unit_prefix)
+
+
+def engines_asleep(rollout: RolloutGroup | None) -> AbstractContextManager:
+    """Engines colocated with the learner (cluster.colocate) free their GPUs for the block; others stay as they are."""
+    return rollout.asleep() if rollout is not None else nullcontext()
 
 
 def sft_warm_start(run: Run, device: str) -> PolicyConfig:
