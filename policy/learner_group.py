@@ -30,6 +30,9 @@ from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
 
 
+SFT_NODE_RESOURCE_SHARE = 0.001  # the label picks the node; the share only has to be non-zero
+
+
 def learner_resources(device: str, gpus: float = 1.0) -> dict[str, float]:
     """`gpus` GPUs per learner rank on CUDA; no CPU reservation, so learners never block the rollout and reward
     actors from being scheduled on a small machine."""
@@ -39,9 +42,12 @@ def learner_resources(device: str, gpus: float = 1.0) -> dict[str, float]:
 class SFTActor:
     """An SFTLearner in its own Ray actor (its own process group and port), called like the in-process one."""
 
-    def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
+    def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int, node_resource: str | None = None):
+        """`node_resource`: run on a node with this custom resource (the learner's, cluster.placement.learner)."""
         # SFT runs before any other actor exists, so it may take a whole GPU.
-        self._actor = ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
+        resources = {"resources": {node_resource: SFT_NODE_RESOURCE_SHARE}} if node_resource else {}
+        self._actor = (ray.remote(SFTLearner).options(**learner_resources(device), **resources)
+                       .remote(policy, sft, device, seed))
         self._timeout_s = sft.call_timeout_s
 
     def begin(self, examples: Sequence[SFTExample | Messages]) -> int:

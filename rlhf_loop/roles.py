@@ -72,6 +72,8 @@ def reserve(layout: Layout, timeout_s: float) -> dict[str, list[dict[str, Any]]]
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    if not layout.groups:
+        return {}
     groups = {group.name: ray.util.placement_group(list(group.bundles), strategy=group.ray_strategy)
               for group in layout.groups}
     ready, _ = ray.wait([pg.ready() for pg in groups.values()], num_returns=len(groups), timeout=timeout_s)

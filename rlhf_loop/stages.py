@@ -206,7 +206,7 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
         return initial
     cfg = run.cfg.sft
     conversations = load_rows(cfg.dataset, "train")[cfg.messages_column]
-    learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed)
+    learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed, run.cfg.cluster.placement.learner.resource)
     try:
         checkpoint = run.manifest.intact_checkpoint("sft/step_")
         if checkpoint is not None:
