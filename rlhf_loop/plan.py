@@ -16,7 +16,7 @@ from pathlib import Path
 
 from policy.losses import LOSSES
 from rlhf_loop.config import RunConfig, to_yaml
-from rlhf_loop.placement import CPU_SHARE, Layout, colocation_problems, describe_layout, role_layout
+from rlhf_loop.placement import COLOCATED, CPU_SHARE, Layout, colocation_problems, describe_layout, role_layout
 from rlhf_loop.sizing import (
     GIB,
     ModelSize,
@@ -238,13 +238,16 @@ def memory_warnings(report: PlanReport) -> list[str]:
 def shared_gpu_warnings(report: PlanReport) -> list[str]:
     """Roles with GPU shares below 1 may be packed onto one GPU by Ray; then their memory adds up (vLLM's is its
     gpu_memory_utilization of the whole GPU)."""
-    sharing = [role for role in report.roles if 0 < role.gpus_per_actor < 1 and role.role != "sft"]
+    colocated = {role for group in report.layout.groups if group.name == COLOCATED for role in group.roles}
+    sharing = [role for role in report.roles
+               if role.role in colocated or (0 < role.gpus_per_actor < 1 and role.role != "sft")]
     sizes = [role.memory.bytes_per_actor for role in sharing]
     if len(sharing) < 2 or None in sizes or sum(sizes) <= report.gpu_bytes:
         return []
     parts = " + ".join(f"{role.role} {human_bytes(bytes_)}" for role, bytes_ in zip(sharing, sizes, strict=True))
-    return [f"{', '.join(role.role for role in sharing)} take GPU shares below 1, so Ray may put one of each on the "
-            f"same GPU: {parts} = {human_bytes(sum(sizes))}, more than {human_bytes(report.gpu_bytes)} "
+    why = ("share a GPU (cluster.colocate; the learner keeps its memory while the engines generate)" if colocated
+           else "take GPU shares below 1, so Ray may put one of each on the same GPU")
+    return [f"{', '.join(role.role for role in sharing)} {why}: {parts} = {human_bytes(sum(sizes))}, more than {human_bytes(report.gpu_bytes)} "
             f"({report.gpu_bytes_source}); lower rollout.gpu_memory_utilization or give the roles whole GPUs"]
 
 

@@ -123,3 +123,19 @@ def test_an_unplaced_group_is_explained_in_one_line(layout, fragment):
     message = unplaceable(layout, NODES, timeout_s=60)
     assert message.startswith("the cluster did not place the learner within 60 s") and "\n" not in message
     assert fragment in message
+
+
+def test_plan_shows_the_groups_and_warns_when_colocated_roles_overfill_the_gpu(tmp_path, tiny_policy_dir,
+                                                                               tiny_reward_dir, no_network,
+                                                                               no_gpu_here):
+    from rlhf_loop.plan import describe_plan, plan_report
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"policy: {{model_path: {tiny_policy_dir}}}\nreward: {{model_path: {tiny_reward_dir}}}\n"
+                    f"data: {{prompts: [prompts.jsonl]}}\ndevice: cuda\ncluster: {{colocate: true, address: auto}}\n")
+    report = plan_report(load_config(path, ["rollout.gpu_memory_utilization=1.0"]))
+    assert report.total_gpus == 1  # learner, engine and reward share the one GPU bundle
+    text = describe_plan(report)
+    assert "colocated pack on any node: 1 x {CPU 0.03, GPU 1}" in text
+    assert "rollout: bundle(s) 0, 0.3333 GPU each" in text
+    assert any(w.startswith("rollout, reward, learner share a GPU (cluster.colocate") for w in report.warnings)
