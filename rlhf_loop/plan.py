@@ -110,7 +110,8 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         gpu_bytes_source=gpu_source,
         layout=role_layout(cfg, device),
     )
-    report.problems += colocation_problems(cfg, device) + path_problems(cfg) + gpu_problems(cfg, device) + local_gpu_problems(cfg, report)
+    report.problems += colocation_problems(cfg, device) + path_problems(cfg) + gpu_problems(cfg, device)
+    report.problems += local_gpu_problems(cfg, report)
     report.problems += export_problems(cfg)
     report.warnings += gpu_warnings(cfg, device, report) + memory_warnings(report) + data_warnings(cfg)
     return report
@@ -247,7 +248,8 @@ def shared_gpu_warnings(report: PlanReport) -> list[str]:
     parts = " + ".join(f"{role.role} {human_bytes(bytes_)}" for role, bytes_ in zip(sharing, sizes, strict=True))
     why = ("share a GPU (cluster.colocate; the learner keeps its memory while the engines generate)" if colocated
            else "take GPU shares below 1, so Ray may put one of each on the same GPU")
-    return [f"{', '.join(role.role for role in sharing)} {why}: {parts} = {human_bytes(sum(sizes))}, more than {human_bytes(report.gpu_bytes)} "
+    return [f"{', '.join(role.role for role in sharing)} {why}: {parts} = {human_bytes(sum(sizes))}, more than "
+            f"{human_bytes(report.gpu_bytes)} "
             f"({report.gpu_bytes_source}); lower rollout.gpu_memory_utilization or give the roles whole GPUs"]
 
 
