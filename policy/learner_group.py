@@ -30,6 +30,9 @@ from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
 
 
+SFT_NODE_RESOURCE_SHARE = 0.001  # the label picks the node; the share only has to be non-zero
+
+
 def learner_resources(device: str, gpus: float = 1.0) -> dict[str, float]:
     """`gpus` GPUs per learner rank on CUDA; no CPU reservation, so learners never block the rollout and reward
     actors from being scheduled on a small machine."""
@@ -39,9 +42,12 @@ def learner_resources(device: str, gpus: float = 1.0) -> dict[str, float]:
 class SFTActor:
     """An SFTLearner in its own Ray actor (its own process group and port), called like the in-process one."""
 
-    def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
+    def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int, node_resource: str | None = None):
+        """`node_resource`: run on a node with this custom resource (the learner's, cluster.placement.learner)."""
         # SFT runs before any other actor exists, so it may take a whole GPU.
-        self._actor = ray.remote(SFTLearner).options(**learner_resources(device)).remote(policy, sft, device, seed)
+        resources = {"resources": {node_resource: SFT_NODE_RESOURCE_SHARE}} if node_resource else {}
+        self._actor = (ray.remote(SFTLearner).options(**learner_resources(device), **resources)
+                       .remote(policy, sft, device, seed))
         self._timeout_s = sft.call_timeout_s
 
     def begin(self, examples: Sequence[SFTExample | Messages]) -> int:
@@ -93,11 +99,15 @@ class LearnerActor(DPOLearner):
 class LearnerGroup:
     """`train.num_workers` DPO learner ranks, one actor each: the loop's `Learner`."""
 
-    def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int):
-        actor_class = ray.remote(LearnerActor).options(**learner_resources(device, train.gpus_per_worker))
+    def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int,
+                 placements: Sequence[dict[str, Any]] | None = None):
+        """`placements`: each rank's Ray options for its placement-group bundle (`rlhf_loop.roles`), rank order;
+        without, each rank takes train.gpus_per_worker on CUDA and no CPU, wherever Ray puts it."""
         world_size = train.num_workers
+        resources = learner_resources(device, train.gpus_per_worker)
         self._timeout_s = train.call_timeout_s
-        self._actors = [actor_class.remote() for _ in range(world_size)]
+        self._actors = [ray.remote(LearnerActor).options(**{**resources, **where}).remote()
+                        for where in placements or [{}] * world_size]
         master_addr, master_port = self._wait(self._actors[0].address.remote(), "start-up")
         self._wait(
             [

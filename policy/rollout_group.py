@@ -10,7 +10,8 @@ the last synced weights again and has it redo its chunk.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -27,13 +28,14 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 def build_engine(
-    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int
+    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, sleeps: bool = False
 ) -> RolloutEngine:
-    """The engine named by rollout.engine; its module is imported here, in the process that will run it."""
+    """The engine named by rollout.engine; its module is imported here, in the process that will run it. `sleeps`:
+    it shares its GPU with the learner and can free it (vLLM's sleep mode)."""
     if rollout.engine == "vllm":
         from policy.vllm_engine import VLLMEngine
 
-        return VLLMEngine(policy, rollout, device, max_model_len, seed)
+        return VLLMEngine(policy, rollout, device, max_model_len, seed, sleep_mode=sleeps)
     if rollout.engine == "hf":
         from policy.hf_engine import HFEngine
 
@@ -44,8 +46,9 @@ def build_engine(
 class EngineActor:
     """One rollout engine in its own Ray worker process."""
 
-    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
-        self.engine = build_engine(policy, rollout, device, max_model_len, seed)
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
+                 sleeps: bool = False):
+        self.engine = build_engine(policy, rollout, device, max_model_len, seed, sleeps)
 
     def ready(self) -> None:
         """Returns once the engine is built, so set-up errors surface at start rather than at the first shard."""
@@ -57,20 +60,30 @@ class EngineActor:
     def update_weights(self, named_tensors: NamedTensors) -> None:
         self.engine.update_weights(named_tensors)
 
+    def sleep(self) -> None:
+        """Free the GPU for the colocated learner: weights to host memory, KV cache dropped (vLLM sleep level 1)."""
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
     def placement(self) -> dict[str, Any]:
         return placement()
 
 
 def start_engine_actor(
-    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, max_restarts: int = 0
+    policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, max_restarts: int = 0,
+    placement: dict[str, Any] | None = None, sleeps: bool = False,
 ) -> ray.actor.ActorHandle:
     """An EngineActor with the resources and environment its device needs (returns before the engine is built).
-    A dead one is restarted by Ray (its engine rebuilt from `policy`) up to `max_restarts` times; calls that were in
-    flight fail, and the group redoes them."""
+    `placement`: the Ray options that put it on its placement-group bundle (`rlhf_loop.roles`); without, it takes
+    rollout.gpus_per_engine on CUDA and no CPU. A dead one is restarted by Ray (its engine rebuilt from `policy`)
+    up to `max_restarts` times; calls that were in flight fail, and the group redoes them."""
     return (
         ray.remote(EngineActor)
-        .options(**_actor_resources(rollout, device), max_restarts=max_restarts, max_task_retries=0)
-        .remote(policy, rollout, device, max_model_len, seed)
+        .options(**{**_actor_resources(rollout, device), **(placement or {})}, max_restarts=max_restarts,
+                 max_task_retries=0)
+        .remote(policy, rollout, device, max_model_len, seed, sleeps)
     )
 
 
@@ -90,9 +103,13 @@ class RolloutGroup:
     """`rollout.num_engines` engine actors behind one generate / update_weights call (ray.init done by the caller)."""
 
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
-                 max_restarts: int = 0):
-        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts)
-                       for _ in range(rollout.num_engines)]
+                 max_restarts: int = 0, placements: Sequence[dict[str, Any]] | None = None, sleeps: bool = False):
+        """`placements`: each engine's Ray options for its placement-group bundle (see `start_engine_actor`).
+        `sleeps`: the engines share GPUs with the learner (cluster.colocate) and free them in `asleep`."""
+        placements = placements or [None] * rollout.num_engines
+        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where, sleeps)
+                       for where in placements]
+        self.sleeps = sleeps
         self.timeout_s = rollout.call_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0  # engines restarted so far, over the whole group
@@ -115,6 +132,18 @@ class RolloutGroup:
         sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
         per_engine = self._call_each("generate", [(prompts, sampling)] * len(self.actors))
         return [[rollout.responses[0].token_ids for rollout in rollouts] for rollouts in per_engine]
+
+    @contextmanager
+    def asleep(self) -> Iterator[None]:
+        """Colocated engines (`sleeps`) free their GPUs for the block and take them back after; others do nothing."""
+        if not self.sleeps:
+            yield
+            return
+        self._call_each("sleep", [()] * len(self.actors))
+        try:
+            yield
+        finally:
+            self._call_each("wake_up", [()] * len(self.actors))
 
     def placement(self) -> list[dict[str, Any]]:
         """Where each engine runs (node id, address, pid)."""

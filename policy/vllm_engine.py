@@ -42,9 +42,13 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 
 
 class VLLMEngine:
-    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int):
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
+                 sleep_mode: bool = False):
+        """`sleep_mode` (CUDA): the engine shares its GPU with the learner (cluster.colocate) and can free it."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"VLLMEngine device must be cpu or cuda, got {device!r}")
+        if sleep_mode and device != "cuda":
+            raise ValueError("vLLM's sleep mode (cluster.colocate) needs CUDA")
         self.device = device
         # update_weights hands tensors to the worker through collective_rpc. With the engine core in a separate
         # process those arguments go through vLLM's msgpack utility channel, which does not rebuild tensors; in
@@ -57,7 +61,7 @@ class VLLMEngine:
             dtype=dtype_name(policy.dtype, device),
             max_model_len=max_model_len,
             seed=seed,
-            **(_cpu_options(rollout) if device == "cpu" else _cuda_options(rollout)),
+            **(_cpu_options(rollout) if device == "cpu" else _cuda_options(rollout, sleep_mode)),
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -85,6 +89,14 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
         self._forget_cached_prefixes()
 
+    def sleep(self) -> None:
+        """Level 1: the weights go to host memory and the KV cache is dropped, so the colocated learner has the
+        GPU; `wake_up` brings both back (then weights can be synced in as usual)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def _forget_cached_prefixes(self) -> None:
         if self.device == "cuda":
             self.llm.reset_prefix_cache()
@@ -110,12 +122,17 @@ def _cpu_options(rollout: RolloutConfig) -> dict:
     )
 
 
-def _cuda_options(rollout: RolloutConfig) -> dict:
+def _cuda_options(rollout: RolloutConfig, sleep_mode: bool) -> dict:
+    tensor_parallel = max(1, int(rollout.gpus_per_engine))
     return dict(
         enforce_eager=rollout.enforce_eager,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
-        tensor_parallel_size=max(1, int(rollout.gpus_per_engine)),
+        tensor_parallel_size=tensor_parallel,
+        # The engine's actor sits in a Ray placement group, where vLLM would otherwise start one Ray worker per GPU
+        # and want a bundle each; the actor's own bundle already holds its GPUs, and local processes use them.
+        **({"distributed_executor_backend": "mp"} if tensor_parallel > 1 else {}),
         enable_prefix_caching=True,
+        enable_sleep_mode=sleep_mode,
     )
 
 

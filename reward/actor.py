@@ -51,12 +51,14 @@ class _RewardActor:
 class RewardScorer:
     """Client side of the reward actor; on CUDA it reserves `cfg.num_gpus` when the kind runs a network."""
 
-    def __init__(self, cfg: RewardConfig, device: str, max_restarts: int = 0) -> None:
+    def __init__(self, cfg: RewardConfig, device: str, max_restarts: int = 0,
+                 placement: dict[str, Any] | None = None) -> None:
+        """`placement`: the Ray options that put the actor on its placement-group bundle (`rlhf_loop.roles`)."""
         import ray
 
         on_gpu = device.startswith("cuda") and uses_accelerator(cfg)
-        actor_class = ray.remote(num_cpus=0, num_gpus=cfg.num_gpus if on_gpu else 0, max_restarts=max_restarts,
-                                 max_task_retries=0)(_RewardActor)
+        resources = {"num_cpus": 0, "num_gpus": cfg.num_gpus if on_gpu else 0, **(placement or {})}
+        actor_class = ray.remote(_RewardActor).options(**resources, max_restarts=max_restarts, max_task_retries=0)
         self._actor = actor_class.remote()
         self._start_arguments = (_with_absolute_paths(cfg), device)
         self.timeout_s = cfg.call_timeout_s

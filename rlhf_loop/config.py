@@ -82,12 +82,38 @@ class WandbConfig:
         return self.entity or os.environ.get("WANDB_ENTITY")
 
 
+PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")  # Ray's, in lower case
+
+
+@dataclass
+class RolePlacement:
+    """Where one role's actors go on the Ray cluster (each actor gets one bundle of a placement group)."""
+
+    # a custom resource that marks the nodes this role may use (a node started with
+    # `ray start --resources='{"gpu_node_a": 1}'` has gpu_node_a); None: any node
+    resource: str | None = None
+    strategy: str = "pack"  # how the role's actors spread over those nodes: pack | spread | strict_pack | strict_spread
+
+
+@dataclass
+class PlacementConfig:
+    rollout: RolePlacement = field(default_factory=RolePlacement)  # the rollout engines
+    learner: RolePlacement = field(default_factory=RolePlacement)  # the DPO learner's ranks
+    reward: RolePlacement = field(default_factory=RolePlacement)  # the reward actor
+    # every role's actors are reserved before any starts; a layout not placed within this stops the run naming the role
+    timeout_s: float = 60.0
+
+
 @dataclass
 class ClusterConfig:
     address: str | None = None  # an existing Ray cluster ("auto" or host:port; else $RAY_ADDRESS); None: a local one
     node_ip_address: str | None = None  # this machine's address in the cluster; None: loopback if the head is, else Ray's
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
     max_actor_restarts: int = 3  # a dead rollout or reward actor is restarted this often, its work redone
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # which nodes each role uses
+    # CUDA only: each learner rank shares its GPU with one rollout engine (and GPU 0 with the reward model, when it
+    # runs a network); the engines sleep (weights to host memory, KV cache dropped) while the learner trains
+    colocate: bool = False
 
 
 @dataclass
@@ -214,6 +240,7 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.sft.call_timeout_s > 0, f"sft.call_timeout_s must be > 0, got {cfg.sft.call_timeout_s}"),
         (cfg.cluster.max_actor_restarts >= 0,
          f"cluster.max_actor_restarts must be >= 0, got {cfg.cluster.max_actor_restarts}"),
+        *placement_checks(cfg.cluster.placement),
         (cfg.train.save_steps >= 1, f"train.save_steps must be >= 1, got {cfg.train.save_steps}"),
         (cfg.train.max_prompt_length < cfg.train.max_length,
          f"train.max_prompt_length ({cfg.train.max_prompt_length}) must be < train.max_length ({cfg.train.max_length})"),
@@ -234,6 +261,15 @@ def validate(cfg: RunConfig) -> list[str]:
     ]
     # Offline DPO starts no reward model, so its reward section is not checked.
     return [message for ok, message in checks if not ok] + (reward_config_problems(cfg.reward) if cfg.online else [])
+
+
+def placement_checks(placement: PlacementConfig) -> list[tuple[bool, str]]:
+    checks = [(placement.timeout_s > 0, f"cluster.placement.timeout_s must be > 0, got {placement.timeout_s}")]
+    for role in ("rollout", "learner", "reward"):
+        strategy = getattr(placement, role).strategy
+        checks.append((strategy in PLACEMENT_STRATEGIES, f"cluster.placement.{role}.strategy must be one of "
+                                                         f"{', '.join(PLACEMENT_STRATEGIES)}, got {strategy!r}"))
+    return checks
 
 
 def max_pairs_per_prompt(cfg: RunConfig) -> int:

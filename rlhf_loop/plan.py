@@ -16,6 +16,7 @@ from pathlib import Path
 
 from policy.losses import LOSSES
 from rlhf_loop.config import RunConfig, to_yaml
+from rlhf_loop.placement import COLOCATED, CPU_SHARE, Layout, colocation_problems, describe_layout, role_layout
 from rlhf_loop.sizing import (
     GIB,
     ModelSize,
@@ -54,12 +55,15 @@ class PlanReport:
     models: list[ModelSize]
     gpu_bytes: int  # GPU size the estimates are checked against
     gpu_bytes_source: str
+    layout: Layout  # the placement groups the driver reserves before any actor starts
     problems: list[str] = field(default_factory=list)  # the run would fail: fix these first
     warnings: list[str] = field(default_factory=list)  # worth a look
 
     @property
     def total_gpus(self) -> float:
-        return sum(role.actors * role.gpus_per_actor for role in self.roles)
+        """The placement groups' GPUs (colocated roles share theirs), and the SFT warm start's."""
+        sft = sum(role.actors * role.gpus_per_actor for role in self.roles if role.role == "sft")
+        return sft + sum(bundle.get("GPU", 0.0) for group in self.layout.groups for bundle in group.bundles)
 
 
 
@@ -104,8 +108,10 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         models=models,
         gpu_bytes=gpu_bytes,
         gpu_bytes_source=gpu_source,
+        layout=role_layout(cfg, device),
     )
-    report.problems += path_problems(cfg) + gpu_problems(cfg, device) + local_gpu_problems(cfg, report)
+    report.problems += colocation_problems(cfg, device) + path_problems(cfg) + gpu_problems(cfg, device)
+    report.problems += local_gpu_problems(cfg, report)
     report.problems += export_problems(cfg)
     report.warnings += gpu_warnings(cfg, device, report) + memory_warnings(report) + data_warnings(cfg)
     return report
@@ -233,13 +239,17 @@ def memory_warnings(report: PlanReport) -> list[str]:
 def shared_gpu_warnings(report: PlanReport) -> list[str]:
     """Roles with GPU shares below 1 may be packed onto one GPU by Ray; then their memory adds up (vLLM's is its
     gpu_memory_utilization of the whole GPU)."""
-    sharing = [role for role in report.roles if 0 < role.gpus_per_actor < 1 and role.role != "sft"]
+    colocated = {role for group in report.layout.groups if group.name == COLOCATED for role in group.roles}
+    sharing = [role for role in report.roles
+               if role.role in colocated or (0 < role.gpus_per_actor < 1 and role.role != "sft")]
     sizes = [role.memory.bytes_per_actor for role in sharing]
     if len(sharing) < 2 or None in sizes or sum(sizes) <= report.gpu_bytes:
         return []
     parts = " + ".join(f"{role.role} {human_bytes(bytes_)}" for role, bytes_ in zip(sharing, sizes, strict=True))
-    return [f"{', '.join(role.role for role in sharing)} take GPU shares below 1, so Ray may put one of each on the "
-            f"same GPU: {parts} = {human_bytes(sum(sizes))}, more than {human_bytes(report.gpu_bytes)} "
+    why = ("share a GPU (cluster.colocate; the learner keeps its memory while the engines generate)" if colocated
+           else "take GPU shares below 1, so Ray may put one of each on the same GPU")
+    return [f"{', '.join(role.role for role in sharing)} {why}: {parts} = {human_bytes(sum(sizes))}, more than "
+            f"{human_bytes(report.gpu_bytes)} "
             f"({report.gpu_bytes_source}); lower rollout.gpu_memory_utilization or give the roles whole GPUs"]
 
 
@@ -273,10 +283,13 @@ def gpu_memory(device: str) -> tuple[int, str]:
 def describe_plan(report: PlanReport) -> str:
     unit = "GPU" if report.device == "cuda" else "host RAM"
     lines = ["# resolved config", report.config_yaml.rstrip(), "", "# Ray resources",
-             f"device: {report.device}" + ("" if report.device == "cuda" else " (no GPUs; every actor num_cpus=0)")]
+             f"device: {report.device}" + ("" if report.device == "cuda" else
+                                           f" (no GPUs; every actor books {CPU_SHARE:g} CPU)")]
     for role in report.roles:
         lines.append(f"  {role.role:8s} {role.actors} actor(s) x {role.gpus_per_actor:g} GPU  {role.what}")
     lines.append(f"  total GPUs: {report.total_gpus:g}")
+    lines += ["", "# placement (placement groups, reserved before any actor starts; one bundle an actor)"]
+    lines += describe_layout(report.layout)
     lines += ["", "# derived"]
     if not report.offline_dpo:
         responses = ("K x the dataset's prompt count" if report.responses_per_iteration is None

@@ -1,5 +1,6 @@
 """The roles of a run as Ray actors: the rollout engines and the reward model (online runs) and the DPO learner
-(train.enabled), started at once, with where each ran and how long it took to start."""
+(train.enabled). Every role's placement group is reserved first (`rlhf_loop.placement` lays them out), then the
+roles start at once, each actor on its bundle; where each ran and how long it took to start go to placement.json."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from policy.config import PolicyConfig
+from rlhf_loop.errors import UserError
+from rlhf_loop.placement import Layout, Slot, role_layout, unplaceable
 from rlhf_loop.rundir import atomic_write_json
 
 if TYPE_CHECKING:  # they import Ray
@@ -22,31 +25,75 @@ if TYPE_CHECKING:  # they import Ray
 def start_actors(run: Run, policy: PolicyConfig, device: str
                  ) -> tuple[RolloutGroup | None, RewardScorer | None, LearnerGroup | None]:
     """The rollout engines and the reward model (online runs) and the learner (train.enabled), started at once: each
-    spends its start-up loading models, so together they take as long as the slowest, not the sum. Where each
-    actor runs and how long each role took to start go to RUN_DIR/placement.json and the log."""
+    spends its start-up loading models, so together they take as long as the slowest, not the sum. Colocated engines
+    start before the learner: vLLM sizes its share of the GPU from the memory free when it starts. Where each actor
+    runs and how long each role took to start go to RUN_DIR/placement.json and the log."""
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
     from reward.actor import RewardScorer
 
     cfg, restarts = run.cfg, run.cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted
+    layout = role_layout(cfg, device)
+    options = reserve(layout, cfg.cluster.placement.timeout_s)
+    colocate = cfg.cluster.colocate
     roles: dict[str, Callable[[], Any]] = {}
     if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
-        roles["rollout"] = lambda: RolloutGroup(policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts)
-        roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts)
+        roles["rollout"] = lambda: RolloutGroup(policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts,
+                                                options["rollout"], sleeps=colocate)
+        roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts, options["reward"][0])
     if cfg.train.enabled:
-        roles["learner"] = lambda: LearnerGroup(policy, cfg.train, device, cfg.seed)
+        roles["learner"] = lambda: LearnerGroup(policy, cfg.train, device, cfg.seed, options["learner"])
 
     def timed(start: Callable[[], Any]) -> tuple[Any, float]:
         began = time.perf_counter()
         return start(), time.perf_counter() - began
 
+    started = {}
+    if colocate and "rollout" in roles:
+        started["rollout"] = timed(roles.pop("rollout"))
     with ThreadPoolExecutor(max_workers=len(roles) or 1, thread_name_prefix="start") as pool:
         futures = {role: pool.submit(timed, start) for role, start in roles.items()}
-        started = {role: future.result() for role, future in futures.items()}
+        started |= {role: future.result() for role, future in futures.items()}
     actors = {role: actor for role, (actor, _) in started.items()}
-    placement = {role: {"startup_s": round(seconds, 2), "actors": actor.placement()}
+    placement = {role: {"startup_s": round(seconds, 2), "placement": requested(layout, role),
+                        "actors": [{**where, "bundle": slot.bundle}
+                                   for where, slot in zip(actor.placement(), layout.slots[role], strict=True)]}
                  for role, (actor, seconds) in started.items()}
     atomic_write_json(run.run_dir.root / "placement.json", placement)
     logging.getLogger(__name__).info("start-up: %s", ", ".join(f"{role} {info['startup_s']:.1f} s"
                                                                for role, info in placement.items()))
     return actors.get("rollout"), actors.get("reward"), actors.get("learner")
+
+
+def reserve(layout: Layout, timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+    """Every group of the layout, reserved before any actor starts; then each role's Ray options, one per actor.
+    A group not placed within `timeout_s` releases them all and stops the run with one line: which role, why, and
+    what to change. The groups live as long as this driver."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not layout.groups:
+        return {}
+    groups = {group.name: ray.util.placement_group(list(group.bundles), strategy=group.ray_strategy)
+              for group in layout.groups}
+    ready, _ = ray.wait([pg.ready() for pg in groups.values()], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        placed = set(ray.get(ready))
+        missing = next(group for group in layout.groups if groups[group.name] not in placed)
+        for pg in groups.values():
+            ray.util.remove_placement_group(pg)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        raise UserError(unplaceable(missing, nodes, timeout_s))
+
+    def ray_options(slot: Slot) -> dict[str, Any]:
+        strategy = PlacementGroupSchedulingStrategy(groups[slot.group], placement_group_bundle_index=slot.bundle)
+        return {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy}
+
+    return {role: [ray_options(slot) for slot in slots] for role, slots in layout.slots.items()}
+
+
+def requested(layout: Layout, role: str) -> dict[str, Any]:
+    """What the config asked of the cluster for a role, as placement.json records it beside where its actors ran."""
+    group = next(group for group in layout.groups if role in group.roles)
+    return {"group": group.name, "resource": group.resource, "strategy": group.strategy,
+            "bundles": [group.bundles[slot.bundle] for slot in layout.slots[role]]}

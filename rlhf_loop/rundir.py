@@ -6,7 +6,8 @@
       manifest.json.prev the manifest before its last record: what a damaged manifest.json is recovered from
       heartbeat.json     the running process (pid, host, stage), rewritten while it lives; `status` reads it
       journal.jsonl      every recording of a unit, by every process, appended: a unit appears once
-      placement.json     where each actor of the last process ran (node id, address, pid)
+      placement.json     per role: the placement group asked for, and where each actor of the last process ran
+                         (node id, address, pid, bundle)
       metrics.jsonl      one line per finished iteration
       eval_initial.jsonl the evaluation of pi_0;  sft/  the warm start;  wandb/  wandb's files
       iter_001/          rollouts/ scores/ pairs.jsonl learner/ policy/ eval.jsonl metrics.json

@@ -9,6 +9,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -189,6 +190,11 @@ def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, ref
     return chunk_means(run, unit_prefix)
 
 
+def engines_asleep(rollout: RolloutGroup | None) -> AbstractContextManager:
+    """Engines colocated with the learner (cluster.colocate) free their GPUs for the block; others stay as they are."""
+    return rollout.asleep() if rollout is not None else nullcontext()
+
+
 def sft_warm_start(run: Run, device: str) -> PolicyConfig:
     """Supervised warm start of pi_0 on `sft.dataset`; returns the policy config every role then starts from."""
     from policy.learner_group import SFTActor
@@ -200,7 +206,7 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
         return initial
     cfg = run.cfg.sft
     conversations = load_rows(cfg.dataset, "train")[cfg.messages_column]
-    learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed)
+    learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed, run.cfg.cluster.placement.learner.resource)
     try:
         checkpoint = run.manifest.intact_checkpoint("sft/step_")
         if checkpoint is not None:

@@ -27,6 +27,31 @@ def test_contiguous_chunks_cover_the_items_in_order(count, num_chunks):
     assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
 
 
+def recorded_group(sleeps: bool) -> tuple[RolloutGroup, list[str]]:
+    """A group whose calls to its engines are recorded instead of made (no Ray, no engine)."""
+    group, calls = RolloutGroup.__new__(RolloutGroup), []
+    group.actors, group.sleeps = ["engine 0", "engine 1"], sleeps
+    group._call_each = lambda method, arguments: calls.append(f"{method} x{len(arguments)}")
+    return group, calls
+
+
+def test_colocated_engines_sleep_for_the_block_and_wake_even_when_it_fails():
+    group, calls = recorded_group(sleeps=True)
+    with group.asleep():
+        calls.append("train")
+    assert calls == ["sleep x2", "train", "wake_up x2"]
+    with pytest.raises(RuntimeError), group.asleep():
+        raise RuntimeError("a learner rank died")
+    assert calls[-2:] == ["sleep x2", "wake_up x2"]
+
+
+def test_engines_of_their_own_never_sleep():
+    group, calls = recorded_group(sleeps=False)
+    with group.asleep():
+        calls.append("train")
+    assert calls == ["train"]
+
+
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def group(request, ray_local, policy_config):
     rollout = RolloutConfig(engine=request.param, num_engines=2)

@@ -69,3 +69,21 @@ def test_update_weights_gives_the_new_models_greedy_tokens(
     # A second reload (back to the first weights) works as well: the loop syncs after every iteration.
     ray_local.get(engine.update_weights.remote(named_parameters(tiny_model)))
     assert greedy_tokens() == old_reference
+
+
+def test_the_colocated_cuda_options_are_ones_this_vllm_knows():
+    """The CUDA path (sleep mode for cluster.colocate) cannot run without a GPU; at least every option it passes must
+    be an engine argument of the installed vLLM, and the sleep and wake calls must exist with these arguments."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    from policy.vllm_engine import _cuda_options
+
+    options = _cuda_options(RolloutConfig(gpus_per_engine=2), sleep_mode=True)
+    assert options["enable_sleep_mode"] and options["distributed_executor_backend"] == "mp"
+    assert set(options) <= {field.name for field in dataclasses.fields(EngineArgs)}
+    assert "level" in inspect.signature(LLM.sleep).parameters and "tags" in inspect.signature(LLM.wake_up).parameters
+    assert "distributed_executor_backend" not in _cuda_options(RolloutConfig(gpus_per_engine=1), sleep_mode=False)
