@@ -118,6 +118,10 @@ def sweep_table(finals: dict[str, dict[float, dict[tuple[int, int], float]]]) ->
         cells = [cell(clustered(per_rate[rate])) + (" (best)" if rate == best[name] else "") if rate in per_rate
                  else "" for name, per_rate in finals.items()]
         lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
+    for name, rate in best.items():
+        if rate in (rates[0], rates[-1]) and len(rates) > 1:
+            lines.append(f"\nwarning: {name}'s best rate {rate:g} is at the edge of the sweep; widen it past {rate:g} "
+                         f"to be sure it is {name}'s best")
     return "\n".join(lines)
 
 

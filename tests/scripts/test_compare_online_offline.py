@@ -50,6 +50,11 @@ def test_each_arm_takes_its_own_best_rate():
     table = compare.sweep_table(finals)
     assert "| 0.0001 | 0.610 +- 0.010 | 0.590 +- 0.010 (best) |" in table
     assert "| 0.0004 | 0.710 +- 0.010 (best) | 0.400 +- 0.100 |" in table
+    # both bests sit at an end of a two-rate sweep: the table says to widen it
+    assert "warning: online's best rate 0.0004 is at the edge" in table
+    assert "warning: offline's best rate 0.0001 is at the edge" in table
+    finals["online"][8e-4] = {(0, 0): 0.5, (1, 0): 0.5}
+    assert "online's best" not in compare.sweep_table(finals)
 
 
 def test_verdict_pairs_the_arms_by_seed_and_counts_standard_errors():
