@@ -69,17 +69,25 @@ def send(spec: SyncSpec, store: dist.Store, plan: Sequence[Bucket], buckets: Ite
 
 
 def receive(spec: SyncSpec, rank: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Ranks 1..n: the (HF name, tensor) stream rank 0 sends, one bucket at a time. Each bucket arrives in a buffer
-    of its own (the loader may hold on to a bucket's tensors until their layer is complete)."""
+    """Ranks 1..n: the (HF name, tensor) stream rank 0 sends, one bucket at a time. The next bucket is already on its
+    way while the caller loads this one; each arrives in a buffer of its own (the loader may hold on to a bucket's
+    tensors until their layer is complete)."""
     if not 0 < rank < spec.world_size:
         raise ValueError(f"a receiving rank is in 1..{spec.world_size - 1}, got {rank}")
     store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.timeout_s))
     session = dist.PrefixStore(spec.session, store)
     group = _join(spec, session, rank, device)
     plan: list[Bucket] = pickle.loads(session.get("plan"))
-    for bucket in plan:
+
+    def post(bucket: Bucket):
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        _finish(spec, group.broadcast([buffer], _from_rank_0()), buffer)
+        return group.broadcast([buffer], _from_rank_0()), buffer
+
+    pending = post(plan[0]) if plan else None
+    for index, bucket in enumerate(plan):
+        work, buffer = pending
+        _finish(spec, work, buffer)
+        pending = post(plan[index + 1]) if index + 1 < len(plan) else None
         yield from unflatten(bucket, buffer)
 
 
