@@ -40,10 +40,12 @@ class RolloutConfig:
     # how new weights reach the engines: collective (learner rank 0 broadcasts them over a process group, gloo on
     # CPU, NCCL on CUDA) | object_store (one full copy through Ray's object store, the fallback)
     weight_sync: str = "collective"
-    weight_sync_bucket_mb: int = 256  # collective: weights travel in flat buckets of at most this size (a bigger
-    # tensor alone): the extra memory a sync needs on each side, beyond the model itself
-    weight_sync_timeout_s: float = 600.0  # collective: a rank not arriving (or a bucket not arriving) in this long
-    # stops the run with one line naming it
+    # collective: weights travel in flat buckets of at most this many MB (a bigger tensor alone); about two buckets
+    # are the extra memory a sync needs on each side
+    weight_sync_bucket_mb: int = 256
+    # collective: a rank of the sync not arriving (or a bucket not arriving) in this long stops the run with one line
+    # naming the rank
+    weight_sync_timeout_s: float = 600.0
 
     @property
     def tensor_parallel_size(self) -> int:
