@@ -246,13 +246,15 @@ class PolicyEngine:
             for _ in buckets:  # only the gathers
                 pass
 
-    def _gathered_buckets(self, plan: Sequence[Bucket], sources: Sequence[WeightSource]) -> Iterator[list[torch.Tensor]]:
+    def _gathered_buckets(
+        self, plan: Sequence[Bucket], sources: Sequence[WeightSource]
+    ) -> Iterator[list[torch.Tensor]]:
         """Each bucket's full tensors in turn; under ZeRO-3 only that bucket's parameters are gathered."""
         start = 0
         for bucket in plan:
             chosen = sources[start : start + len(bucket.slots)]
             start += len(bucket.slots)
-            params = [param for source in chosen for param in source.params]
+            params = list(dict.fromkeys(param for source in chosen for param in source.params))  # LoRA: shared
             gather = self._gathered(params) if self.zero3 else contextlib.nullcontext()
             with gather:
                 yield [source.value() for source in chosen] if self.rank == 0 else []

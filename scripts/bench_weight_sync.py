@@ -1,6 +1,6 @@
 """Weight sync time, collective broadcast against Ray's object store, at three random-init Llama sizes.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_weight_sync.py [--sizes 5M,50M,300M] [--repeats 3] [--engines 2]
+    PYTHONPATH=. .venv/bin/python scripts/bench_weight_sync.py [--sizes 5M,50M,300M,demo] [--repeats 3] [--engines 2]
         [--bucket-mb 256] [--json bench_weight_sync.json]
 
 For each size: a DeepSpeed learner (one rank, ZeRO-0, CPU) and `--engines` vLLM engines, each in its Ray actor as in
@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> (hidden size, layers, attention heads): head size 32 or 64 (vLLM-CPU's attention), MLP 4 x hidden
-SIZES = {"5M": (256, 4, 8), "50M": (512, 12, 16), "300M": (1024, 18, 16)}
+# name -> (hidden size, layers, attention heads): head size 32 or 64 (vLLM-CPU's attention), MLP 4 x hidden;
+# "demo" is the shape of `make demo`'s policy (rlhf_loop/toy/assets.py), measured on request
+SIZES = {"5M": (256, 4, 8), "50M": (512, 12, 16), "300M": (1024, 18, 16), "demo": (64, 2, 2)}
+DEFAULT_SIZES = "5M,50M,300M"
 WAYS = ("object_store", "collective")
 
 
@@ -71,7 +73,7 @@ def measure(path: Path, engines: int, repeats: int, bucket_mb: int) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--bucket-mb", type=int, default=256)

@@ -21,8 +21,8 @@ def test_tensors_fill_a_bucket_up_to_its_size_and_no_further():
 
 
 def test_a_tensor_larger_than_the_bucket_travels_alone():
-    plan = plan_buckets([("small", (4,), torch.float32), ("big", (1000,), torch.float32), ("after", (4,), torch.float32)],
-                        bucket_bytes=512)
+    fp32 = torch.float32
+    plan = plan_buckets([("small", (4,), fp32), ("big", (1000,), fp32), ("after", (4,), fp32)], bucket_bytes=512)
     assert names(plan) == [["small"], ["big"], ["after"]]
     assert plan[1].nbytes == 4000
 

@@ -29,16 +29,19 @@ def pairs_for(prompts, tokenizer) -> list[Pair]:
 
 
 @pytest.mark.integration  # starts Ray actors
-@pytest.mark.parametrize(("engine", "lora", "weight_sync"), [
-    ("vllm", False, "collective"), ("hf", False, "collective"), ("vllm", True, "collective"),
-    ("vllm", False, "object_store"),
+@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks"), [
+    ("vllm", False, "collective", 0), ("hf", False, "collective", 0), ("vllm", True, "collective", 0),
+    ("vllm", False, "object_store", 0),
+    ("hf", False, "collective", 2),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends it
 ])
-def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, ray_local, policy_config, prompts,
-                                                     tiny_tokenizer):
+def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, ray_local, policy_config,
+                                                     prompts, tiny_tokenizer):
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
 
-    train = TrainConfig(learning_rate=5e-2 if lora else 5e-3, micro_batch_size=4, lora=LoRAConfig(enabled=lora))
+    layout = dict(num_workers=zero3_ranks, zero_stage=3, micro_batch_size=2) if zero3_ranks else {}
+    train = TrainConfig(learning_rate=5e-2 if lora else 5e-3, **{"micro_batch_size": 4, **layout},
+                        lora=LoRAConfig(enabled=lora))
     learner = LearnerGroup(policy_config, train, "cpu", seed=0)  # with LoRA the engines get the merged weights
     # 1 MB buckets: the tiny policy (about 0.6 MB of weights per layer) travels in several
     rollout_config = RolloutConfig(engine=engine, num_engines=2, weight_sync=weight_sync, weight_sync_bucket_mb=1)
