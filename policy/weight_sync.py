@@ -74,7 +74,13 @@ def receive(spec: SyncSpec, rank: int, device: torch.device) -> Iterator[tuple[s
     tensors until their layer is complete)."""
     if not 0 < rank < spec.world_size:
         raise ValueError(f"a receiving rank is in 1..{spec.world_size - 1}, got {rank}")
-    store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.timeout_s))
+    try:
+        store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.timeout_s))
+    except dist.DistError as error:
+        raise WeightSyncTimeout(
+            f"weight sync {spec.session}: {spec.rank_names[rank]} could not reach learner rank 0's store at "
+            f"{spec.host}:{spec.port} ({type(error).__name__}); check that the nodes can reach each other on that "
+            f"address, or raise {spec.timeout_key}") from None
     session = dist.PrefixStore(spec.session, store)
     group = _join(spec, session, rank, device)
     plan: list[Bucket] = pickle.loads(session.get("plan"))

@@ -129,3 +129,12 @@ def test_a_missing_rank_is_named_in_one_line_on_every_rank_that_came():
         assert "\n" not in message
         assert "rank 2 (rollout engine 1) did not arrive within 1 s" in message
         assert "rollout.weight_sync_timeout_s" in message
+
+
+def test_an_unreachable_learner_store_is_one_line_naming_the_receiver():
+    from rlhf_loop.network import free_port
+
+    spec = SyncSpec("127.0.0.1", free_port(), "test", ("learner rank 0", "rollout engine 0"), timeout_s=1.0)
+    with pytest.raises(WeightSyncTimeout, match="rollout engine 0 could not reach learner rank 0's store") as error:
+        next(receive(spec, 1, CPU))
+    assert "\n" not in str(error.value)
