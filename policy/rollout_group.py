@@ -129,9 +129,10 @@ class RolloutGroup:
     def sync_from(self, learner: Learner) -> None:
         """The learner's current weights into every engine, by `rollout.weight_sync`."""
         if self.weight_sync == "object_store":
+            self._learner = None
             self.update_weights(learner.weights_ref())
         else:
-            self._learner = learner
+            self._learner, self._weights_ref = learner, None  # no older copy kept in the object store
             self._broadcast(learner, range(len(self.actors)))
 
     def update_weights(self, named_tensors_ref: ray.ObjectRef) -> None:
