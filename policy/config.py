@@ -37,6 +37,24 @@ class RolloutConfig:
     enforce_eager: bool = False  # skip CUDA graph capture (always on for CPU)
     cpu_kv_cache_gib: int = 1  # vLLM-CPU KV cache size
     call_timeout_s: float = 3600.0  # a shard's generation (or a weight update) taking longer stops the run as hung
+    # how new weights reach the engines: collective (learner rank 0 broadcasts them over a process group, gloo on
+    # CPU, NCCL on CUDA) | object_store (one full copy through Ray's object store, the fallback)
+    weight_sync: str = "collective"
+    # collective: weights travel in flat buckets of at most this many MB (a bigger tensor alone); about two buckets
+    # are the extra memory a sync needs on each side
+    weight_sync_bucket_mb: int = 256
+    # collective: a rank of the sync not arriving (or a bucket not arriving) in this long stops the run with one line
+    # naming the rank
+    weight_sync_timeout_s: float = 600.0
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs (vLLM workers) of one engine on CUDA: each whole GPU of gpus_per_engine."""
+        return max(1, int(self.gpus_per_engine))
+
+    @property
+    def weight_sync_bucket_bytes(self) -> int:
+        return self.weight_sync_bucket_mb << 20
 
 
 @dataclass

@@ -18,6 +18,9 @@ import torch
 from policy.batching import WeightedMicroBatch
 from policy.config import LoRAConfig, PolicyConfig
 from policy.optimization import OptimizationSpec, parameter_groups
+from policy.weight_buckets import Bucket, plan_buckets
+from policy.weight_sources import WeightSource, weight_sources
+from policy.weight_sync import SyncSpec, send
 from rlhf_loop.faults import maybe_kill
 from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.network import free_port
@@ -220,9 +223,7 @@ class PolicyEngine:
         if not self.zero3:
             yield
             return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+        with self._gathered(list(self.module.parameters())):
             yield
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -231,9 +232,37 @@ class PolicyEngine:
         with self.full_parameters():
             if self.rank != 0:
                 return []
-            if self.lora:
-                return merged_lora_weights(self.module)
-            return [(name, param.detach().cpu().clone()) for name, param in self.module.named_parameters()]
+            return [(source.name, source.value().cpu().clone()) for source in weight_sources(self.module, self.lora)]
+
+    def broadcast_weights(self, spec: SyncSpec, store, bucket_bytes: int) -> None:
+        """Rank 0 sends the weights to the engines over the sync's process group, bucket by bucket (`store`: its
+        TCPStore); under ZeRO-3 every rank must call it, since each bucket is gathered from all ranks first."""
+        sources = weight_sources(self.module, self.lora)
+        plan = plan_buckets([(source.name, source.shape, source.dtype) for source in sources], bucket_bytes)
+        buckets = self._gathered_buckets(plan, sources)
+        if self.rank == 0:
+            send(spec, store, plan, buckets, self.device)
+        else:
+            for _ in buckets:  # only the gathers
+                pass
+
+    def _gathered_buckets(
+        self, plan: Sequence[Bucket], sources: Sequence[WeightSource]
+    ) -> Iterator[list[torch.Tensor]]:
+        """Each bucket's full tensors in turn; under ZeRO-3 only that bucket's parameters are gathered."""
+        start = 0
+        for bucket in plan:
+            chosen = sources[start : start + len(bucket.slots)]
+            start += len(bucket.slots)
+            params = list(dict.fromkeys(param for source in chosen for param in source.params))  # LoRA: shared
+            gather = self._gathered(params) if self.zero3 else contextlib.nullcontext()
+            with gather:
+                yield [source.value() for source in chosen] if self.rank == 0 else []
+
+    def _gathered(self, params: Sequence[torch.nn.Parameter]):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
     def export_hf(self, directory: str) -> None:
         """HF format (safetensors, config, generation config, tokenizer with its chat template), written atomically;
@@ -244,7 +273,7 @@ class PolicyEngine:
         with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
             if self.rank == 0:
                 if self.lora:
-                    merged = dict(merged_lora_weights(self.module))
+                    merged = {source.name: source.value().cpu() for source in weight_sources(self.module, True)}
                     self.module.get_base_model().save_pretrained(partial, state_dict=merged)
                 else:
                     self.module.save_pretrained(partial)
@@ -289,26 +318,6 @@ class PolicyEngine:
             )[0, input_ids.shape[1] :].tolist()
             outputs.append(cut_after_eos(generated, eos_ids))
         return outputs
-
-
-def merged_lora_weights(peft_model) -> list[tuple[str, torch.Tensor]]:
-    """W + (alpha / r) B A for every adapted layer, computed beside the weights (merging in place and back would
-    not restore them bit for bit), under the base model's parameter names; on CPU."""
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model()
-    deltas = {
-        f"{name}.weight": sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-        for name, module in base.named_modules() if isinstance(module, LoraLayer)
-    }
-    weights = []
-    for name, param in base.named_parameters():
-        if ".lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        weight = param.detach() + deltas[name] if name in deltas else param.detach()
-        weights.append((name, weight.cpu().clone()))
-    return weights
 
 
 def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

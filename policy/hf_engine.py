@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import Sampling
+from policy.weight_sync import SyncSpec, receive
 from rlhf_loop.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.records import Prompt, Response, Rollout
 from rlhf_loop.seeds import derived_seed
@@ -44,6 +45,15 @@ class HFEngine:
         result = self.model.load_state_dict(dict(named_tensors), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"update_weights got names the policy does not have: {result.unexpected_keys[:5]}")
+
+    @torch.no_grad()
+    def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
+        """Join the learner's broadcast as rank `first_rank`, copying each weight in as it arrives."""
+        params = dict(self.model.named_parameters())
+        for name, tensor in receive(spec, first_rank, self.device):
+            if name not in params:
+                raise ValueError(f"the learner sent {name!r}, which the policy does not have")
+            params[name].copy_(tensor)
 
     @torch.inference_mode()
     def _sample(self, prompt: Prompt, sampling: Sampling) -> list[Response]:

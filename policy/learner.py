@@ -40,6 +40,7 @@ from policy.engine import PolicyEngine, load_reference, same_path
 from policy.learning import TrainStats
 from policy.losses import LOSSES, LossSettings
 from policy.optimization import OptimizationSpec, learning_rate_at
+from policy.weight_sync import SyncSpec
 from rlhf_loop.records import Pair
 
 
@@ -243,6 +244,11 @@ class DPOLearner:
         """Full weights on CPU under their HF names (vLLM's load_weights takes them as they are). Rank 0 gets them;
         under ZeRO-3 every rank must call it (the gather is collective) and the others get []."""
         return self._policy.named_weights()
+
+    def broadcast_weights(self, spec: SyncSpec, store, bucket_bytes: int) -> None:
+        """Send the weights to the rollout engines over the collective described by `spec` (`store`: rank 0's
+        TCPStore, None on the other ranks); under ZeRO-3 every rank must call it."""
+        self._policy.broadcast_weights(spec, store, bucket_bytes)
 
     def export_hf(self, directory: str) -> None:
         """HF format, written atomically by rank 0; every rank must call it (it synchronises the ranks). With LoRA,

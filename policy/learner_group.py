@@ -3,7 +3,9 @@
     group = LearnerGroup(cfg.policy, cfg.train, device="cuda", seed=cfg.seed)
     total = group.begin_iteration(1, pairs, reference_dir=None)
     stats = group.train_steps(cfg.train.save_steps)
-    weights = group.weights_ref()              # an ObjectRef: hand it to the rollout actors as it is
+    weights = group.weights_ref()              # an ObjectRef: hand it to the rollout actors as it is (object_store)
+    host, port = group.weight_sync_address()   # collective: where rank 0's TCPStore listens
+    refs = group.start_weight_broadcast(spec, bucket_bytes)   # while the engines receive (RolloutGroup.sync_from)
 
     sft = SFTActor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner in its own actor, same methods
 
@@ -25,6 +27,7 @@ from policy.config import PolicyConfig, SFTConfig, TrainConfig
 from policy.learner import DPOLearner
 from policy.learning import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
+from policy.weight_sync import SyncSpec, host_store
 from rlhf_loop.actor_calls import placement, wait
 from rlhf_loop.network import free_port
 from rlhf_loop.records import Messages, Pair
@@ -79,7 +82,16 @@ class LearnerActor(DPOLearner):
     """A DPOLearner in a Ray actor. Created empty, so that rank 0 can report its address before the ranks meet."""
 
     def __init__(self):  # the learner itself is built by `start`
-        pass
+        self._sync_store = None  # rank 0's TCPStore for the collective weight sync, started at the first sync
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        """Rank 0: where the weight-sync store listens (this node's address, a free port)."""
+        if self._sync_store is None:
+            self._sync_store = host_store()
+        return ray.util.get_node_ip_address(), self._sync_store.port
+
+    def send_weights(self, spec: SyncSpec, bucket_bytes: int) -> None:
+        self.broadcast_weights(spec, self._sync_store, bucket_bytes)
 
     def placement(self) -> dict[str, Any]:
         return placement()
@@ -122,6 +134,7 @@ class LearnerGroup:
             "start-up",
         )
         self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
+        self._sync_address: tuple[str, int] | None = None
 
     def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
@@ -144,6 +157,20 @@ class LearnerGroup:
         refs = [actor.named_weights.remote() for actor in self._weight_ranks]
         self._wait(refs[1:], "sync")  # the other ranks only took part in the ZeRO-3 gather (they return [])
         return refs[0]
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        """Where rank 0's store for the collective weight sync listens (started at the first call)."""
+        if self._sync_address is None:
+            self._sync_address = self._wait(self._actors[0].weight_sync_address.remote(), "sync")
+        return self._sync_address
+
+    def start_weight_broadcast(self, spec: SyncSpec, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """Rank 0's broadcast (and under multi-rank ZeRO-3 the other ranks' gathers), started but not waited for:
+        the engines receive at the same time. Wait for the refs with `wait_for_broadcast`."""
+        return [actor.send_weights.remote(spec, bucket_bytes) for actor in self._weight_ranks]
+
+    def wait_for_broadcast(self, refs: list[ray.ObjectRef]) -> None:
+        self._wait(refs, "sync")
 
     def export_hf(self, directory: str) -> None:
         self._wait([actor.export_hf.remote(directory) for actor in self._actors], "export")

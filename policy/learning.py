@@ -52,8 +52,20 @@ class Learner(Protocol):
 
     def weights_ref(self) -> Any:
         """A handle to the current weights that the rollout side's `update_weights` takes (a Ray object reference
-        to [(HF name, CPU tensor)]), made without copying them through the caller."""
+        to [(HF name, CPU tensor)]), made without copying them through the caller (rollout.weight_sync:
+        object_store)."""
         ...
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        """rollout.weight_sync collective: where the store of the learner's weight broadcasts listens."""
+        ...
+
+    def start_weight_broadcast(self, spec: Any, bucket_bytes: int) -> list[Any]:
+        """Start broadcasting the weights as `spec` (a `policy.weight_sync.SyncSpec`) says; returns handles for
+        `wait_for_broadcast`, so that the engines can be told to receive meanwhile."""
+        ...
+
+    def wait_for_broadcast(self, handles: list[Any]) -> None: ...
 
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
         """Per sample: sum over response tokens of log pi - log ref."""

@@ -1,6 +1,8 @@
 """The rollout seam: an engine samples K responses per prompt and takes new weights in memory.
 
-Two engines implement it: `policy.vllm_engine.VLLMEngine` (default) and `policy.hf_engine.HFEngine` (fallback).
+Weights arrive either as one list (`update_weights`, through Ray's object store) or over the learner's broadcast
+(`receive_weights`, bucket by bucket). Two engines implement it: `policy.vllm_engine.VLLMEngine` (default) and
+`policy.hf_engine.HFEngine` (fallback).
 Each lives in its own Ray actor (`policy.rollout_group.RolloutGroup`), so the loop never imports vLLM.
 """
 
@@ -12,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from policy.weight_sync import SyncSpec
 from rlhf_loop.records import Prompt, Rollout
 
 
@@ -31,4 +34,9 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new policy weights (HF parameter names) in place, without restarting the engine."""
+        ...
+
+    def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
+        """Load new weights as the learner broadcasts them (`policy.weight_sync`): the engine's workers take ranks
+        first_rank, first_rank + 1, ... of the sync's process group."""
         ...

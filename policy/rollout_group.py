@@ -4,12 +4,20 @@ Own processes because vLLM's in-process engine core pins its process's threads (
 never imports vLLM. A shard's prompts are split into contiguous chunks, one per engine, generated concurrently; since
 every prompt samples with its own seed, the result does not depend on how many engines there are, nor on whether an
 engine died and was restarted halfway: Ray restarts a dead engine (up to `max_restarts` times), the group gives it
-the last synced weights again and has it redo its chunk.
+the weights again and has it redo its chunk.
+
+Weights reach the engines in one of two ways (`rollout.weight_sync`). `collective` (default): learner rank 0
+broadcasts them, bucket by bucket, over a process group formed for each sync with every engine's workers
+(`policy.weight_sync`); an engine restarted after a crash rejoins with a sync of its own from the learner. That
+learner has not trained since the last sync as long as the loop runs its stages one after another, as it does.
+`object_store`: the learner puts one full copy in Ray's object store and every engine loads it; a restarted engine
+loads the same copy again.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +26,9 @@ import ray
 import torch
 
 from policy.config import PolicyConfig, RolloutConfig
+from policy.learning import Learner
 from policy.rollout import RolloutEngine, Sampling
+from policy.weight_sync import SyncSpec
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
 from rlhf_loop.console import say
 from rlhf_loop.faults import maybe_kill_actor
@@ -67,6 +77,9 @@ class EngineActor:
     def wake_up(self) -> None:
         self.engine.wake_up()
 
+    def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
+        self.engine.receive_weights(spec, first_rank)
+
     def placement(self) -> dict[str, Any]:
         return placement()
 
@@ -113,7 +126,15 @@ class RolloutGroup:
         self.timeout_s = rollout.call_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0  # engines restarted so far, over the whole group
-        self._weights_ref: ray.ObjectRef | None = None  # the last synced weights, for an engine that restarts
+        self.weight_sync = rollout.weight_sync
+        self._bucket_bytes = rollout.weight_sync_bucket_bytes
+        self._sync_timeout_s = rollout.weight_sync_timeout_s
+        # vLLM on CUDA runs one worker per tensor-parallel GPU, and each joins the broadcast
+        self._workers = rollout.tensor_parallel_size if device == "cuda" and rollout.engine == "vllm" else 1
+        self._syncs = 0
+        self._session = uuid.uuid4().hex[:8]  # sync names stay unique on a learner store that outlives this group
+        self._weights_ref: ray.ObjectRef | None = None  # object_store: the last synced weights, for a restart
+        self._learner: Learner | None = None  # collective: where a restarted engine gets the weights again
         self._wait([actor.ready.remote() for actor in self.actors], "start-up")
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
@@ -122,10 +143,34 @@ class RolloutGroup:
         parts = self._call_each("generate", [(chunk, sampling) for chunk in chunks])
         return [rollout for part in parts for rollout in part]
 
+    def sync_from(self, learner: Learner) -> None:
+        """The learner's current weights into every engine, by `rollout.weight_sync`."""
+        if self.weight_sync == "object_store":
+            self._learner = None
+            self.update_weights(learner.weights_ref())
+        else:
+            self._learner, self._weights_ref = learner, None  # no older copy kept in the object store
+            self._broadcast(learner, range(len(self.actors)))
+
     def update_weights(self, named_tensors_ref: ray.ObjectRef) -> None:
         """Load the (name, tensor) list behind the ref into every engine (the list sits once in the object store)."""
         self._weights_ref = named_tensors_ref
         self._call_each("update_weights", [(named_tensors_ref,)] * len(self.actors))
+
+    def _broadcast(self, learner: Learner, indices: Sequence[int]) -> None:
+        """Learner rank 0 sends, the engines `indices` receive, all at once. Ranks: 0 the learner, then each
+        engine's workers in turn. A rank that does not come is named by the learner's error."""
+        host, port = learner.weight_sync_address()
+        self._syncs += 1
+        names = ["learner rank 0"] + [f"rollout engine {index}" + (f" worker {worker}" if self._workers > 1 else "")
+                                      for index in indices for worker in range(self._workers)]
+        spec = SyncSpec(host, port, f"sync-{self._syncs}-{self._session}", tuple(names), self._sync_timeout_s)
+        sending = learner.start_weight_broadcast(spec, self._bucket_bytes)
+        receiving = [self.actors[index].receive_weights.remote(spec, 1 + position * self._workers)
+                     for position, index in enumerate(indices)]
+        learner.wait_for_broadcast(sending)
+        for index, ref in zip(indices, receiving):
+            self._wait(ref, "sync", index)
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[list[int]]]:
         """Every engine's greedy token ids for every prompt: [engine][prompt] -> token ids (to check weight sync)."""
@@ -171,9 +216,11 @@ class RolloutGroup:
         say(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
             f"{self.max_restarts} restarts) and redoing its work")
         actor = self.actors[index]
-        # Ray rebuilds the engine from the initial policy; the last synced weights go in again.
+        # Ray rebuilds the engine from the initial policy; the weights go in again.
         wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")
-        if self._weights_ref is not None:
+        if self._learner is not None:
+            self._broadcast(self._learner, [index])
+        elif self._weights_ref is not None:
             self._wait(actor.update_weights.remote(self._weights_ref), "restart", index)
 
     def _wait(self, refs: Any, stage: str, index: int | None = None) -> Any:

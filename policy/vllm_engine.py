@@ -23,6 +23,7 @@ from vllm.outputs import CompletionOutput
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout import Sampling
+from policy.weight_sync import SyncSpec, receive
 from rlhf_loop.hf_models import dtype_name
 from rlhf_loop.records import Prompt, Response, Rollout
 from rlhf_loop.seeds import derived_seed
@@ -97,6 +98,12 @@ class VLLMEngine:
     def wake_up(self) -> None:
         self.llm.wake_up()
 
+    def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
+        """Join the learner's broadcast: each of this engine's workers (tensor-parallel GPUs) takes rank
+        first_rank + its rank within the engine and loads the weights as they arrive."""
+        self.llm.collective_rpc(_receive_in_worker, args=(spec, first_rank))
+        self._forget_cached_prefixes()
+
     def _forget_cached_prefixes(self) -> None:
         if self.device == "cuda":
             self.llm.reset_prefix_cache()
@@ -112,6 +119,17 @@ class VLLMEngine:
         )
 
 
+def _receive_in_worker(worker, spec: SyncSpec, first_rank: int) -> None:
+    """Runs inside a vLLM worker, where the model lives. One reload_weights over the whole stream: the reload defers
+    each layer's post-load processing (the CPU kernels' repacking, fused q/k/v) until all of that layer's weights
+    have come, so a layer split across two buckets still ends up whole; separate reloads per bucket would not."""
+    weights = receive(spec, first_rank + worker.rank, worker.device)
+    worker.reload_weights(weights_iterator=weights)
+    unread = sum(1 for _ in weights)  # the broadcast must run to its end on every rank, or the others would stall
+    if unread:
+        raise RuntimeError(f"vLLM's load_weights left {unread} weights of the broadcast unread")
+
+
 def _cpu_options(rollout: RolloutConfig) -> dict:
     return dict(
         enforce_eager=True,
@@ -123,14 +141,13 @@ def _cpu_options(rollout: RolloutConfig) -> dict:
 
 
 def _cuda_options(rollout: RolloutConfig, sleep_mode: bool) -> dict:
-    tensor_parallel = max(1, int(rollout.gpus_per_engine))
     return dict(
         enforce_eager=rollout.enforce_eager,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel,
+        tensor_parallel_size=rollout.tensor_parallel_size,
         # The engine's actor sits in a Ray placement group, where vLLM would otherwise start one Ray worker per GPU
         # and want a bundle each; the actor's own bundle already holds its GPUs, and local processes use them.
-        **({"distributed_executor_backend": "mp"} if tensor_parallel > 1 else {}),
+        **({"distributed_executor_backend": "mp"} if rollout.tensor_parallel_size > 1 else {}),
         enable_prefix_caching=True,
         enable_sleep_mode=sleep_mode,
     )

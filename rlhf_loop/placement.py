@@ -139,6 +139,9 @@ def colocation_problems(cfg: RunConfig, device: str) -> list[str]:
         (cfg.cluster.placement.rollout == RolePlacement(),
          "cluster.colocate places the engines with the learner ranks; set cluster.placement.learner, and leave "
          "cluster.placement.rollout unset"),
+        (rollout.weight_sync == "object_store",
+         "cluster.colocate puts an engine on its learner rank's GPU, where NCCL cannot hold both ends of the "
+         "collective weight sync; set rollout.weight_sync: object_store"),
     ]
     return [message for ok, message in checks if not ok]
 

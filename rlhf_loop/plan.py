@@ -213,9 +213,21 @@ def gpu_warnings(cfg: RunConfig, device: str, report: PlanReport) -> list[str]:
         return [f"device is {device}, so {', '.join(changed)} is ignored: every actor runs on CPU"] if changed else []
     import torch
 
+    warnings = nccl_sync_warnings(cfg)
     if not torch.cuda.is_available():
-        return [f"this machine has no CUDA GPU: the plan is for a cluster with {report.total_gpus:g} GPUs"]
-    return []
+        warnings.append(f"this machine has no CUDA GPU: the plan is for a cluster with {report.total_gpus:g} GPUs")
+    return warnings
+
+
+def nccl_sync_warnings(cfg: RunConfig) -> list[str]:
+    """NCCL refuses two ranks of one communicator on the same GPU: the collective weight sync needs the learner's
+    rank 0 and every engine on GPUs of their own, which shares below 1 do not promise."""
+    shared = [f"{key} {value:g}" for key, value in (("rollout.gpus_per_engine", cfg.rollout.gpus_per_engine),
+                                                    ("train.gpus_per_worker", cfg.train.gpus_per_worker)) if value < 1]
+    if not (cfg.online and cfg.train.enabled and cfg.rollout.weight_sync == "collective" and shared):
+        return []
+    return [f"{', '.join(shared)}: Ray may put the learner and an engine on one GPU, where the NCCL weight sync "
+            f"(rollout.weight_sync collective) cannot run; for shared GPUs set rollout.weight_sync=object_store"]
 
 
 def memory_warnings(report: PlanReport) -> list[str]:

@@ -298,9 +298,10 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
 
 
 def sync_weights(learner: Learner, rollout: RolloutGroup) -> float:
-    """Push the learner's weights to every rollout engine in memory (through Ray's object store, no disk)."""
+    """Push the learner's weights to every rollout engine in memory, no disk (rollout.weight_sync: a broadcast in
+    buckets from learner rank 0, or one copy through Ray's object store)."""
     start = time.perf_counter()
-    rollout.update_weights(learner.weights_ref())
+    rollout.sync_from(learner)
     return time.perf_counter() - start
 
 

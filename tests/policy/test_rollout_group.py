@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
+import torch
 
 from policy.config import RolloutConfig
 from policy.rollout import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
+from policy.weight_buckets import plan_buckets
+from policy.weight_sync import host_store, send
 from rlhf_loop.actor_calls import ActorDied
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,5 +105,59 @@ def test_a_killed_engine_is_restarted_with_the_synced_weights_until_restarts_run
         with pytest.raises(ActorDied, match="rollout engine 0 died during generate") as error:
             group.generate(prompts[:4], SAMPLING)
         assert "\n" not in str(error.value) and "rlhf-loop resume" in str(error.value)
+    finally:
+        group.shutdown()
+
+
+class ThreadLearner:
+    """The learner's side of the collective sync without DeepSpeed: `named` sent from a thread of the test process."""
+
+    def __init__(self, named):
+        self.named = dict(named)
+        self.store = host_store()
+        self.broadcasts = 0
+
+    def weight_sync_address(self):
+        return "127.0.0.1", self.store.port
+
+    def start_weight_broadcast(self, spec, bucket_bytes):
+        plan = plan_buckets([(name, t.shape, t.dtype) for name, t in self.named.items()], bucket_bytes)
+        errors = []
+
+        def run():
+            try:
+                send(spec, self.store, plan, ([self.named[s.name] for s in b.slots] for b in plan), torch.device("cpu"))
+            except Exception as error:  # noqa: BLE001 - re-raised in wait_for_broadcast
+                errors.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.broadcasts += 1
+        return [(thread, errors)]
+
+    def wait_for_broadcast(self, handles):
+        for thread, errors in handles:
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+            if errors:
+                raise errors[0]
+
+
+@pytest.mark.integration  # Ray
+def test_a_killed_engine_rejoins_the_collective_sync_and_gets_the_weights_again(
+        ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy):
+    learner = ThreadLearner(named_parameters(new_model))
+    config = RolloutConfig(engine="hf", num_engines=1, weight_sync="collective", weight_sync_bucket_mb=1)
+    group = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=1)
+    try:
+        group.sync_from(learner)
+        new_greedy = [hf_greedy(new_model, prompts[:4], MAX_TOKENS)]
+        assert group.greedy(prompts[:4], MAX_TOKENS) == new_greedy
+        expected = group.generate(prompts[:4], SAMPLING)
+        (first,) = group.placement()
+        os.kill(first["pid"], signal.SIGKILL)
+        assert group.generate(prompts[:4], SAMPLING) == expected  # restarted, then a sync of its own
+        assert learner.broadcasts == 2
+        assert group.greedy(prompts[:4], MAX_TOKENS) == new_greedy
     finally:
         group.shutdown()

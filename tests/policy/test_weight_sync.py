@@ -1,14 +1,21 @@
-"""After a sync, every rollout engine samples from exactly the learner's policy: greedy outputs agree token for token."""
+"""After a sync, every rollout engine samples from exactly the learner's policy: greedy outputs agree token for token.
+The collective itself (policy.weight_sync) is also checked without Ray: ranks are threads of this process."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+import torch
 
 from policy.config import LoRAConfig, RolloutConfig, TrainConfig
+from policy.weight_buckets import plan_buckets
+from policy.weight_sync import SyncSpec, WeightSyncTimeout, host_store, receive, send
 from rlhf_loop.records import Pair, Response
 from rlhf_loop.stages import sync_weights
 
-pytestmark = pytest.mark.integration  # starts Ray actors
+CPU = torch.device("cpu")
 
 
 def pairs_for(prompts, tokenizer) -> list[Pair]:
@@ -21,15 +28,24 @@ def pairs_for(prompts, tokenizer) -> list[Pair]:
                  chosen_score=1.0, rejected_score=0.0) for p in prompts]
 
 
-@pytest.mark.parametrize(("engine", "lora"), [("vllm", False), ("hf", False), ("vllm", True)])
-def test_every_engine_matches_the_learner_after_sync(engine, lora, ray_local, policy_config, prompts, tiny_tokenizer):
+@pytest.mark.integration  # starts Ray actors
+@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks"), [
+    ("vllm", False, "collective", 0), ("hf", False, "collective", 0), ("vllm", True, "collective", 0),
+    ("vllm", False, "object_store", 0),
+    ("hf", False, "collective", 2),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends it
+])
+def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, ray_local, policy_config,
+                                                     prompts, tiny_tokenizer):
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
 
-    train = TrainConfig(learning_rate=5e-2 if lora else 5e-3, micro_batch_size=4, lora=LoRAConfig(enabled=lora))
+    layout = dict(num_workers=zero3_ranks, zero_stage=3, micro_batch_size=2) if zero3_ranks else {}
+    train = TrainConfig(learning_rate=5e-2 if lora else 5e-3, **{"micro_batch_size": 4, **layout},
+                        lora=LoRAConfig(enabled=lora))
     learner = LearnerGroup(policy_config, train, "cpu", seed=0)  # with LoRA the engines get the merged weights
-    rollout = RolloutGroup(policy_config, RolloutConfig(engine=engine, num_engines=2), "cpu", max_model_len=128,
-                           seed=0)
+    # 1 MB buckets: the tiny policy (about 0.6 MB of weights per layer) travels in several
+    rollout_config = RolloutConfig(engine=engine, num_engines=2, weight_sync=weight_sync, weight_sync_bucket_mb=1)
+    rollout = RolloutGroup(policy_config, rollout_config, "cpu", max_model_len=128, seed=0)
     try:
         fixed = prompts[:6]
         max_tokens = 16
@@ -48,3 +64,77 @@ def test_every_engine_matches_the_learner_after_sync(engine, lora, ray_local, po
     finally:
         rollout.shutdown()
         learner.shutdown()
+
+
+# ---- the collective without Ray: every rank a thread ------------------------------------------------------------
+
+def run_sync(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, receivers: int, timeout_s: float = 30.0,
+             missing: int = 0) -> tuple[list[Exception], dict[int, list[tuple[str, torch.Tensor]]]]:
+    """Rank 0 sends `named` to ranks 1..receivers; the last `missing` of them never come. Errors of every rank,
+    and what each receiving rank got (copied)."""
+    store = host_store("127.0.0.1")
+    names = ("learner rank 0",) + tuple(f"rollout engine {i}" for i in range(receivers))
+    spec = SyncSpec("127.0.0.1", store.port, "test", names, timeout_s)
+    plan = plan_buckets([(name, tensor.shape, tensor.dtype) for name, tensor in named], bucket_bytes)
+    by_name = dict(named)
+    errors: list[Exception] = []
+    received: dict[int, list[tuple[str, torch.Tensor]]] = {}
+
+    def rank(number: int) -> None:
+        try:
+            if number == 0:
+                send(spec, store, plan, ([by_name[slot.name] for slot in bucket.slots] for bucket in plan), CPU)
+            else:
+                received[number] = [(name, tensor.clone()) for name, tensor in receive(spec, number, CPU)]
+        except Exception as error:  # noqa: BLE001 - every rank's error is the result here
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in range(receivers + 1 - missing)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s + 30)
+    return errors, received
+
+
+def test_two_receivers_get_every_tensor_bit_for_bit_across_dtypes():
+    generator = torch.Generator().manual_seed(0)
+    named = [
+        ("embed.weight", torch.randn(64, 32, generator=generator)),  # 8 KiB: more than the 4 KiB bucket, alone
+        ("norm.weight", torch.randn(32, generator=generator).to(torch.bfloat16)),
+        ("scale", torch.tensor(3.5, dtype=torch.float64)),  # a 0-d tensor
+        ("count", torch.arange(7, dtype=torch.int64)),
+        ("proj.weight", torch.randn(16, 16, generator=generator).to(torch.float16)),
+        ("nan_and_neg_zero", torch.tensor([float("nan"), -0.0, float("inf")])),
+    ]
+    errors, received = run_sync(named, bucket_bytes=4096, receivers=2)
+    assert errors == []
+    for rank in (1, 2):
+        assert [name for name, _ in received[rank]] == [name for name, _ in named]
+        for (_, got), (_, sent) in zip(received[rank], named):
+            assert got.dtype == sent.dtype and got.shape == sent.shape
+            assert torch.equal(got.view(torch.uint8) if got.dim() else got.reshape(1).view(torch.uint8),
+                               sent.view(torch.uint8) if sent.dim() else sent.reshape(1).view(torch.uint8))
+
+
+def test_a_missing_rank_is_named_in_one_line_on_every_rank_that_came():
+    named = [("w", torch.ones(4))]
+    start = time.monotonic()
+    errors, _ = run_sync(named, bucket_bytes=1024, receivers=2, timeout_s=1.0, missing=1)
+    assert time.monotonic() - start < 20
+    assert len(errors) == 2  # the learner and rollout engine 0 both say who is missing
+    for error in errors:
+        assert isinstance(error, WeightSyncTimeout)
+        message = str(error)
+        assert "\n" not in message
+        assert "rank 2 (rollout engine 1) did not arrive within 1 s" in message
+        assert "rollout.weight_sync_timeout_s" in message
+
+
+def test_an_unreachable_learner_store_is_one_line_naming_the_receiver():
+    from rlhf_loop.network import free_port
+
+    spec = SyncSpec("127.0.0.1", free_port(), "test", ("learner rank 0", "rollout engine 0"), timeout_s=1.0)
+    with pytest.raises(WeightSyncTimeout, match="rollout engine 0 could not reach learner rank 0's store") as error:
+        next(receive(spec, 1, CPU))
+    assert "\n" not in str(error.value)

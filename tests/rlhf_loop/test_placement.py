@@ -79,9 +79,11 @@ def test_colocation_is_refused_on_cpu_with_one_line(config):
     (["rollout.gpus_per_engine=2"], "tensor parallel"),
     (["cluster.placement.rollout.resource=node_b"], "leave cluster.placement.rollout unset"),
     (["train.enabled=false"], "needs rollout engines and a learner"),
+    (["rollout.weight_sync=collective"], "NCCL cannot hold both ends"),
 ])
 def test_colocation_refuses_what_it_cannot_share(config, overrides, fragment):
-    (problem,) = colocation_problems(config("cluster.colocate=true", *overrides), "cuda")
+    (problem,) = colocation_problems(config("cluster.colocate=true", "rollout.weight_sync=object_store", *overrides),
+                                     "cuda")
     assert fragment in problem
 
 

@@ -245,3 +245,13 @@ def test_a_local_cluster_cannot_place_more_gpus_than_this_machine_has(config, mo
                                "forever: set cluster.address to a larger cluster or shrink the layout"]
     assert plan_report(config("device=cuda", "cluster.address=auto")).problems == []
     assert plan_report(config("device=cuda", "train.gpus_per_worker=0.5", "reward.num_gpus=0.5")).problems == []
+
+
+def test_shared_gpus_warn_that_the_nccl_weight_sync_needs_gpus_of_its_own(config):
+    shares = ["device=cuda", "rollout.gpus_per_engine=0.3", "train.gpus_per_worker=0.4", "reward.num_gpus=0.2"]
+    (warning,) = [w for w in plan_report(config(*shares)).warnings if "rollout.weight_sync" in w]
+    assert "rollout.gpus_per_engine 0.3, train.gpus_per_worker 0.4" in warning
+    assert warning.endswith("set rollout.weight_sync=object_store")
+    fallback = plan_report(config(*shares, "rollout.weight_sync=object_store"))
+    assert not [w for w in fallback.warnings if "rollout.weight_sync" in w]
+    assert not [w for w in plan_report(config("device=cuda")).warnings if "rollout.weight_sync" in w]
