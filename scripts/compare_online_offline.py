@@ -2,7 +2,7 @@
 pairs pay?
 
     python scripts/compare_online_offline.py [--asset-seeds 0 1 2] [--run-seeds 0 1] \
-        [--learning-rates 1e-4 2e-4 4e-4] [--runs-dir runs/compare] [--jobs 1] [--json results.json]
+        [--learning-rates 1e-4 2e-4 4e-4 8e-4] [--runs-dir runs/compare] [--jobs 1] [--json results.json]
 
 configs/tiny_online.yaml runs 3 iterations of online DPO; configs/tiny_offline.yaml one round of DPO on the same
 total number of pairs, all sampled from pi_0. An asset seed builds its own toy task (tokenizer, pi_0, reward model,
@@ -180,7 +180,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4, 8e-4])
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each starts its own local Ray)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
