@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,22 +76,32 @@ def ratios(medians: list[dict]) -> list[str]:
 
 
 def compare(args, assets) -> None:
-    results = {"command": " ".join(sys.argv), "device": args.device, "repeats": {}, "medians": []}
+    """Repeats interleave the systems (repeat 1 of each, then repeat 2 ...), so a change in the machine's load
+    reaches every system alike. A failed run is recorded and the others go on."""
+    results = {"command": " ".join(sys.argv), "device": args.device, "threads": args.threads, "repeats": {},
+               "failures": [], "medians": []}
     for setting_name in args.settings:
         setting = SETTINGS[setting_name]
-        for system in args.systems:
-            rows = []
-            for repeat in range(args.repeats):
+        for repeat in range(args.repeats):
+            for system in args.systems:
                 began = time.perf_counter()
                 work_dir = args.out / setting_name / system / f"repeat_{repeat}"
-                rows.append(run_system(system, setting, assets, args.device, work_dir))
+                try:
+                    measured = run_system(system, setting, assets, args.device, work_dir, args.threads)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    results["failures"].append(f"{setting_name} {system} repeat {repeat + 1}: {e}")
+                    print(results["failures"][-1], flush=True)
+                    continue
+                results["repeats"].setdefault(f"{setting_name}/{system}", []).append(measured)
                 print(f"{setting_name} {system} repeat {repeat + 1}/{args.repeats}: whole "
-                      f"{rows[-1]['whole_s']:.1f} s, work {rows[-1]['work_s']:.1f} s "
+                      f"{measured['whole_s']:.1f} s, work {measured['work_s']:.1f} s "
                       f"({time.perf_counter() - began:.0f} s)", flush=True)
-                results["repeats"][f"{setting_name}/{system}"] = rows
                 write_json(args.out / "bench.json", results)
-            results["medians"].append(median_row(rows))
-            write_json(args.out / "bench.json", results)
+        for system in args.systems:
+            rows = results["repeats"].get(f"{setting_name}/{system}")
+            if rows:
+                results["medians"].append(median_row(rows))
+        write_json(args.out / "bench.json", results)
     print()
     print(table(results["medians"]))
     print()
@@ -126,6 +137,9 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {list(SYSTEMS)}")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda on a GPU machine: every system puts its models there (vLLM, HF generate, DPO)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of TRL's and the chain's processes, as Ray gives rlhf-loop's actors (1); "
+                             "0 leaves the library default (every core), which collapses when the CPU is shared")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out", help="work directories and the JSON results")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache",
                         help="where the toy task's assets and the benchmark policy are built once")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MEMORY_SAMPLE_S = 0.2  # how often the process tree's memory is read while a system runs
+MEMORY_SAMPLE_S = 1.0  # how often the process tree's memory is read (PSS reads cost CPU: not more often)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _pss(pid: int) -> int:
 
 
 def run_measured(command: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 timeout_s: float = 3600.0) -> Measured:
+                 timeout_s: float = 2400.0) -> Measured:
     """Run `command` in its own session, sampling its process tree's memory; the whole group is killed at the end
     (Ray's raylet and workers included) whatever happens."""
     import psutil

@@ -50,6 +50,10 @@ def rlhf_loop_config(setting: Setting, assets: Assets, device: str) -> dict:
                   "max_prompt_length": setting.max_prompt_tokens, "save_steps": setting.save_steps},
         "cluster": {"num_cpus": 2},
     }
+    if device == "cuda":  # every role shares one GPU (docs/gpu.md)
+        config["rollout"].update(gpus_per_engine=0.3, gpu_memory_utilization=0.25)
+        config["train"]["gpus_per_worker"] = 0.4
+        config["reward"]["num_gpus"] = 0.2
     if setting.evaluate:
         config["eval"] = {"prompts": str(assets.eval_prompts), "num_prompts": 128, "samples_per_prompt": 8,
                           "gold_reward": "rlhf_loop.toy.task:gold_reward"}
@@ -96,26 +100,31 @@ def baseline_eval_seconds(run_dir: Path) -> float:
 # ---- TRL and the chain: their own scripts write a result JSON ----------------------------------------------------
 
 def run_script_system(system: str, script: str, setting: Setting, assets: Assets, device: str,
-                      work_dir: Path) -> dict:
+                      work_dir: Path, threads: int) -> dict:
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     spec = work_dir / "spec.json"
     write_json(spec, {"setting": setting, "assets": assets, "device": device, "work_dir": work_dir})
     result_path = work_dir / "result.json"
-    measured = run_measured(python_command(script, str(spec), str(result_path)), work_dir / "console.log",
-                            child_env(device))
+    env = child_env(device)
+    if threads:  # as Ray gives rlhf-loop's actors (OMP_NUM_THREADS=1 for an actor without num_cpus)
+        env["OMP_NUM_THREADS"] = str(threads)
+    measured = run_measured(python_command(script, str(spec), str(result_path)), work_dir / "console.log", env)
     if measured.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"{system} failed (exit {measured.returncode}); see {work_dir / 'console.log'}")
     result = json.loads(result_path.read_text())
+    result["notes"].append(f"torch threads per process: {threads or 'the library default (all cores)'}")
     return row(system, setting, measured, result["work_s"], result["stages"], result["tokens"], result["scores"],
                result["pairs"], result["startup"], result["notes"])
 
 
-def run_system(system: str, setting: Setting, assets: Assets, device: str, work_dir: Path) -> dict:
+def run_system(system: str, setting: Setting, assets: Assets, device: str, work_dir: Path, threads: int = 1) -> dict:
+    """`threads`: OMP_NUM_THREADS for TRL's and the chain's processes (0: the library default); rlhf-loop's actors
+    get theirs from Ray (1 each: they ask for no CPUs)."""
     if system == "rlhf-loop":
         return run_rlhf_loop(setting, assets, device, work_dir)
     if system == "trl":
-        return run_script_system(system, "bench_trl.py", setting, assets, device, work_dir)
+        return run_script_system(system, "bench_trl.py", setting, assets, device, work_dir, threads)
     if system == "chain":
-        return run_script_system(system, "bench_chain.py", setting, assets, device, work_dir)
+        return run_script_system(system, "bench_chain.py", setting, assets, device, work_dir, threads)
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")

@@ -67,7 +67,7 @@ def main(spec_path: str, result_path: str) -> None:
         output_dir=str(work_dir / "trl"), use_cpu=device == "cpu", report_to="none", save_strategy="no",
         logging_steps=10_000, per_device_train_batch_size=setting["micro_batch_size"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=setting["learning_rate"],
-        lr_scheduler_type="cosine", warmup_ratio=0.1, max_grad_norm=1.0, beta=[setting["beta"]],
+        lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0, beta=[setting["beta"]],
         loss_type="sigmoid", max_new_tokens=setting["max_tokens"], max_length=setting["max_length"],
         temperature=1.0, top_p=1.0, seed=setting["seed"], bf16=False, fp16=False, disable_dropout=True,
         dataloader_num_workers=0,
