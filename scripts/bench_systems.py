@@ -27,7 +27,9 @@ def row(system: str, setting: Setting, measured, work_s: float, stages: dict[str
         "gen_tokens_per_s": tokens / generate_s if generate_s else None,
         "scores_per_s": scores / score_s if score_s else None,
         "pairs_per_s": pairs / train_s if train_s else None,
-        "overhead_s": work_s - inside, "overhead_pct": 100.0 * (work_s - inside) / work_s if work_s else None,
+        # TRL's train time is what its train() spends outside generate and score: no overhead to separate
+        "overhead_s": None if system == "trl" else work_s - inside,
+        "overhead_pct": None if system == "trl" or not work_s else 100.0 * (work_s - inside) / work_s,
         "startup_s": startup, "peak_rss_mb": measured.peak_rss_mb, "peak_pss_mb": measured.peak_pss_mb,
         "tokens": tokens, "scores": scores, "pairs": pairs, "notes": notes,
     }
