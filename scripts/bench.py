@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import REPO, SCALING, SETTINGS, parameter_count, prepare_assets, scaled, write_json
-from bench_systems import SYSTEMS, run_system
+from bench_common import REPO, SCALING, SETTINGS, Measured, parameter_count, prepare_assets, scaled, write_json
+from bench_systems import SYSTEMS, rlhf_loop_row, run_system
 
-NUMBER_KEYS = ("whole_s", "work_s", "generate_s", "score_s", "train_s", "sync_s", "eval_s", "gen_tokens_per_s",
+NUMBER_KEYS = ("whole_s", "work_s", "recorded_iteration_s", "generate_s", "score_s", "train_s", "sync_s", "eval_s", "gen_tokens_per_s",
                "scores_per_s", "pairs_per_s", "overhead_s", "overhead_pct", "peak_rss_mb", "peak_pss_mb", "tokens",
                "scores", "pairs")
 
@@ -92,7 +92,7 @@ def compare(args, assets) -> None:
                     results["failures"].append(f"{setting_name} {system} repeat {repeat + 1}: {e}")
                     print(results["failures"][-1], flush=True)
                     continue
-                results["repeats"].setdefault(f"{setting_name}/{system}", []).append(measured)
+                results["repeats"].setdefault(f"{setting_name}/{system}", []).append({**measured, "repeat": repeat})
                 print(f"{setting_name} {system} repeat {repeat + 1}/{args.repeats}: whole "
                       f"{measured['whole_s']:.1f} s, work {measured['work_s']:.1f} s "
                       f"({time.perf_counter() - began:.0f} s)", flush=True)
@@ -102,6 +102,10 @@ def compare(args, assets) -> None:
             if rows:
                 results["medians"].append(median_row(rows))
         write_json(args.out / "bench.json", results)
+    report(results)
+
+
+def report(results: dict) -> None:
     print()
     print(table(results["medians"]))
     print()
@@ -109,6 +113,26 @@ def compare(args, assets) -> None:
     for m in results["medians"]:
         for note in m["notes"]:
             print(f"- {m['setting']} {m['system']}: {note}")
+
+
+def reread(args) -> None:
+    """Rebuild rlhf-loop's rows of OUT/bench.json from their run directories (what the process measured, wall and
+    memory, stays), then the medians and the table: for a bench.json written before the work-only definition
+    changed."""
+    import json
+
+    results = json.loads((args.out / "bench.json").read_text())
+    for key, rows in results["repeats"].items():
+        setting_name, system = key.split("/")
+        if system != "rlhf-loop":
+            continue
+        for index, old in enumerate(rows):
+            run_dir = args.out / setting_name / system / f"repeat_{old.get('repeat', index)}" / "run"
+            measured = Measured(old["whole_s"], old["peak_rss_mb"], old["peak_pss_mb"], old["returncode"])
+            rows[index] = {**rlhf_loop_row(SETTINGS[setting_name], run_dir, measured), "repeat": index}
+    results["medians"] = [median_row(rows) for rows in results["repeats"].values()]
+    write_json(args.out / "bench.json", results)
+    report(results)
 
 
 def scaling(args, assets) -> None:
@@ -144,6 +168,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache",
                         help="where the toy task's assets and the benchmark policy are built once")
     parser.add_argument("--scaling", action="store_true", help="rlhf-loop's iteration time at four prompts x K")
+    parser.add_argument("--reread", action="store_true",
+                        help="recompute rlhf-loop's rows, medians and table of OUT/bench.json from its run directories")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "scaling.png")
     args = parser.parse_args()
     args.settings = [s for s in args.settings.split(",") if s]
@@ -152,6 +178,8 @@ def main() -> None:
         unknown = [n for n in name if n not in known]
         if unknown:
             parser.error(f"unknown {unknown}; choose from {list(known)}")
+    if args.reread:
+        return reread(args)
     args.out.mkdir(parents=True, exist_ok=True)
     assets = prepare_assets(args.cache)
     print(f"benchmark policy: {parameter_count(assets.bench_policy):,} parameters; demo policy: "
