@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def compare(args, assets) -> None:
                     results["failures"].append(f"{setting_name} {system} repeat {repeat + 1}: {e}")
                     print(results["failures"][-1], flush=True)
                     continue
-                results["repeats"].setdefault(f"{setting_name}/{system}", []).append({**measured, "repeat": repeat})
+                load = os.getloadavg()  # the machine's load while it ran (other people's jobs included)
+                results["repeats"].setdefault(f"{setting_name}/{system}", []).append(
+                    {**measured, "repeat": repeat, "loadavg_1m": load[0], "loadavg_5m": load[1]})
                 print(f"{setting_name} {system} repeat {repeat + 1}/{args.repeats}: whole "
                       f"{measured['whole_s']:.1f} s, work {measured['work_s']:.1f} s "
                       f"({time.perf_counter() - began:.0f} s)", flush=True)
@@ -143,8 +146,9 @@ def scaling(args, assets) -> None:
         setting = scaled(prompts, samples)
         rows = [run_system("rlhf-loop", setting, assets, args.device, args.out / "scaling" / setting.name / f"r{i}")
                 for i in range(args.repeats)]
+        load = os.getloadavg()
         point = {"prompts": prompts, "samples_per_prompt": samples, "responses": prompts * samples,
-                 **median_row(rows)}
+                 "loadavg_1m": load[0], "loadavg_5m": load[1], **median_row(rows)}
         points.append(point)
         print(f"{prompts} x {samples}: iteration {point['work_s']:.1f} s (generate {point['generate_s']:.1f}, "
               f"score {point['score_s']:.1f}, train {point['train_s']:.1f})", flush=True)
