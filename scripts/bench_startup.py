@@ -23,7 +23,6 @@ from bench_common import REPO, SETTINGS, child_env, prepare_assets, write_json
 
 # Each piece: setup code (not timed) and timed code; `spec` (the benchmark's paths) is in scope.
 PIECES = {
-    "python interpreter": ("", "pass"),
     "driver: import rlhf_loop.cli": ("", "import rlhf_loop.cli"),
     "driver: load config + preflight": (
         "from rlhf_loop.config import load_config\nfrom rlhf_loop.preflight import preflight",
