@@ -40,10 +40,6 @@ class Setting:
     evaluate: bool = False  # the demo evaluates on 128 held-out prompts x 8 each iteration (rlhf-loop only)
     seed: int = 0
 
-    @property
-    def prompts(self) -> int:
-        return self.iterations * self.prompts_per_iteration
-
 
 SETTINGS = {
     # The equal-work setting: 128 prompts x 2 samples x 64 new tokens, micro batch 16, one epoch.
