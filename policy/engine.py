@@ -49,10 +49,28 @@ def init_distributed(device: str, rank: int, world_size: int) -> None:
             f"learner rank {rank}/{world_size} disagrees with RANK={os.environ['RANK']} "
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} in the environment; unset them or pass the same values"
         )
+    keep_op_builds_apart()
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+
+
+def keep_op_builds_apart() -> None:
+    """DeepSpeed JIT-builds its C++ ops (the CPU shared-memory comm op: 25-50 s on 2 cores) into torch's extension
+    directory, which is shared by every Python environment of the same Python version: two environments with
+    different torch or DeepSpeed builds rebuild the op for each other at every start. One directory per environment
+    (and torch version) keeps each build, so only an environment's first start compiles. TORCH_EXTENSIONS_DIR, when
+    set, wins."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    import hashlib
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    environment = hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:12]
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"rlhf-loop-{environment}")
 
 
 def torch_device(device: str) -> torch.device:
