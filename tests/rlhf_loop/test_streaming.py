@@ -177,3 +177,39 @@ def test_the_learner_version_after_loading_a_checkpoint(run_dir):
     assert learner_version(run) == 1
     run.manifest.record("iter_002/train/step_000002")
     assert learner_version(run) is None
+
+
+@pytest.mark.integration  # starts a vLLM engine in a Ray actor
+def test_an_exported_policy_loaded_into_the_engines_is_what_they_sample_from(ray_local, tiny_policy_dir, tiny_messages,
+                                                                              tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from policy.config import PolicyConfig, RolloutConfig
+    from policy.rollout_group import RolloutGroup
+    from rlhf_loop.records import Prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    prompts = [Prompt(i, messages, list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                      tokenize=True, return_dict=False)))
+               for i, messages in enumerate(tiny_messages)]
+    exported = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)  # "iteration 1's policy": pi_0, moved
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in exported.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    exported.save_pretrained(tmp_path / "policy")
+    expected = []
+    for p in prompts:
+        tokens = exported.generate(torch.tensor([p.token_ids]), do_sample=False, max_new_tokens=12)[0, len(p.token_ids):]
+        tokens = tokens.tolist()
+        expected.append(tokens[:tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens)
+
+    rollout = RolloutGroup(PolicyConfig(model_path=str(tiny_policy_dir)), RolloutConfig(engine="vllm"), "cpu",
+                           max_model_len=128, seed=0)
+    try:
+        assert rollout.greedy(prompts, 12)[0] != expected, "the moved weights sample alike: the test could not fail"
+        streaming.load_exported_policy(rollout, tmp_path / "policy")
+        assert rollout.greedy(prompts, 12)[0] == expected
+    finally:
+        rollout.shutdown()
