@@ -158,13 +158,15 @@ def test_three_iterations_with_hf_engine(config, tmp_path):
 
 # Kill points inside every stage, in the order a run reaches them: after a unit is recorded, with its files written
 # but not recorded (":before"), between the manifest's two writes (":manifest"), and a learner rank dying in the
-# middle of writing a checkpoint ("checkpoint:"; the run then stops with one line instead of a SIGKILL).
+# middle of writing a checkpoint ("checkpoint:"; the run then stops with one line instead of a SIGKILL). Scoring shard
+# k runs beside generation shard k+1, so either may be recorded first: a scoring kill point follows a generation one
+# only when it cannot have been reached yet (shard 2 is scored after generation shard 2, which follows shard 1).
 KILL_POINTS = [
     "sft/step_000002",
     "sft/done:before",
     "eval_initial:before",
     "iter_001/rollouts/shard_00001",
-    "iter_001/scores/shard_00000:before",
+    "iter_001/scores/shard_00002:before",
     "iter_001/pairs:manifest",
     "iter_001/pairs",
     "iter_001/train/step_000002",
