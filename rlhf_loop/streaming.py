@@ -55,15 +55,13 @@ def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardMod
     sampling = stages.sampling_of(run, iteration)
     size = run.cfg.reward.shard_size
     of_shards = -(-len(prompts) // size)
-    generated: list[Rollout] = []
     scoring: list[Future[list[Scored]]] = []
 
     def generate(shard: Sequence[Prompt]) -> list[Rollout]:
         return [replace(r, policy_version=version) for r in rollout.generate(shard, sampling)]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
-        def score_what_is_ready(so_far: list[Rollout]) -> None:
-            generated[:] = so_far
+        def score_what_is_ready(generated: list[Rollout]) -> None:
             while len(scoring) < of_shards and min((len(scoring) + 1) * size, len(prompts)) <= len(generated):
                 index = len(scoring)
                 scoring.append(scorer.submit(stages.score_shard, run, reward, generated[index * size:(index + 1) * size],
