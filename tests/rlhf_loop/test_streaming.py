@@ -146,6 +146,18 @@ def test_stale_sampling_runs_during_training_and_the_sync_waits_for_it(run_dir, 
     assert run.manifest.info("iter_003/rollouts/shard_00000")["policy_version"] == 1
 
 
+def test_on_policy_nothing_is_sampled_ahead_and_each_sample_follows_the_sync(run_dir, tmp_path):
+    events, learner = [], FakeLearner()
+    run = stale_run(run_dir, tmp_path, max_staleness=0)
+    sampler = Sampler(run, Recorder(events), LengthReward(), learner, Tokenizer(), learner_version=0)
+    sampler.sample(1)
+    sampler.start_ahead(2)
+    assert len(events) == 1  # iteration 1's one shard only
+    sampler.sync(1)
+    assert {p.policy_version for p in sampler.sample(2).selection.pairs} == {1}
+    assert [e[0] for e in events] == ["generate", "update_weights", "generate"]
+
+
 def test_a_resumed_sampler_gives_the_engines_the_version_a_sample_is_due_from(run_dir, tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(streaming, "load_exported_policy", lambda rollout, directory: loaded.append(directory))
