@@ -31,6 +31,9 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling; 1.0 samples from the whole distribution
     max_tokens: int = 256  # max new tokens per response
     shard_size: int = 64  # prompts per shard: the unit of work that a crash can cost during generation
+    # 0: each iteration samples from the policy just trained (on-policy). 1: iteration i+1 samples while the learner
+    # trains iteration i, from the weights one update behind (those synced after i-1): faster, slightly off-policy
+    max_staleness: int = 0
     gpus_per_engine: float = 1.0  # GPUs reserved per engine when running on CUDA (ignored on CPU)
     gpu_memory_utilization: float = 0.4  # vLLM's share of its GPU (the learner may share the GPU)
     max_model_len: int | None = None  # vLLM context length; default: data.max_prompt_tokens + max_tokens

@@ -151,6 +151,11 @@ class RunConfig:
         """Evaluation needs held-out prompts (eval.prompts), sampled responses and a learner for the KL estimate."""
         return self.online and self.train.enabled and self.eval.prompts is not None
 
+    def policy_version(self, iteration: int) -> int:
+        """The iteration whose trained weights sample `iteration`'s responses (0: pi_0): the one before it, or under
+        rollout.max_staleness 1 the one before that. Without train.enabled nothing moves: pi_0 throughout."""
+        return max(iteration - 1 - self.rollout.max_staleness, 0) if self.train.enabled else 0
+
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Merge a YAML file and `key=value` overrides over the defaults, then validate."""
@@ -193,6 +198,8 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.rollout.weight_sync_timeout_s > 0,
          f"rollout.weight_sync_timeout_s must be > 0, got {cfg.rollout.weight_sync_timeout_s}"),
         (cfg.rollout.shard_size >= 1, f"rollout.shard_size must be >= 1, got {cfg.rollout.shard_size}"),
+        (cfg.rollout.max_staleness in (0, 1),
+         f"rollout.max_staleness must be 0 (on-policy) or 1 (sample one update behind), got {cfg.rollout.max_staleness}"),
         (cfg.rollout.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {cfg.rollout.max_tokens}"),
         (cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}"),
         (0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}"),

@@ -8,7 +8,8 @@
         the new weights go to the rollout engines in memory, and the policy is evaluated
 
 Sampling from the current policy each round is the point: the pairs stay on-policy, which limits the distribution
-shift that makes one round of offline DPO fall behind. Every stage writes its output to the run directory and marks
+shift that makes one round of offline DPO fall behind. (`rollout.max_staleness: 1` trades a little of that for
+speed: iteration i+1 samples from the policy one update behind while the learner trains iteration i.) Every stage writes its output to the run directory and marks
 it finished in the manifest, so `resume` continues from the first unfinished unit of work.
 """
 
@@ -19,11 +20,12 @@ from omegaconf import OmegaConf
 from rlhf_loop import stages
 from rlhf_loop.cluster import resolve_device, start_ray, stop_ray
 from rlhf_loop.config import RunConfig
-from rlhf_loop.data import evaluation_prompts, iteration_prompts
+from rlhf_loop.data import evaluation_prompts
 from rlhf_loop.hf_models import load_tokenizer
 from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
 from rlhf_loop.roles import start_actors
 from rlhf_loop.rundir import Manifest, RunDir
+from rlhf_loop.streaming import Sampler, learner_version
 
 
 def run(cfg: RunConfig, run_dir: RunDir) -> None:
@@ -39,12 +41,12 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
         # ---- the actors: rollout engines, reward model, DPO learner, started at once -------------------------
         rollout, reward, learner = start_actors(run, initial_policy, device)
 
-        # ---- resume: the learner reloads its last checkpoint, and the engines must sample from it --------------
+        # ---- resume: the learner reloads its last checkpoint; the engines get, before each sample, the weights
+        # ---- it is due from (rollout.max_staleness), so a resumed run samples what an uninterrupted one did
         checkpoint = run.manifest.intact_checkpoint("train/step_")  # a damaged newest one falls back
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
-            if rollout:
-                stages.sync_weights(learner, rollout)
+        sampler = Sampler(run, rollout, reward, learner, tokenizer, learner_version(run)) if cfg.online else None
 
         # ---- the baseline: pi_0 on the held-out prompts, for win rates and the gold curve -------------------
         eval_set = evaluation_prompts(cfg, tokenizer) if cfg.evaluates else []
@@ -56,20 +58,21 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
             if run.manifest.done(run.unit(iteration, "done")):
                 continue
             if cfg.online:
-                # ---- generate: K samples per prompt from the current policy ---------------------------------
-                prompt_set = iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
-                rollouts = stages.generate(run, rollout, prompt_set.prompts, iteration)
-
-                # ---- score, then pair best vs worst (ties and identical texts dropped) ---------------------------
-                scored = stages.score(run, reward, rollouts, iteration)
-                selection = stages.build_pairs(run, scored, iteration)
-                metrics = {**reward_metrics(scored, selection.pairs), **prompt_metrics(prompt_set)}
+                # ---- generate K samples per prompt; score each shard while the next generates; pair best vs
+                # ---- worst (ties and identical texts dropped). Under max_staleness 1 it was sampled ahead.
+                sample = sampler.sample(iteration)
+                selection = sample.selection
+                metrics = {**reward_metrics(sample.scored, selection.pairs), **prompt_metrics(sample.prompt_set)}
             else:
                 selection, metrics = stages.dataset_pairs(run, tokenizer, iteration), {}
             metrics.update(pair_metrics(selection))
             stages.export_pairs(run, selection.pairs, iteration)
 
             if learner is not None:
+                if cfg.online:
+                    # ---- max_staleness 1: the next iteration samples, from the engines' weights, while we train --
+                    sampler.start_ahead(iteration + 1)
+
                 # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ------------------------
                 reference = stages.reference_policy(run, initial_policy, iteration)
                 with stages.engines_asleep(rollout):  # colocated engines give the learner their GPUs meanwhile
@@ -78,8 +81,8 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
                 stages.export_policy(run, learner, iteration)
 
             if cfg.online and learner is not None:
-                # ---- sync: the new weights go to every rollout engine, in memory -------------------------------
-                stages.sync(run, learner, rollout, iteration)
+                # ---- sync: the new weights go to every rollout engine, in memory, once they finished sampling ---
+                sampler.sync(iteration)
             if cfg.evaluates:
                 # ---- evaluate: the new policy on the held-out prompts ------------------------------------------
                 metrics.update(stages.evaluate(run, rollout, reward, learner, eval_set, iteration, gold))

@@ -88,5 +88,6 @@ def select_pairs(scored: Sequence[Scored], strategy: str, min_margin: float, see
                     rejected=rejected_response,
                     chosen_score=item.scores[chosen],
                     rejected_score=item.scores[rejected],
+                    policy_version=item.rollout.policy_version,
                 ))
     return PairSelection(pairs, dict(dropped), flat_prompts)

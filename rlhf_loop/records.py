@@ -39,6 +39,7 @@ class Rollout:
 
     prompt: Prompt
     responses: list[Response]
+    policy_version: int = 0  # the iteration whose trained weights sampled it (0: pi_0); see rollout.max_staleness
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Pair:
     rejected: Response
     chosen_score: float
     rejected_score: float
+    policy_version: int = 0  # the iteration whose trained weights sampled both responses (0: pi_0)
 
 
 def to_json(record: Any) -> dict[str, Any]:
@@ -81,6 +83,7 @@ def rollout_from_json(data: dict[str, Any]) -> Rollout:
     return Rollout(
         prompt=prompt_from_json(data["prompt"]),
         responses=[response_from_json(r) for r in data["responses"]],
+        policy_version=data.get("policy_version", 0),
     )
 
 
@@ -102,4 +105,5 @@ def pair_from_json(data: dict[str, Any]) -> Pair:
         rejected=response_from_json(data["rejected"]),
         chosen_score=data["chosen_score"],
         rejected_score=data["rejected_score"],
+        policy_version=data.get("policy_version", 0),
     )

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -209,6 +210,9 @@ class Manifest:
     Every `record` rewrites manifest.json atomically, so the file on disk is always a consistent picture, and
     first keeps the generation it replaces as manifest.json.prev, so even a damaged manifest.json costs at most
     the last record.
+
+    Stages running at once (rlhf_loop.streaming) record from several threads: changes are made under a lock and
+    replace `units` with a new dict, so a reader iterating the old one never sees it change under it.
     """
 
     def __init__(self, run_dir: RunDir, data: dict[str, Any], written: bytes | None = None):
@@ -217,6 +221,7 @@ class Manifest:
         self.run_id: str | None = data.get("run_id")  # None for runs started before run ids existed
         self.fingerprints: dict[str, Any] | None = data.get("fingerprints")
         self._written = written  # the last good generation on disk: what manifest.json.prev receives next
+        self._lock = threading.RLock()
 
     @staticmethod
     def load(run_dir: RunDir) -> Manifest:
@@ -265,11 +270,12 @@ class Manifest:
             {"path": str(path.relative_to(self.run_dir.root)), "bytes": path.stat().st_size, "sha256": digest}
             for path, digest in zip(paths, _sha256_files(paths), strict=True)
         ]
-        maybe_kill(f"{unit}:before")
-        self.units[unit] = entry
-        self._write(kill_point=f"{unit}:manifest")
-        self._journal(unit)
-        maybe_kill(unit)
+        with self._lock:
+            maybe_kill(f"{unit}:before")
+            self.units = {**self.units, unit: entry}
+            self._write(kill_point=f"{unit}:manifest")
+            self._journal(unit)
+            maybe_kill(unit)
 
     def verify_unit(self, unit: str) -> str | None:
         """The first of a finished unit's files that is missing, truncated or corrupt, said in words; None when
@@ -334,16 +340,19 @@ class Manifest:
 
     def drop(self, units: Iterable[str], reason: str) -> None:
         """Forget finished units so that they are redone, and say so on stderr."""
-        dropped = [unit for unit in units if self.units.pop(unit, None) is not None]
-        if not dropped:
-            return
-        self._write()
+        with self._lock:
+            dropped = [unit for unit in dict.fromkeys(units) if unit in self.units]
+            if not dropped:
+                return
+            self.units = {unit: info for unit, info in self.units.items() if unit not in dropped}
+            self._write()
         after = f" and the {len(dropped) - 1} unit(s) after it" if len(dropped) > 1 else ""
         say(f"rlhf-loop: redoing {dropped[0]}{after}: {reason}")
 
     def record_fingerprints(self, fingerprints: dict[str, Any]) -> None:
-        self.fingerprints = fingerprints
-        self._write()
+        with self._lock:
+            self.fingerprints = fingerprints
+            self._write()
 
     def _write(self, kill_point: str = "") -> None:
         data: dict[str, Any] = {"version": MANIFEST_VERSION, "units": self.units}

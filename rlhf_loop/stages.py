@@ -71,39 +71,51 @@ def run_sharded(
     work: Callable[[Sequence[Item]], list[Result]],
     encode: Callable[[Result], dict],
     decode: Callable[[dict], Result],
+    on_shard: Callable[[list[Result]], None] | None = None,
+    **info,
 ) -> list[Result]:
-    """Apply `work` shard by shard; a finished shard is read back from disk, never redone."""
+    """Apply `work` shard by shard; a finished shard is read back from disk, never redone. `on_shard` sees the
+    results so far after each shard; `info` goes into each shard's manifest entry."""
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     results: list[Result] = []
     for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False,
                                        file=console.stream())):
-        unit = run.unit(iteration, f"{stage}/shard_{index:05d}")
-        if run.manifest.done_and_intact(unit):  # a damaged shard file is dropped here, and redone
-            results += [decode(row) for row in read_jsonl(run.manifest.verified_file(unit))]
-            continue
-        run.enter(unit)
-        start = time.perf_counter()
-        shard_results = work(shard)
-        path = run.run_dir.iteration(iteration) / stage / f"shard_{index:05d}.jsonl"
-        atomic_write_jsonl(path, map(encode, shard_results))
-        run.manifest.record(unit, files=[path], items=len(shard), of_shards=len(shards),
-                            seconds=time.perf_counter() - start)
-        results += shard_results
+        results += run_shard(run, iteration, stage, index, len(shards), shard, work, encode, decode, **info)
+        if on_shard is not None:
+            on_shard(results)
     return results
 
 
-def generate(run: Run, rollout: RolloutGroup, prompts: Sequence[Prompt], iteration: int) -> list[Rollout]:
+def run_shard(run: Run, iteration: int, stage: str, index: int, of_shards: int, shard: Sequence[Item],
+              work: Callable[[Sequence[Item]], list[Result]], encode: Callable[[Result], dict],
+              decode: Callable[[dict], Result], **info) -> list[Result]:
+    """One shard of a sharded stage: read back when finished, else worked, written and recorded (with `info`)."""
+    unit = run.unit(iteration, f"{stage}/shard_{index:05d}")
+    if run.manifest.done_and_intact(unit):  # a damaged shard file is dropped here, and redone
+        return [decode(row) for row in read_jsonl(run.manifest.verified_file(unit))]
+    run.enter(unit)
+    start = time.perf_counter()
+    shard_results = work(shard)
+    path = run.run_dir.iteration(iteration) / stage / f"shard_{index:05d}.jsonl"
+    atomic_write_jsonl(path, map(encode, shard_results))
+    run.manifest.record(unit, files=[path], items=len(shard), of_shards=of_shards,
+                        seconds=time.perf_counter() - start, **info)
+    return shard_results
+
+
+def sampling_of(run: Run, iteration: int) -> Sampling:
+    """How an iteration samples: rollout.* and a seed of its own."""
     cfg = run.cfg.rollout
-    sampling = Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_tokens=cfg.max_tokens, seed=derived_seed(run.cfg.seed, "rollout", iteration))
-    return run_sharded(run, iteration, "rollouts", prompts, cfg.shard_size,
-                       lambda shard: rollout.generate(shard, sampling), records.to_json, records.rollout_from_json)
+    return Sampling(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_tokens=cfg.max_tokens, seed=derived_seed(run.cfg.seed, "rollout", iteration))
 
 
-def score(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iteration: int) -> list[Scored]:
+def score_shard(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iteration: int, index: int,
+                of_shards: int) -> list[Scored]:
+    """One scoring shard (reward.shard_size rollouts) of an iteration."""
     penalty = run.cfg.reward.length_penalty
-    return run_sharded(run, iteration, "scores", rollouts, run.cfg.reward.shard_size,
-                       lambda shard: score_rollouts(reward, shard, penalty), records.to_json, records.scored_from_json)
+    return run_shard(run, iteration, "scores", index, of_shards, rollouts,
+                     lambda shard: score_rollouts(reward, shard, penalty), records.to_json, records.scored_from_json)
 
 
 def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout], length_penalty: float) -> list[Scored]:

@@ -158,13 +158,15 @@ def test_three_iterations_with_hf_engine(config, tmp_path):
 
 # Kill points inside every stage, in the order a run reaches them: after a unit is recorded, with its files written
 # but not recorded (":before"), between the manifest's two writes (":manifest"), and a learner rank dying in the
-# middle of writing a checkpoint ("checkpoint:"; the run then stops with one line instead of a SIGKILL).
+# middle of writing a checkpoint ("checkpoint:"; the run then stops with one line instead of a SIGKILL). Scoring shard
+# k runs beside generation shard k+1, so either may be recorded first: a scoring kill point follows a generation one
+# only when it cannot have been reached yet (shard 2 is scored after generation shard 2, which follows shard 1).
 KILL_POINTS = [
     "sft/step_000002",
     "sft/done:before",
     "eval_initial:before",
     "iter_001/rollouts/shard_00001",
-    "iter_001/scores/shard_00000:before",
+    "iter_001/scores/shard_00002:before",
     "iter_001/pairs:manifest",
     "iter_001/pairs",
     "iter_001/train/step_000002",
@@ -253,3 +255,38 @@ def test_killed_rollout_and_reward_actors_are_restarted_within_the_run(config, u
     weights, expected_weights = load_file(actual / "policy" / "model.safetensors"), load_file(
         expected / "policy" / "model.safetensors")
     assert all(weights[k].equal(expected_weights[k]) for k in expected_weights)
+
+
+# rollout.max_staleness 1: iteration i+1 samples (from the weights synced after i-1) while the learner trains i.
+# Killed while iteration 2 samples beside iteration 1's training, and while iteration 3 samples beside iteration 2's
+# (the resumed learner is then past version 1, so the engines get iteration 1's export).
+STALE_KILL_POINTS = ["iter_002/rollouts/shard_00001", "iter_002/train/step_000002"]
+
+
+@pytest.mark.timeout(1200)  # four runs
+def test_one_update_behind_sigkilled_then_resumed_equals_uninterrupted(config, tmp_path):
+    stale = ("rollout.max_staleness=1",)
+    uninterrupted = tmp_path / "stale"
+    result = rlhf_loop("run", str(config), *stale, "--run-dir", str(uninterrupted))
+    assert result.returncode == 0, result.stdout[-3000:]
+    versions = [{pair["policy_version"] for pair in read_jsonl(uninterrupted / f"iter_{i:03d}" / "pairs.jsonl")}
+                for i in (1, 2, 3)]
+    assert versions == [{0}, {0}, {1}]  # iteration 3 sampled from iteration 1's weights, one update behind
+    units = json.loads((uninterrupted / "manifest.json").read_text())["units"]
+    assert units["iter_003/rollouts/shard_00000"]["policy_version"] == 1
+
+    run_dir = tmp_path / "killed"
+    for number, point in enumerate(STALE_KILL_POINTS):
+        command = ("run", str(config), *stale, "--run-dir", str(run_dir)) if number == 0 else ("resume", str(run_dir))
+        result = rlhf_loop(*command, kill_at=point)
+        assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
+    result = rlhf_loop("resume", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    recorded = Counter(line["unit"] for line in read_jsonl(run_dir / "journal.jsonl"))
+    assert max(recorded.values()) == 1, [unit for unit, count in recorded.items() if count > 1]
+    expected, actual = finished(uninterrupted), finished(run_dir)
+    assert actual["pairs"] == expected["pairs"]
+    assert actual["metrics"] == expected["metrics"]
+    assert actual["eval"] == expected["eval"]
+    assert all(actual["weights"][k].equal(expected["weights"][k]) for k in expected["weights"])

@@ -47,6 +47,23 @@ def test_manifest_records_files_and_survives_reload(tmp_path):
     assert reloaded.info("iter_001/rollouts/shard_00000")["items"] == 1
 
 
+def test_units_recorded_from_several_threads_are_all_kept_while_another_reads(tmp_path):
+    """Streaming stages record from their own threads: no record is lost, and a reader iterating the units never
+    sees them change under it."""
+    import threading
+
+    manifest = Manifest.load(RunDir.create(tmp_path / "run", overwrite=False))
+    writers = [threading.Thread(target=lambda t=t: [manifest.record(f"iter_001/s{t}/shard_{i:05d}") for i in range(40)])
+               for t in range(3)]
+    for writer in writers:
+        writer.start()
+    while any(writer.is_alive() for writer in writers):
+        sorted(unit for unit in manifest.units if "shard" in unit)  # raises if the dict changed while iterated
+    for writer in writers:
+        writer.join()
+    assert len(Manifest.load(RunDir(tmp_path / "run")).units) == 120
+
+
 def test_tampered_file_is_detected(tmp_path):
     run_dir = RunDir.create(tmp_path / "run", overwrite=False)
     manifest = Manifest.load(run_dir)

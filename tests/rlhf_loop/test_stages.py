@@ -188,27 +188,7 @@ def test_a_damaged_shard_file_is_redone(run_dir):
     assert new_run(run_dir).manifest.verify_unit("iter_001/s/shard_00001") is None
 
 
-# ---- generate and score ----------------------------------------------------------------------------------------------
-
-def test_generate_samples_with_the_configured_sampling_and_an_iteration_seed(run_dir):
-    cfg = make_config(seed=7, rollout={"samples_per_prompt": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 11,
-                                       "shard_size": 2})
-    engine = FakeRollout()
-    prompts = [prompt(i) for i in range(5)]
-    first = stages.generate(new_run(run_dir, cfg), engine, prompts, 1)
-    stages.generate(new_run(run_dir, cfg), engine, prompts, 2)
-
-    assert [indices for indices, _ in engine.calls] == [[0, 1], [2, 3], [4]] * 2
-    seeds = {sampling.seed for _, sampling in engine.calls}
-    assert seeds == {derived_seed(7, "rollout", 1), derived_seed(7, "rollout", 2)} and len(seeds) == 2
-    assert engine.calls[0][1] == Sampling(n=3, temperature=0.7, top_p=0.9, max_tokens=11,
-                                          seed=derived_seed(7, "rollout", 1))
-    assert [r.prompt for r in first] == prompts
-
-    calls = len(engine.calls)
-    assert stages.generate(new_run(run_dir, cfg), engine, prompts, 1) == first  # read back, equal records
-    assert len(engine.calls) == calls
-
+# ---- scoring ---------------------------------------------------------------------------------------------------------
 
 def test_score_rollouts_keeps_order_and_objectives():
     rollouts = [rollout_of(0, ["abc", "a"]), rollout_of(1, ["xy", "wxyz", ""])]
@@ -219,17 +199,6 @@ def test_score_rollouts_keeps_order_and_objectives():
     assert scored[1].objectives == {"len": [2.0, 4.0, 0.0], "neg": [-2.0, -4.0, -0.0]}
     assert [(q.messages, q.responses, q.meta) for q in reward.queries] == [
         (r.prompt.messages, [x.text for x in r.responses], r.prompt.meta) for r in rollouts]
-
-
-def test_score_is_sharded_by_the_reward_shard_size_and_resumable(run_dir):
-    cfg = make_config(reward={"shard_size": 2})
-    rollouts = [rollout_of(i, ["a" * (i + 1), "b"]) for i in range(3)]
-    reward = LengthReward()
-    scored = stages.score(new_run(run_dir, cfg), reward, rollouts, 1)
-    assert [s.scores[0] for s in scored] == [1.0, 2.0, 3.0]
-    assert len(reward.queries) == 3
-    assert stages.score(new_run(run_dir, cfg), reward, rollouts, 1) == scored
-    assert len(reward.queries) == 3
 
 
 # ---- pairs -----------------------------------------------------------------------------------------------------------
