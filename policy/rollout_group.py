@@ -20,6 +20,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,6 +32,7 @@ from policy.rollout import RolloutEngine, Sampling
 from policy.weight_sync import SyncSpec
 from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
 from rlhf_loop.console import say
+from rlhf_loop.errors import UserError
 from rlhf_loop.faults import maybe_kill_actor
 from rlhf_loop.records import Prompt, Rollout
 
@@ -135,6 +137,7 @@ class RolloutGroup:
         self._session = uuid.uuid4().hex[:8]  # sync names stay unique on a learner store that outlives this group
         self._weights_ref: ray.ObjectRef | None = None  # object_store: the last synced weights, for a restart
         self._learner: Learner | None = None  # collective: where a restarted engine gets the weights again
+        self._weights_dir: Path | None = None  # ... or their export, once the learner has moved past them
         self._wait([actor.ready.remote() for actor in self.actors], "start-up")
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
@@ -149,13 +152,21 @@ class RolloutGroup:
             self._learner = None
             self.update_weights(learner.weights_ref())
         else:
-            self._learner, self._weights_ref = learner, None  # no older copy kept in the object store
+            # no older copy kept in the object store
+            self._learner, self._weights_ref, self._weights_dir = learner, None, None
             self._broadcast(learner, range(len(self.actors)))
 
     def update_weights(self, named_tensors_ref: ray.ObjectRef) -> None:
         """Load the (name, tensor) list behind the ref into every engine (the list sits once in the object store)."""
-        self._weights_ref = named_tensors_ref
+        self._learner, self._weights_ref, self._weights_dir = None, named_tensors_ref, None
         self._call_each("update_weights", [(named_tensors_ref,)] * len(self.actors))
+
+    def let_learner_move_on(self, export: Path | None) -> None:
+        """The engines go on sampling from the weights they hold while the learner trains further (max_staleness 1),
+        so a restarted engine must get those weights again from their `export` (None: the initial policy, which Ray
+        rebuilds an engine from), not the learner's newer ones."""
+        if self._learner is not None:
+            self._learner, self._weights_dir = None, export
 
     def _broadcast(self, learner: Learner, indices: Sequence[int]) -> None:
         """Learner rank 0 sends, the engines `indices` receive, all at once. Ranks: 0 the learner, then each
@@ -220,7 +231,9 @@ class RolloutGroup:
         wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")
         if self._learner is not None:
             self._broadcast(self._learner, [index])
-        elif self._weights_ref is not None:
+        elif self._weights_dir is not None:
+            self._weights_ref, self._weights_dir = ray.put(exported_weights(self._weights_dir)), None
+        if self._learner is None and self._weights_ref is not None:
             self._wait(actor.update_weights.remote(self._weights_ref), "restart", index)
 
     def _wait(self, refs: Any, stage: str, index: int | None = None) -> Any:
@@ -231,6 +244,17 @@ class RolloutGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def exported_weights(directory: Path) -> NamedTensors:
+    """[(HF name, tensor)] of an exported policy (safetensors; merged under LoRA, as the learner hands them out)."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{directory} holds no exported policy (no *.safetensors): the engines cannot be given the "
+                        f"weights that this iteration samples from; restore it, or start the run again")
+    return [item for path in files for item in load_file(path).items()]
 
 
 def contiguous_chunks(items: Sequence, num_chunks: int) -> list[list]:

@@ -142,6 +142,8 @@ def colocation_problems(cfg: RunConfig, device: str) -> list[str]:
         (rollout.weight_sync == "object_store",
          "cluster.colocate puts an engine on its learner rank's GPU, where NCCL cannot hold both ends of the "
          "collective weight sync; set rollout.weight_sync: object_store"),
+        (rollout.max_staleness == 0, "cluster.colocate puts the engines to sleep while the learner trains, so they "
+                                     "cannot sample ahead meanwhile; set rollout.max_staleness: 0"),
     ]
     return [message for ok, message in checks if not ok]
 

@@ -100,6 +100,8 @@ class Sampler:
         if self.run.cfg.rollout.max_staleness == 0 or iteration > self.run.cfg.iterations:
             return
         self._give_engines_for(iteration)  # here, before the learner moves on: not from the background
+        version = self.run.cfg.policy_version(iteration)
+        self.rollout.let_learner_move_on(self.run.run_dir.iteration(version) / "policy" if version else None)
         self._ahead = (iteration, in_background(self._take, iteration))
 
     def sync(self, iteration: int) -> None:
@@ -149,16 +151,12 @@ def learner_version(run: stages.Run) -> int | None:
 
 
 def load_exported_policy(rollout: RolloutGroup, directory: Path) -> None:
-    """An exported policy's weights (HF safetensors, merged under LoRA: what the learner hands out) into every
-    engine, in memory."""
+    """An exported policy's weights into every engine, in memory (through the object store)."""
     import ray
-    from safetensors.torch import load_file
 
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{directory} holds no exported policy (no *.safetensors): the engines cannot be given the "
-                        f"weights that this iteration samples from; restore it, or start the run again")
-    rollout.update_weights(ray.put([item for path in files for item in load_file(path).items()]))
+    from policy.rollout_group import exported_weights
+
+    rollout.update_weights(ray.put(exported_weights(directory)))
 
 
 def in_background(work: Callable[..., Any], *args: Any) -> Future:

@@ -161,3 +161,32 @@ def test_a_killed_engine_rejoins_the_collective_sync_and_gets_the_weights_again(
         assert group.greedy(prompts[:4], MAX_TOKENS) == new_greedy
     finally:
         group.shutdown()
+
+
+def test_an_engine_restarted_while_the_learner_moves_on_gets_the_export_it_sampled_from(monkeypatch, tmp_path):
+    """max_staleness 1: the engines sample from version i-1 while the learner trains i, so a restarted engine must not
+    take the learner's weights; it reloads the export of the version the others hold."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from policy import rollout_group
+
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    loaded = []
+    actor = SimpleNamespace(ready=SimpleNamespace(remote=lambda: None),
+                            update_weights=SimpleNamespace(remote=lambda ref: loaded.append(ref)))
+    group = object.__new__(rollout_group.RolloutGroup)
+    group.actors, group.restarts, group.max_restarts, group.timeout_s = [actor], 0, 1, 1.0
+    group._learner, group._weights_ref, group._weights_dir = object(), None, None  # synced from the learner
+    monkeypatch.setattr(rollout_group, "wait_restarted", lambda *args: None)
+    monkeypatch.setattr(rollout_group, "wait", lambda refs, *args: refs)
+    monkeypatch.setattr(rollout_group.ray, "put", lambda value: ("ref", value))
+    monkeypatch.setattr(group, "_broadcast", lambda *args: pytest.fail("took the learner's newer weights"))
+    group.let_learner_move_on(tmp_path)
+    group._recover(0, "generate")
+    ((tag, weights),) = loaded
+    assert tag == "ref" and [name for name, _ in weights] == ["w"] and torch.equal(weights[0][1], torch.ones(2))
+    group.let_learner_move_on(None)  # nothing to detach from any more: the object-store copy stays the source
+    group._recover(0, "generate")
+    assert len(loaded) == 2 and loaded[1] is loaded[0]

@@ -80,6 +80,7 @@ def test_colocation_is_refused_on_cpu_with_one_line(config):
     (["cluster.placement.rollout.resource=node_b"], "leave cluster.placement.rollout unset"),
     (["train.enabled=false"], "needs rollout engines and a learner"),
     (["rollout.weight_sync=collective"], "NCCL cannot hold both ends"),
+    (["rollout.max_staleness=1"], "set rollout.max_staleness: 0"),
 ])
 def test_colocation_refuses_what_it_cannot_share(config, overrides, fragment):
     (problem,) = colocation_problems(config("cluster.colocate=true", "rollout.weight_sync=object_store", *overrides),

@@ -59,7 +59,9 @@ class FakeRollout:
     def __init__(self, texts=lambda index: [f"r{index}a", f"r{index}bb"]):
         self.texts = texts
         self.calls: list[tuple[list[int], Sampling]] = []
-        self.synced_from: list[object] = []
+        self.synced_from: list[object] = []  # learners the weights came from (sync_from)
+        self.weights: list[object] = []  # object-store refs loaded (update_weights)
+        self.restart_sources: list[object] = []  # what let_learner_move_on was told
 
     def generate(self, prompts, sampling):
         self.calls.append(([p.index for p in prompts], sampling))
@@ -67,6 +69,12 @@ class FakeRollout:
 
     def sync_from(self, learner):
         self.synced_from.append(learner)
+
+    def update_weights(self, ref):
+        self.weights.append(ref)
+
+    def let_learner_move_on(self, export):
+        self.restart_sources.append(export)
 
 
 class LengthReward:

@@ -103,7 +103,7 @@ def test_max_staleness_other_than_0_or_1_is_refused(tmp_path):
 # ---- the sampler -----------------------------------------------------------------------------------------------------
 
 class Recorder(FakeRollout):
-    """Logs generate and update_weights calls in order, with the iteration a generate call belongs to."""
+    """Logs generate and sync calls in order, with the iteration a generate call belongs to."""
 
     def __init__(self, events):
         super().__init__()
@@ -114,9 +114,9 @@ class Recorder(FakeRollout):
         self.events.append(("generate", sampling.seed))
         return super().generate(prompts, sampling)
 
-    def update_weights(self, ref):
-        self.events.append(("update_weights", ref))
-        super().update_weights(ref)
+    def sync_from(self, learner):
+        self.events.append(("sync", learner))
+        super().sync_from(learner)
 
 
 def stale_run(run_dir, tmp_path, **rollout):
@@ -136,12 +136,12 @@ def test_stale_sampling_runs_during_training_and_the_sync_waits_for_it(run_dir, 
     sampler.sync(1)
     second = sampler.sample(2)  # the one taken ahead: nothing more is generated
     seed = derived_seed(run.cfg.seed, "rollout", 2)
-    assert events.index(("generate", seed)) < events.index(("update_weights", learner.weights_handle))
+    assert events.index(("generate", seed)) < events.index(("sync", learner))
     assert events.count(("generate", seed)) == 1
     assert [p.policy_version for p in first.selection.pairs + second.selection.pairs] == [0] * 4
     sampler.start_ahead(3)  # from the weights of iteration 1, which the engines hold: no push
     sampler.sync(2)
-    assert [e[0] for e in events].count("update_weights") == 2
+    assert [e[0] for e in events].count("sync") == 2
     assert {p.policy_version for p in sampler.sample(3).selection.pairs} == {1}
     assert run.manifest.info("iter_003/rollouts/shard_00000")["policy_version"] == 1
 
@@ -155,7 +155,7 @@ def test_on_policy_nothing_is_sampled_ahead_and_each_sample_follows_the_sync(run
     assert len(events) == 1  # iteration 1's one shard only
     sampler.sync(1)
     assert {p.policy_version for p in sampler.sample(2).selection.pairs} == {1}
-    assert [e[0] for e in events] == ["generate", "update_weights", "generate"]
+    assert [e[0] for e in events] == ["generate", "sync", "generate"]
 
 
 def test_a_resumed_sampler_gives_the_engines_the_version_a_sample_is_due_from(run_dir, tmp_path, monkeypatch):
@@ -167,7 +167,9 @@ def test_a_resumed_sampler_gives_the_engines_the_version_a_sample_is_due_from(ru
     sampler = Sampler(run, engine, LengthReward(), learner, Tokenizer(), learner_version=None)
     sampler.start_ahead(3)
     assert {p.policy_version for p in sampler.sample(3).selection.pairs} == {1}
-    assert loaded == [run_dir.iteration(1) / "policy"] and engine.weights == []
+    assert loaded == [run_dir.iteration(1) / "policy"] and engine.synced_from == []
+    # while the learner trains on, an engine that restarts must get version 1 again: from its export
+    assert engine.restart_sources == [run_dir.iteration(1) / "policy"]
     # A sample whose pairs are recorded is only read back: the engines need no weights for it
     again = Sampler(new_run(run_dir, run.cfg), engine, LengthReward(), learner, Tokenizer(), learner_version=None)
     again.start_ahead(3)
@@ -177,7 +179,7 @@ def test_a_resumed_sampler_gives_the_engines_the_version_a_sample_is_due_from(ru
     sampler = Sampler(other, engine, LengthReward(), learner, Tokenizer(), learner_version=1)
     sampler.start_ahead(3)
     assert sampler.sample(3).selection.pairs
-    assert engine.weights == [learner.weights_handle] and len(loaded) == 1
+    assert engine.synced_from == [learner] and len(loaded) == 1
 
 
 def test_the_learner_version_after_loading_a_checkpoint(run_dir):
