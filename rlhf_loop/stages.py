@@ -195,10 +195,12 @@ def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, ref
         console.say(f"rlhf-loop: iteration {iteration}: no pairs (every prompt's responses tied or were identical); "
                     "no DPO step")
         return {field.name: math.nan for field in dataclasses.fields(TrainStats) if field.name not in NOT_AVERAGED}
+    began = time.perf_counter()
     total_steps = learner.begin_iteration(iteration, list(pairs), reference_dir)
     unit_prefix = run.unit(iteration, "train/step_")
     train_in_chunks(run, learner, total_steps, run.cfg.train.save_steps, "train/step_", unit_prefix,
-                    run.run_dir.iteration(iteration) / "learner", f"iter {iteration} train")
+                    run.run_dir.iteration(iteration) / "learner", f"iter {iteration} train",
+                    setup_s=time.perf_counter() - began)
     return chunk_means(run, unit_prefix)
 
 
@@ -223,9 +225,10 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
         checkpoint = run.manifest.intact_checkpoint("sft/step_")
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
+        began = time.perf_counter()
         total_steps = learner.begin(conversations)
         train_in_chunks(run, learner, total_steps, cfg.save_steps, "sft/step_", "sft/step_",
-                        run.run_dir.root / "sft" / "learner", "sft")
+                        run.run_dir.root / "sft" / "learner", "sft", setup_s=time.perf_counter() - began)
         learner.export_hf(str(directory))
     finally:
         learner.shutdown()
@@ -236,10 +239,11 @@ def sft_warm_start(run: Run, device: str) -> PolicyConfig:
 
 
 def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, save_steps: int, kind: str,
-                    unit_prefix: str, checkpoints: Path, description: str) -> None:
+                    unit_prefix: str, checkpoints: Path, description: str, setup_s: float = 0.0) -> None:
     """Train `save_steps` steps at a time; each chunk ends in a checkpoint that becomes a finished unit, with the
     size and checksum of its every file. The newest two checkpoints of a kind are kept: resume falls back to the
-    older one when the newest is damaged."""
+    older one when the newest is damaged. `setup_s`, the learner's set-up for these steps (reference log-probs,
+    tokenisation), counts into the first chunk's seconds, so that time/train_s holds all of training."""
     kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
             for unit in sorted(unit for unit in run.manifest.units if kind in unit)][-2:]
     step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
@@ -247,7 +251,7 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
               file=console.stream()) as bar:
         while step < total_steps:
             run.enter(unit_prefix.rstrip("_"))
-            start = time.perf_counter()
+            start, setup_s = time.perf_counter() - setup_s, 0.0
             stats = learner.train_steps(min(save_steps, total_steps - step))
             checkpoint = checkpoints / f"step_{stats.step:06d}"
             learner.save_checkpoint(str(checkpoint))

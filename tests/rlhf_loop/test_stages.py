@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import math
 import statistics
 from pathlib import Path
@@ -95,11 +96,13 @@ class FakeLearner:
     def __init__(self, total_steps: int = 10, fail_on_call: int | None = None):
         self.total_steps, self.fail_on_call = total_steps, fail_on_call
         self.step, self.iteration = 0, None
+        self.setup_s = 0.0
         self.calls: list[tuple] = []
 
     def begin_iteration(self, iteration, pairs, reference_dir):
         """Like DPOLearner: continues from a loaded checkpoint of the same iteration, else starts at step 0."""
         self.calls.append(("begin_iteration", iteration, len(pairs), reference_dir))
+        time.sleep(self.setup_s)  # the reference log-probs and tokenisation
         if iteration != self.iteration:
             self.step = 0
         self.iteration = iteration
@@ -268,6 +271,14 @@ def test_train_records_a_unit_per_chunk_keeps_the_newest_two_checkpoints_and_ave
     assert means["loss"] == pytest.approx((4 * 4 + 8 * 4 + 10 * 2) / 10)
     assert means["margin"] == pytest.approx(2 * (4 * 4 + 8 * 4 + 10 * 2) / 10)
     assert set(means) == set(STAT_FIELDS)
+
+
+def test_the_learners_set_up_counts_as_training_time(run_dir):
+    learner, run = FakeLearner(total_steps=8), new_run(run_dir, make_config(train={"save_steps": 4}))
+    learner.setup_s = 0.3
+    stages.train(run, learner, some_pairs(), 1, None)
+    first, second = (run.manifest.info(f"iter_001/train/step_00000{n}")["seconds"] for n in (4, 8))
+    assert first >= 0.3 > second
 
 
 def test_train_resumes_at_the_recorded_step(run_dir):
