@@ -139,6 +139,8 @@ def test_remote_server_failure_stops_the_stage_and_resume_continues(user_dir, ti
         units = json.loads((run_dir / "manifest.json").read_text())["units"]
         assert "iter_001/scores/shard_00000" in units  # prompts 0-4: finished before the server broke
         assert "iter_001/scores/shard_00001" not in units  # prompts 5-9: prompt 7 broke it
+        # Shard 2 (prompts 10-11) is scored beside shard 1 as soon as it is generated: finished or not by then
+        unfinished = [5, 6, 7, 8, 9] + ([] if "iter_001/scores/shard_00002" in units else [10, 11])
         shard_0 = (run_dir / "iter_001" / "scores" / "shard_00000.jsonl").read_bytes()
 
         broken.unlink()
@@ -147,9 +149,9 @@ def test_remote_server_failure_stops_the_stage_and_resume_continues(user_dir, ti
         assert resumed.returncode == 0, resumed.stdout[-3000:]
 
     rescored = set(scored_log.read_text().split("\n")) - {""}
-    # Shards 1 and 2 (prompts 5-11) and the iteration's evaluation; shard 0 was not scored again.
+    # The unfinished shards and the iteration's evaluation; shard 0 (and a finished shard 2) was not scored again.
     assert rescored - {"Name a red fruit.", "Name a yellow fruit.", "Name a green fruit."} == {
-        f"Name {i} fruits, please." for i in range(5, 12)}
+        f"Name {i} fruits, please." for i in unfinished}
     assert (run_dir / "iter_001" / "scores" / "shard_00000.jsonl").read_bytes() == shard_0
     rows = scored_rows(run_dir)
     assert [row["rollout"]["prompt"]["index"] for row in rows] == list(range(12))
