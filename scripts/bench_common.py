@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from rlhf_loop.toy.assets import ToyAssets, toy_assets
+
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_SAMPLE_S = 1.0  # how often the process tree's memory is read (PSS reads cost CPU: not more often)
 
@@ -64,19 +66,12 @@ class Assets:
     bench_policy: Path  # hidden 256 / 4 layers / 8 heads, random init, toy tokenizer
 
     @property
-    def reward_model(self) -> Path:
-        return self.toy_dir / "reward_model"
-
-    @property
-    def train_prompts(self) -> Path:
-        return self.toy_dir / "train_prompts.jsonl"
-
-    @property
-    def eval_prompts(self) -> Path:
-        return self.toy_dir / "eval_prompts.jsonl"
+    def toy(self) -> ToyAssets:
+        """The toy task's files, by the names the toy task gives them."""
+        return toy_assets(self.toy_dir)
 
     def policy(self, setting: Setting) -> Path:
-        return self.bench_policy if setting.policy == "bench_policy" else self.toy_dir / "sft_policy"
+        return self.bench_policy if setting.policy == "bench_policy" else self.toy.sft_policy
 
 
 def prepare_assets(cache: Path) -> Assets:

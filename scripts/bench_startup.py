@@ -89,7 +89,7 @@ def main() -> None:
         config = args.out.with_name("startup_config.yaml")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(rlhf_loop_config(SETTINGS["equal"], assets, args.device)))
-    spec = {"config": str(config), "policy": str(assets.bench_policy), "reward": str(assets.reward_model),
+    spec = {"config": str(config), "policy": str(assets.bench_policy), "reward": str(assets.toy.reward_model),
             "device": args.device}
     env = {**os.environ, **child_env(args.device)}
     results = {}

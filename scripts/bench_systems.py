@@ -42,11 +42,11 @@ def rlhf_loop_config(setting: Setting, assets: Assets, device: str) -> dict:
     config = {
         "iterations": setting.iterations, "seed": setting.seed, "device": device,
         "policy": {"model_path": str(assets.policy(setting))},
-        "data": {"prompts": [str(assets.train_prompts)], "prompts_per_iteration": setting.prompts_per_iteration,
+        "data": {"prompts": [str(assets.toy.train_prompts)], "prompts_per_iteration": setting.prompts_per_iteration,
                  "max_prompt_tokens": setting.max_prompt_tokens},
         "rollout": {"engine": "vllm", "samples_per_prompt": setting.samples_per_prompt, "temperature": 1.0,
                     "max_tokens": setting.max_tokens, "shard_size": setting.shard_size},
-        "reward": {"kind": "bradley_terry", "model_path": str(assets.reward_model),
+        "reward": {"kind": "bradley_terry", "model_path": str(assets.toy.reward_model),
                    "batch_size": setting.reward_batch_size},
         "train": {"loss_type": "sigmoid", "beta": setting.beta, "learning_rate": setting.learning_rate,
                   "micro_batch_size": setting.micro_batch_size, "epochs": 1, "max_length": setting.max_length,
@@ -58,7 +58,7 @@ def rlhf_loop_config(setting: Setting, assets: Assets, device: str) -> dict:
         config["train"]["gpus_per_worker"] = 0.4
         config["reward"]["num_gpus"] = 0.2
     if setting.evaluate:
-        config["eval"] = {"prompts": str(assets.eval_prompts), "num_prompts": 128, "samples_per_prompt": 8,
+        config["eval"] = {"prompts": str(assets.toy.eval_prompts), "num_prompts": 128, "samples_per_prompt": 8,
                           "gold_reward": "rlhf_loop.toy.task:gold_reward"}
     return config
 
