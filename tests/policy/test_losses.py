@@ -144,12 +144,7 @@ def test_log_probs_and_loss_match_trl(loss_type, tiny_tokenizer, tiny_policy_dir
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(tokenized)).item()
 
-    sequences = [(row["prompt_ids"], row["chosen_ids"]) for row in tokenized]
-    sequences += [(row["prompt_ids"], row["rejected_ids"]) for row in tokenized]
-    batch = pad_batch(sequences, tiny_tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        policy_log_probs, lengths = response_log_probs(policy, batch)
-        reference_log_probs, _ = response_log_probs(reference, batch)
+    policy_log_probs, reference_log_probs, lengths = pair_log_probs(tokenized, policy, reference, tiny_tokenizer)
     log_ratios = policy_log_probs - reference_log_probs
     if LOSSES[loss_type].average_log_probs:
         log_ratios = log_ratios / lengths
@@ -186,12 +181,7 @@ def test_rpo_matches_trl_dpo_with_an_sft_term(tiny_tokenizer, tiny_policy_dir, t
     with torch.no_grad():
         trl_losses = [trainer.compute_loss(trainer.model, trainer.data_collator([row])).item() for row in tokenized]
 
-    sequences = [(row["prompt_ids"], row["chosen_ids"]) for row in tokenized]
-    sequences += [(row["prompt_ids"], row["rejected_ids"]) for row in tokenized]
-    batch = pad_batch(sequences, tiny_tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        policy_log_probs, lengths = response_log_probs(policy, batch)
-        reference_log_probs, _ = response_log_probs(reference, batch)
+    policy_log_probs, reference_log_probs, lengths = pair_log_probs(tokenized, policy, reference, tiny_tokenizer)
     losses, _, _ = LOSSES["rpo"].pair_losses(policy_log_probs, reference_log_probs, lengths,
                                              LossSettings(beta, rpo_alpha=alpha))
     assert losses.tolist() == pytest.approx(trl_losses, rel=1e-4)
@@ -236,3 +226,15 @@ def test_simpo_matches_trl_cpo_trainer(tiny_tokenizer, tiny_policy_dir, tmp_path
     losses, _, _ = LOSSES["simpo"].pair_losses(policy_log_probs, None, lengths, LossSettings(beta, simpo_gamma=gamma))
     assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-4)
     assert abs(losses.mean().item() - math.log(1 + math.exp(gamma))) > 1e-2  # not the value at a zero gap
+
+
+def pair_log_probs(tokenized: list[dict], policy, reference, tokenizer):
+    """Summed response log-probs of TRL's tokenized rows under policy and reference: chosen rows first, then
+    rejected; and the response lengths."""
+    sequences = [(row["prompt_ids"], row["chosen_ids"]) for row in tokenized]
+    sequences += [(row["prompt_ids"], row["rejected_ids"]) for row in tokenized]
+    batch = pad_batch(sequences, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        policy_log_probs, lengths = response_log_probs(policy, batch)
+        reference_log_probs, _ = response_log_probs(reference, batch)
+    return policy_log_probs, reference_log_probs, lengths
