@@ -15,10 +15,13 @@ line per iteration; the libraries' output goes to RUN_DIR/logs/ (--verbose shows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 from rlhf_loop.console import quiet, say
@@ -106,30 +109,36 @@ def _command(commands, name: str, function, description: str, overrides: str | N
 
 
 def _run(args) -> None:
-    from rlhf_loop import loop
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlhf_loop.cluster import ray_running, resolve_device
     from rlhf_loop.config import load_config, to_yaml
     from rlhf_loop.fingerprints import record_inputs
-    from rlhf_loop.heartbeat import beating
     from rlhf_loop.preflight import preflight
+    from rlhf_loop.roles import launch_early
     from rlhf_loop.rundir import RunDir, atomic_write_text
 
     with quiet(args.verbose) as log:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg)  # bad paths and columns fail here, before anything is written or started
-        root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = RunDir.create(root, overwrite=args.overwrite)
-        log.into(run_dir.root / "logs")
-        atomic_write_text(run_dir.config_path, to_yaml(cfg))
-        record_inputs(run_dir, cfg)  # what `resume` checks: the config and the prompt files are still these
-        say(f"rlhf-loop: run directory {run_dir.root}{_where_logs_are(args, run_dir)}")
-        with beating(run_dir):
-            loop.run(cfg, run_dir)
-        say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
+        # Bad paths and columns fail in preflight, before anything is written; Ray and the actors start meanwhile
+        # (Ray in this thread: it ties its processes to the thread that starts them), so the check costs no time,
+        # and a failed one stops them within seconds.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflight") as pool:
+            checked = pool.submit(preflight, cfg)
+            with _stopped_by_failed_check(checked), ray_running(cfg.cluster) as ray_logs:
+                early_actors = launch_early(cfg, resolve_device(cfg.device))
+                checked.result()
+                root = args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_dir = RunDir.create(root, overwrite=args.overwrite)
+                log.into(run_dir.root / "logs")
+                atomic_write_text(run_dir.config_path, to_yaml(cfg))
+                record_inputs(run_dir, cfg)  # what `resume` checks: the config and the prompt files are still these
+                say(f"rlhf-loop: run directory {run_dir.root}{_where_logs_are(args, run_dir)}")
+                _run_loop(cfg, run_dir, ray_logs, args.verbose, early_actors)
 
 
 def _resume(args) -> None:
-    from rlhf_loop import loop
-    from rlhf_loop.heartbeat import beating
+    from rlhf_loop.cluster import ray_running
     from rlhf_loop.resume import resumed_config
     from rlhf_loop.rundir import RunDir
 
@@ -138,9 +147,31 @@ def _resume(args) -> None:
         log.into(run_dir.root / "logs")
         cfg = resumed_config(run_dir, args.overrides)
         say(f"rlhf-loop: resuming {run_dir.root}{_where_logs_are(args, run_dir)}")
-        with beating(run_dir):
-            loop.run(cfg, run_dir)
-        say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
+        with ray_running(cfg.cluster) as ray_logs:
+            _run_loop(cfg, run_dir, ray_logs, args.verbose)
+
+
+def _run_loop(cfg, run_dir, ray_logs: Path, verbose: bool, early_actors: Future | None = None) -> None:
+    from rlhf_loop import loop
+    from rlhf_loop.cluster import link_ray_logs
+    from rlhf_loop.heartbeat import beating
+
+    if not verbose:
+        link_ray_logs(ray_logs, run_dir.root / "logs")
+    with beating(run_dir):
+        loop.run(cfg, run_dir, early_actors)
+    say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
+
+
+@contextlib.contextmanager
+def _stopped_by_failed_check(checked: Future) -> Iterator[None]:
+    """When starting Ray fails too, the config check's error is the one to show: it names what to fix."""
+    try:
+        yield
+    except BaseException:
+        if checked.exception() is not None:
+            raise checked.exception() from None
+        raise
 
 
 def _where_logs_are(args, run_dir) -> str:

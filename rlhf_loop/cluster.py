@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf_loop import console
@@ -23,13 +25,21 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def start_ray(cluster_cfg) -> None:
-    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one. In a quiet process the
-    actors' output stays in Ray's log files (linked from RUN_DIR/logs/) instead of coming to the console."""
+@contextlib.contextmanager
+def ray_running(cluster_cfg) -> Iterator[Path]:
+    """Ray for the block, joined or started here and shut down however the block ends; yields this session's log
+    directory (for `link_ray_logs` once the run directory exists)."""
+    try:
+        yield start_ray(cluster_cfg)
+    finally:
+        stop_ray()
+
+
+def start_ray(cluster_cfg) -> Path:
+    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one; returns the session's log
+    directory. In a quiet process the actors' output stays in Ray's log files instead of coming to the console."""
     import ray
 
-    if ray.is_initialized():
-        return
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
     node_ip = cluster_cfg.node_ip_address
     if address is None:
@@ -38,22 +48,20 @@ def start_ray(cluster_cfg) -> None:
     elif address != "auto":
         host = check_reachable(address)
         node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
-    log_dir = console.log_dir()
     try:
         context = ray.init(
             address=address,
             num_cpus=cluster_cfg.num_cpus if address is None else None,
             _node_ip_address=node_ip,
             include_dashboard=False,
-            log_to_driver=log_dir is None,
+            log_to_driver=not console.is_quiet(),
             configure_logging=True,
             logging_level="WARNING",
         )
     except ConnectionError as e:  # address "auto" with no cluster running here, or a head that went away
         raise UserError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0][:160]}); start it with "
                         f"`ray start --head`, or unset cluster.address to start a local one") from None
-    if log_dir is not None:
-        link_ray_logs(Path(context.address_info["session_dir"]) / "logs", log_dir)
+    return Path(context.address_info["session_dir"]) / "logs"
 
 
 def link_ray_logs(ray_logs: Path, log_dir: Path) -> None:

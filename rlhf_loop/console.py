@@ -32,7 +32,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _logger = logging.getLogger("rlhf_loop")
 _console: TextIO | None = None  # the terminal, while the process is quiet
-_log_dir: Path | None = None  # where the log of a quiet process is, once it has a run directory
 
 
 def stream() -> TextIO:
@@ -47,9 +46,9 @@ def say(text: str) -> None:
         _logger.info(text.removeprefix("rlhf-loop: "))  # the log names its logger already
 
 
-def log_dir() -> Path | None:
-    """The directory of the quiet process's logs (None: it is not quiet, or has no run directory yet)."""
-    return _log_dir
+def is_quiet() -> bool:
+    """Whether the process's output goes to a log (inside `quiet`), so that libraries should not print to ours."""
+    return _console is not None
 
 
 class Log:
@@ -61,7 +60,6 @@ class Log:
 
     def into(self, directory: Path) -> None:
         """Append what was written so far, and everything from now on, to `directory`/driver.log."""
-        global _log_dir
         if not self.quiet:
             return
         directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +73,6 @@ class Log:
         if self.buffer is not None:
             self.buffer.close()
             self.buffer = None
-        _log_dir = directory
 
     def replay(self, console: TextIO) -> None:
         """What the process printed before it had a run directory (where "see the error above" points)."""
@@ -89,7 +86,7 @@ class Log:
 @contextmanager
 def quiet(verbose: bool = False) -> Iterator[Log]:
     """Send the process's output to a log and keep the console for our lines; `verbose`: change nothing."""
-    global _console, _log_dir
+    global _console
     log = Log(quiet=not verbose)
     if verbose:
         yield log
@@ -122,7 +119,7 @@ def quiet(verbose: bool = False) -> Iterator[Log]:
             os.dup2(copy, fd)
             os.close(copy)
         _console.close()
-        _console, _log_dir = None, None
+        _console = None
         if log.buffer is not None:
             log.buffer.close()
 

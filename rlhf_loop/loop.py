@@ -15,31 +15,34 @@ it finished in the manifest, so `resume` continues from the first unfinished uni
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 from omegaconf import OmegaConf
 
 from rlhf_loop import stages
-from rlhf_loop.cluster import resolve_device, start_ray, stop_ray
+from rlhf_loop.cluster import resolve_device
 from rlhf_loop.config import RunConfig
 from rlhf_loop.data import evaluation_prompts
 from rlhf_loop.hf_models import load_tokenizer
 from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
-from rlhf_loop.roles import start_actors
+from rlhf_loop.roles import Started, start_actors
 from rlhf_loop.rundir import Manifest, RunDir
 from rlhf_loop.streaming import Sampler, learner_version
 
 
-def run(cfg: RunConfig, run_dir: RunDir) -> None:
+def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = None) -> None:
+    """The run in `run_dir`, from its first unfinished unit of work; Ray is already running (`ray_running`), and
+    the actors may be starting already (`launch_early`)."""
     run = stages.Run(cfg, run_dir, Manifest.load(run_dir))
     device = resolve_device(cfg.device)
     tracker = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)))
-    start_ray(cfg.cluster)
     try:
         # ---- pi_0: the policy every role starts from (after an optional SFT warm start) -------------------------
         initial_policy = stages.sft_warm_start(run, device) if cfg.sft.enabled else cfg.policy
         tokenizer = load_tokenizer(initial_policy.tokenizer_source, initial_policy.trust_remote_code)
 
         # ---- the actors: rollout engines, reward model, DPO learner, started at once -------------------------
-        rollout, reward, learner = start_actors(run, initial_policy, device)
+        rollout, reward, learner = start_actors(run, initial_policy, device, early_actors)
 
         # ---- resume: the learner reloads its last checkpoint; the engines get, before each sample, the weights
         # ---- it is due from (rollout.max_staleness), so a resumed run samples what an uninterrupted one did
@@ -90,4 +93,3 @@ def run(cfg: RunConfig, run_dir: RunDir) -> None:
             tracker.log(iteration, stages.finish_iteration(run, iteration, metrics))
     finally:
         tracker.close()
-        stop_ray()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from policy.config import PolicyConfig
+from rlhf_loop.background import in_background
+from rlhf_loop.config import RunConfig
 from rlhf_loop.errors import UserError
 from rlhf_loop.placement import Layout, Slot, role_layout, unplaceable
 from rlhf_loop.rundir import atomic_write_json
@@ -22,17 +25,50 @@ if TYPE_CHECKING:  # they import Ray
     from rlhf_loop.stages import Run
 
 
-def start_actors(run: Run, policy: PolicyConfig, device: str
+@dataclass(frozen=True)
+class Started:
+    """The roles' actors, how long each role took to start, and where the layout put them."""
+
+    actors: dict[str, Any]
+    seconds: dict[str, float]
+    layout: Layout
+
+
+def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Started] | None = None
                  ) -> tuple[RolloutGroup | None, RewardScorer | None, LearnerGroup | None]:
-    """The rollout engines and the reward model (online runs) and the learner (train.enabled), started at once: each
-    spends its start-up loading models, so together they take as long as the slowest, not the sum. Colocated engines
-    start before the learner: vLLM sizes its share of the GPU from the memory free when it starts. Where each actor
-    runs and how long each role took to start go to RUN_DIR/placement.json and the log."""
+    """The rollout engines and the reward model (online runs) and the learner (train.enabled): the ones `early`
+    started while the config was checked (`launch_early`), else started now. Where each actor runs and how long each
+    role took to start go to RUN_DIR/placement.json and the log."""
+    started = early.result() if early is not None else launch(run.cfg, policy, device)
+    placement = {role: {"startup_s": round(started.seconds[role], 2), "placement": requested(started.layout, role),
+                        "actors": [{**where, "bundle": slot.bundle}
+                                   for where, slot in zip(actor.placement(), started.layout.slots[role], strict=True)]}
+                 for role, actor in started.actors.items()}
+    atomic_write_json(run.run_dir.root / "placement.json", placement)
+    logging.getLogger(__name__).info("start-up: %s", ", ".join(f"{role} {info['startup_s']:.1f} s"
+                                                               for role, info in placement.items()))
+    return started.actors.get("rollout"), started.actors.get("reward"), started.actors.get("learner")
+
+
+def launch_early(cfg: RunConfig, device: str) -> Future[Started] | None:
+    """The actors, started in the background while the driver checks the config and makes the run directory (they
+    need neither): their start-up, mostly imports and model loading, overlaps the driver's. None when the actors
+    need the run first: an SFT warm start makes the policy they load. The thread is a daemon: when the check fails,
+    the process exits (and Ray stops, taking the half-started actors) without waiting for it."""
+    if cfg.sft.enabled:
+        return None
+    return in_background(launch, cfg, cfg.policy, device, name="start-actors")
+
+
+def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
+    """Every role's placement group reserved, then the roles' actors started at once: each spends its start-up
+    loading models, so together they take as long as the slowest, not the sum. Colocated engines start before the
+    learner: vLLM sizes its share of the GPU from the memory free when it starts."""
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
     from reward.actor import RewardScorer
 
-    cfg, restarts = run.cfg, run.cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted
+    restarts = cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted
     layout = role_layout(cfg, device)
     options = reserve(layout, cfg.cluster.placement.timeout_s)
     colocate = cfg.cluster.colocate
@@ -54,15 +90,8 @@ def start_actors(run: Run, policy: PolicyConfig, device: str
     with ThreadPoolExecutor(max_workers=len(roles) or 1, thread_name_prefix="start") as pool:
         futures = {role: pool.submit(timed, start) for role, start in roles.items()}
         started |= {role: future.result() for role, future in futures.items()}
-    actors = {role: actor for role, (actor, _) in started.items()}
-    placement = {role: {"startup_s": round(seconds, 2), "placement": requested(layout, role),
-                        "actors": [{**where, "bundle": slot.bundle}
-                                   for where, slot in zip(actor.placement(), layout.slots[role], strict=True)]}
-                 for role, (actor, seconds) in started.items()}
-    atomic_write_json(run.run_dir.root / "placement.json", placement)
-    logging.getLogger(__name__).info("start-up: %s", ", ".join(f"{role} {info['startup_s']:.1f} s"
-                                                               for role, info in placement.items()))
-    return actors.get("rollout"), actors.get("reward"), actors.get("learner")
+    return Started({role: actor for role, (actor, _) in started.items()},
+                   {role: seconds for role, (_, seconds) in started.items()}, layout)
 
 
 def reserve(layout: Layout, timeout_s: float) -> dict[str, list[dict[str, Any]]]:

@@ -72,6 +72,34 @@ def model_size(path: str, trust_remote_code: bool, head: str) -> ModelSize:
 
 
 def count_parameters(config, head: str) -> int:
+    """Llama-shaped decoders are counted from their config (importing their modelling code would cost the driver
+    seconds at every start); other architectures are built on the meta device and counted."""
+    if config.model_type in LLAMA_SHAPED:
+        return llama_parameters(config, head)
+    return built_parameters(config, head)
+
+
+LLAMA_SHAPED = ("llama", "mistral")
+
+
+def llama_parameters(config, head: str) -> int:
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q and o, k and v
+    if getattr(config, "attention_bias", False):
+        attention += heads * head_dim + 2 * kv_heads * head_dim + hidden
+    mlp = 3 * hidden * config.intermediate_size  # gate, up, down
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * config.intermediate_size + hidden
+    backbone = vocab * hidden + layers * (attention + mlp + 2 * hidden) + hidden  # embeddings, layers, final norm
+    heads_on_top = {"backbone": 0, "sequence_classification": hidden,  # one score, no bias
+                    "causal_lm": 0 if config.tie_word_embeddings else vocab * hidden}
+    return backbone + heads_on_top[head]
+
+
+def built_parameters(config, head: str) -> int:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -19,16 +19,15 @@ already past the version the next sample is due from (killed while training i wi
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rlhf_loop import records, stages
+from rlhf_loop.background import in_background
 from rlhf_loop.data import PromptSet, iteration_prompts
-from rlhf_loop.errors import UserError
 from rlhf_loop.pairs import PairSelection
 from rlhf_loop.records import Prompt, Rollout, Scored
 
@@ -102,7 +101,7 @@ class Sampler:
         self._give_engines_for(iteration)  # here, before the learner moves on: not from the background
         version = self.run.cfg.policy_version(iteration)
         self.rollout.let_learner_move_on(self.run.run_dir.iteration(version) / "policy" if version else None)
-        self._ahead = (iteration, in_background(self._take, iteration))
+        self._ahead = (iteration, in_background(self._take, iteration, name="sample-ahead"))
 
     def sync(self, iteration: int) -> None:
         """The weights trained in `iteration` go to the engines, once they have finished sampling from the old
@@ -157,17 +156,3 @@ def load_exported_policy(rollout: RolloutGroup, directory: Path) -> None:
     from policy.rollout_group import exported_weights
 
     rollout.update_weights(ray.put(exported_weights(directory)))
-
-
-def in_background(work: Callable[..., Any], *args: Any) -> Future:
-    """`work(*args)` in a daemon thread (a failed run exits without waiting for it); its result or error in a Future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work(*args))
-        except BaseException as error:  # handed to whoever waits on the future
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="sample-ahead", daemon=True).start()
-    return future

@@ -1,6 +1,7 @@
 """Fixtures for the driver's tests: plans made offline and as if on a machine without GPUs, and the CLI with the
 models and the loop left out."""
 
+import contextlib
 import socket
 
 import pytest
@@ -31,13 +32,22 @@ def no_gpu_here(monkeypatch):
 
 
 @pytest.fixture
-def cli_without_models(tmp_path, monkeypatch):
-    """`rlhf-loop run/resume` with preflight and the loop itself stubbed out (the models and data are not what is
+def cli_without_ray(tmp_path, monkeypatch):
+    """`rlhf-loop run/resume` with Ray and the actors left out: no cluster starts, no actor is launched."""
+    from rlhf_loop import cluster, roles
+
+    monkeypatch.setattr(cluster, "ray_running", lambda cluster_cfg: contextlib.nullcontext(tmp_path / "ray_logs"))
+    monkeypatch.setattr(roles, "launch_early", lambda cfg, device: None)
+
+
+@pytest.fixture
+def cli_without_models(tmp_path, monkeypatch, cli_without_ray):
+    """`rlhf-loop run/resume` with preflight, Ray and the loop itself stubbed out (the models and data are not what is
     tested): returns a config file and the prompt file it names."""
     from rlhf_loop import loop, preflight
 
     monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: None)
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: None)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name 3 fruits."}\n')
     config = tmp_path / "run.yaml"

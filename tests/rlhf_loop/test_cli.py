@@ -1,11 +1,33 @@
 """Bad input: one line naming the problem and the fix, exit code 2, nothing already written deleted."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
+from rlhf_loop import cluster, roles
 from rlhf_loop.cli import main
+from rlhf_loop.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def ray_lifetimes(monkeypatch, tmp_path):
+    """Ray is not what these tests look at: `ray_running` records that it was entered and left instead, and no
+    actor starts."""
+    events = []
+
+    @contextlib.contextmanager
+    def recorded(cluster_cfg):
+        events.append("started")
+        try:
+            yield tmp_path / "ray_logs"
+        finally:
+            events.append("stopped")
+
+    monkeypatch.setattr(cluster, "ray_running", recorded)
+    monkeypatch.setattr(roles, "launch_early", lambda cfg, device: None)
+    return events
 
 
 @pytest.fixture
@@ -120,3 +142,22 @@ def test_a_command_without_overrides_refuses_them(capsys, tmp_path):
 
 def test_watch_needs_a_positive_interval(capsys, tmp_path):
     fails(capsys, ["status", str(tmp_path), "--watch", "--interval", "0"], "--interval must be > 0 seconds")
+
+
+def test_a_failed_check_stops_ray_and_writes_nothing(capsys, config, tmp_path, ray_lifetimes):
+    assert main(["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")]) == 2
+    assert ray_lifetimes == ["started", "stopped"]  # Ray started beside the check, and went with it
+    assert not (tmp_path / "r").exists()
+    assert "prompt column 'question' is not in" in capsys.readouterr().err
+
+
+def test_the_checks_error_wins_over_a_cluster_that_failed_to_start(capsys, config, tmp_path, monkeypatch):
+    @contextlib.contextmanager
+    def unreachable(cluster_cfg):
+        raise UserError("cannot reach the Ray cluster at head:6379")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(cluster, "ray_running", unreachable)
+    assert main(["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt column 'question' is not in" in err and "Ray cluster" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +21,11 @@ def recorded_init(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    def init(**kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(address_info={"session_dir": "/tmp/ray/session_x"})
+
+    monkeypatch.setattr(ray, "init", init)
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # set first, so that monkeypatch restores them as they were
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)

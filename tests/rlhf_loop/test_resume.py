@@ -32,7 +32,7 @@ def refused(capsys, argv, message):
 
 def test_extending_a_run_refreezes_its_config_and_fingerprint(started, capsys, monkeypatch):
     resumed = []
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: resumed.append(cfg))
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: resumed.append(cfg))
     assert cli.main(["resume", str(started.root), "iterations=5", "wandb.mode=offline"]) == 0
     assert (resumed[0].iterations, resumed[0].wandb.mode) == (5, "offline")
     frozen = load_config(started.config_path)

@@ -1,4 +1,5 @@
-"""The roles on a real two-node Ray cluster on loopback: a head node with the custom resource node_a and a worker node
+"""Actors started early are recorded like ones started at their turn; and the roles on a real two-node Ray cluster
+on loopback: a head node with the custom resource node_a and a worker node
 with node_b, each `ray start --block` in its own process group and temp dir (killed, group by group, at the end even
 when a test fails; never a global `ray stop`). The tiny loop joins it with cluster.address, the rollout engine pinned
 to node_b, the reward actor to node_a, and a learner of two DeepSpeed ranks spread over both nodes (gloo between
@@ -20,10 +21,47 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_loop import roles
+from rlhf_loop.background import in_background
+from rlhf_loop.config import load_config
 from rlhf_loop.network import free_port
-from rlhf_loop.rundir import read_jsonl
+from rlhf_loop.placement import role_layout
+from rlhf_loop.rundir import Manifest, RunDir, read_jsonl
+from rlhf_loop.stages import Run
 
-pytestmark = pytest.mark.integration
+class StartedActor:
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def placement(self) -> list[dict]:
+        return [{"address": "127.0.0.1", "node_id": "n0", "pid": self.pid}]
+
+
+def small_config(tmp_path: Path, *overrides: str):
+    path = tmp_path / "run.yaml"
+    path.write_text("policy: {model_path: p}\nreward: {model_path: r}\ndata: {prompts: [prompts.jsonl]}\n")
+    return load_config(path, ["device=cpu", *overrides])
+
+
+def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path)
+    run_dir = RunDir.create(tmp_path / "run", overwrite=False)
+    run = Run(cfg, run_dir, Manifest.load(run_dir))
+    started = roles.Started({"rollout": StartedActor(11), "reward": StartedActor(12), "learner": StartedActor(13)},
+                            {"rollout": 9.5, "reward": 4.25, "learner": 5.0}, role_layout(cfg, "cpu"))
+    monkeypatch.setattr(roles, "launch", lambda *args: pytest.fail("the actors were started a second time"))
+    early = in_background(lambda: started, name="test")
+    rollout, reward, learner = roles.start_actors(run, cfg.policy, "cpu", early)
+    assert (rollout.pid, reward.pid, learner.pid) == (11, 12, 13)
+    placement = json.loads((run_dir.root / "placement.json").read_text())
+    assert {role: info["startup_s"] for role, info in placement.items()} == {"rollout": 9.5, "reward": 4.25,
+                                                                              "learner": 5.0}
+    assert placement["learner"]["actors"] == [{"address": "127.0.0.1", "node_id": "n0", "pid": 13, "bundle": 0}]
+
+
+def test_a_warm_start_makes_the_policy_so_its_actors_cannot_start_early(tmp_path):
+    assert roles.launch_early(small_config(tmp_path, "sft.enabled=true", "sft.dataset=d"), "cpu") is None
+
 
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 600  # a run here takes about two minutes; ten means it hangs
@@ -149,6 +187,7 @@ def finished_run(cluster, config, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.integration
 def test_each_pinned_role_ran_on_the_node_its_resource_names(cluster, finished_run):
     _, labels = cluster
     placement = json.loads((finished_run / "placement.json").read_text())
@@ -158,6 +197,7 @@ def test_each_pinned_role_ran_on_the_node_its_resource_names(cluster, finished_r
     assert all(actor["address"] and actor["pid"] > 0 for info in placement.values() for actor in info["actors"])
 
 
+@pytest.mark.integration
 def test_a_learner_of_two_ranks_trains_across_both_nodes(cluster, finished_run):
     _, labels = cluster
     learner = json.loads((finished_run / "placement.json").read_text())["learner"]
@@ -168,6 +208,7 @@ def test_a_learner_of_two_ranks_trains_across_both_nodes(cluster, finished_run):
     assert (finished_run / "iter_001" / "policy" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_a_layout_the_cluster_cannot_place_is_one_line(cluster, config, tmp_path):
     address, _ = cluster
     start = time.monotonic()

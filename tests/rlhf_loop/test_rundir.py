@@ -188,12 +188,12 @@ def test_overwrite_replaces_a_real_run_with_a_fresh_one(tmp_path, capsys):
     assert fresh.units == {} and fresh.run_id and fresh.run_id != old_id
 
 
-def test_overwrite_through_the_cli_keeps_someones_files(tmp_path, capsys, monkeypatch):
+def test_overwrite_through_the_cli_keeps_someones_files(tmp_path, capsys, monkeypatch, cli_without_ray):
     from rlhf_loop import cli, loop, preflight
 
     started = []
     monkeypatch.setattr(preflight, "preflight", lambda cfg: None)  # no models are needed to decide about the directory
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir: started.append(run_dir))
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: started.append(run_dir))
     config = tmp_path / "run.yaml"
     config.write_text("policy: {model_path: p}\nreward: {model_path: r}\ndata: {prompts: [hub/prompts]}\n")
     home = tmp_path / "home"
