@@ -136,11 +136,13 @@ class Sampler:
         """What hands each scoring shard's pairs (picked as build_pairs picks them) to the learner, which prepares
         the iteration with them while the engines generate; the learner is idle then (a sample taken ahead, while it
         trains, prepares nothing). None when there is no learner, when the pairs are recorded (begin_iteration takes
-        them as they are), or when the iteration's reference is not exported yet."""
+        them as they are), when the iteration's reference is not exported yet, or when the learner shares its GPUs
+        with the engines (cluster.colocate: it has their memory only while they sleep, for training)."""
         run, learner = self.run, self.learner
         reference = stages.reference_policy(run, self.initial_policy, iteration)
         exists = reference == self.initial_policy.model_path or Path(reference).is_dir()
-        if learner is None or run.manifest.done(run.unit(iteration, "pairs")) or not exists:
+        if (learner is None or run.cfg.cluster.colocate or run.manifest.done(run.unit(iteration, "pairs"))
+                or not exists):
             return None
 
         def prepare(scored: list[Scored]) -> None:

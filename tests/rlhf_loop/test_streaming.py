@@ -213,7 +213,7 @@ def test_each_scoring_shard_s_pairs_go_to_the_learner_while_the_engines_generate
     # last generation shard: the first scoring shard's pairs, as soon as they are scored
 
 
-def test_nothing_is_prepared_for_a_sample_taken_ahead_for_recorded_pairs_or_before_the_reference_exists(
+def test_nothing_is_prepared_ahead_for_recorded_pairs_colocated_or_before_the_reference_exists(
     run_dir, tmp_path
 ):
     data = {"prompts": [prompt_file(tmp_path)], "prompts_per_iteration": 2, "shuffle": False}
@@ -229,6 +229,12 @@ def test_nothing_is_prepared_for_a_sample_taken_ahead_for_recorded_pairs_or_befo
                     stale.cfg.policy)
     again.sample(1)  # recorded: read back, and begin_iteration takes the pairs as they are
     assert [call[0] for call in prepared(learner)] == [1]
+
+    colocated = new_run(RunDir.create(tmp_path / "colocated", overwrite=False),
+                        make_config(cluster={"colocate": True}, data=data))
+    learner = FakeLearner()
+    Sampler(colocated, FakeRollout(), LengthReward(), learner, Tokenizer(), 0, colocated.cfg.policy).sample(1)
+    assert prepared(learner) == []  # the engines hold the shared GPUs while they generate
 
     for exported in (False, True):  # reference: previous, whose policy is exported only once iteration 1 trained
         previous_dir = RunDir.create(tmp_path / f"previous_{exported}", overwrite=False)
