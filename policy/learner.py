@@ -8,7 +8,9 @@
 The shared engine (model loading, optimizer step, checkpoints, export) is `policy.engine.PolicyEngine`; this module
 adds the reference model, the pairs of an iteration and the DPO losses. The reference's log-probabilities of an
 iteration's pairs are computed once, batched, when the iteration begins (the reference is fixed for the
-iteration), so the reference model need not stay in memory while training (`train.free_reference`).
+iteration), so the reference model need not stay in memory while training (`train.free_reference`). Where the
+reference is at hand, the loop hands the iteration's pairs in ahead, shard by shard while the engines still
+generate (`prepare_pairs`), and begin_iteration computes only what is left (`policy.prepared_references`).
 `policy.learner_group.LearnerGroup` runs one learner per rank in Ray actors; tests use a learner in-process.
 """
 
@@ -40,6 +42,7 @@ from policy.engine import PolicyEngine, load_reference, same_path
 from policy.learning import TrainStats
 from policy.losses import LOSSES, LossSettings
 from policy.optimization import OptimizationSpec, learning_rate_at
+from policy.prepared_references import PreparedReferences
 from policy.weight_sync import SyncSpec
 from rlhf_loop.records import Pair
 
@@ -85,6 +88,7 @@ class DPOLearner:
         self._data_fingerprint: str | None = None
         self._pairs: list[TokenizedPair] = []
         self._schedule: list[list[int]] = []
+        self._prepared: PreparedReferences[TokenizedPair] | None = None  # from prepare_pairs, for begin_iteration
 
     # --- iterations -----------------------------------------------------------------------------------------------
 
@@ -94,11 +98,10 @@ class DPOLearner:
         Continues from the loaded checkpoint's step when it belongs to this iteration; otherwise starts at step 0
         (and resets Adam if train.reset_optimizer_each_iteration). `reference_dir` replaces the reference model when
         it differs from the one loaded (reference: previous). The reference's log-probabilities of the pairs are
-        computed here, so a resumed iteration gets exactly the numbers the interrupted one had.
+        computed here (but for those prepare_pairs computed ahead: the same numbers), so a resumed iteration gets
+        exactly the numbers the interrupted one had.
         """
-        if reference_dir is not None and not same_path(reference_dir, self._reference_dir):
-            self._reference = None
-            self._reference_dir = reference_dir
+        self._use_reference(reference_dir)
         tokenized = [self._tokenize(pair) for pair in pairs]
         data_fingerprint = fingerprint([[p.prompt, p.chosen, p.rejected] for p in tokenized])
         if iteration == self._iteration:
@@ -115,13 +118,44 @@ class DPOLearner:
         self._data_fingerprint = data_fingerprint
         weights = margin_weights([pair.chosen_score - pair.rejected_score for pair in pairs],
                                  self._train.margin_weighting)
-        references = self._reference_log_probs(tokenized) if self._loss.uses_reference else [(0.0, 0.0)] * len(pairs)
+        prepared, self._prepared = self._prepared, None
+        if self._loss.uses_reference:
+            ahead = prepared.reusable(iteration, self._reference_dir, tokenized) if prepared is not None else []
+            references = ahead + self._reference_log_probs(tokenized[len(ahead):])  # from a block boundary on
+        else:
+            references = [(0.0, 0.0)] * len(pairs)
         self._pairs = [replace(pair, reference_chosen=chosen, reference_rejected=rejected, weight=weight)
                        for pair, (chosen, rejected), weight in zip(tokenized, references, weights, strict=True)]
         self._schedule = batch_schedule(
             len(tokenized), self._train.epochs, self._train.global_batch_size, seed_key=(self._seed, iteration)
         )
         return len(self._schedule)
+
+    def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:
+        """Ahead of begin_iteration, while the engines still generate: take the iteration's next pairs (in their
+        order in the iteration) and compute the reference's log-probs of every whole block of micro_batch_size x
+        world_size pairs taken so far; begin_iteration reuses them. Does nothing where that would cost more than it
+        saves: a reference-free loss, or a reference loaded anew for each use (train.free_reference)."""
+        if not self._loss.uses_reference or not self._reference_at_hand(reference_dir):
+            return
+        self._use_reference(reference_dir)
+        if self._prepared is None or not self._prepared.is_for(iteration, self._reference_dir):
+            block = self._train.micro_batch_size * self._policy.world_size
+            self._prepared = PreparedReferences(iteration, self._reference_dir, block)
+        due = self._prepared.add([self._tokenize(pair) for pair in pairs])
+        self._prepared.computed(self._reference_log_probs(due))
+
+    def _reference_at_hand(self, reference_dir: str | None) -> bool:
+        """Whether the reference stays in memory once loaded, or is the policy itself with its adapters off."""
+        directory = self._reference_dir if reference_dir is None else reference_dir
+        policy = self._policy.policy_config
+        return self._keeps_reference or (self._policy.lora and same_path(directory, policy.model_path))
+
+    def _use_reference(self, reference_dir: str | None) -> None:
+        """`reference_dir` replaces the reference when it differs from the one loaded; None keeps it."""
+        if reference_dir is not None and not same_path(reference_dir, self._reference_dir):
+            self._reference = None
+            self._reference_dir = reference_dir
 
     def _tokenize(self, pair: Pair) -> TokenizedPair:
         limits = (self._train.max_prompt_length, self._train.max_length)
@@ -132,6 +166,8 @@ class DPOLearner:
     def _reference_log_probs(self, pairs: Sequence[TokenizedPair]) -> list[tuple[float, float]]:
         """Per pair, the reference's summed log-probabilities of chosen and rejected. Each rank computes its share
         (every rank the same number of forward passes, which ZeRO-3's collectives need) and the ranks add theirs up."""
+        if not pairs:
+            return []
         rank, world_size, chunk = self._policy.rank, self._policy.world_size, self._train.micro_batch_size
         mine = list(range(rank, len(pairs), world_size))
         totals = torch.zeros(2, len(pairs), dtype=torch.float64)

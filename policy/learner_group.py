@@ -1,6 +1,7 @@
 """The learners in Ray actors: the DPO learner across `train.num_workers` ranks, and the one-rank SFT learner.
 
     group = LearnerGroup(cfg.policy, cfg.train, device="cuda", seed=cfg.seed)
+    group.prepare_pairs(1, first_pairs, reference_dir=None)   # optional, not waited for: ahead of begin_iteration
     total = group.begin_iteration(1, pairs, reference_dir=None)
     stats = group.train_steps(cfg.train.save_steps)
     weights = group.weights_ref()              # an ObjectRef: hand it to the rollout actors as it is (object_store)
@@ -140,6 +141,15 @@ class LearnerGroup:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
         return self._wait([a.begin_iteration.remote(iteration, pairs_ref, reference_dir) for a in self._actors],
                           "train")[0]
+
+    def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:
+        """DPOLearner.prepare_pairs on every rank, not waited for: it returns at once, and each rank runs it before
+        whatever is called after it (an actor runs its calls in the order they were made). The ranks compute
+        together, so no other thread may call the group meanwhile (the loop calls it from the scoring thread while
+        its own thread only generates); a failure shows at the next call waited for."""
+        pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
+        for actor in self._actors:
+            actor.prepare_pairs.remote(iteration, pairs_ref, reference_dir)
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Every rank reports the same all-reduced averages; rank 0's are returned."""

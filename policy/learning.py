@@ -34,6 +34,11 @@ class Learner(Protocol):
         """Take an iteration's pairs (against the reference policy in `reference_dir`); returns its optimizer steps."""
         ...
 
+    def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:
+        """Optional work ahead of `begin_iteration`, not waited for: the iteration's next pairs, in order (the
+        reference's log-probs of those, where it is at hand); begin_iteration gives the same result either way."""
+        ...
+
     def train_steps(self, max_steps: int) -> TrainStats:
         """Run up to `max_steps` optimizer steps of the current iteration."""
         ...

@@ -136,10 +136,15 @@ def build_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelec
     unit = run.unit(iteration, "pairs")
     if run.manifest.done_and_intact(unit):
         return _recorded_pairs(run, unit)
+    return _record_pairs(run, unit, iteration, pick_pairs(run, scored, iteration))
+
+
+def pick_pairs(run: Run, scored: Sequence[Scored], iteration: int) -> PairSelection:
+    """pairs.* applied to scored prompts of an iteration. Each prompt's pairs depend only on that prompt, so picking
+    shard by shard and concatenating gives the pairs picked from all the prompts at once, in the same order."""
     cfg = run.cfg.pairs
-    selection = select_pairs(scored, cfg.strategy, cfg.min_margin, derived_seed(run.cfg.seed, "pairs", iteration),
-                             cfg.per_prompt, cfg.multi)
-    return _record_pairs(run, unit, iteration, selection)
+    return select_pairs(scored, cfg.strategy, cfg.min_margin, derived_seed(run.cfg.seed, "pairs", iteration),
+                        cfg.per_prompt, cfg.multi)
 
 
 def dataset_pairs(run: Run, tokenizer, iteration: int) -> PairSelection:

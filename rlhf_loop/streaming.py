@@ -1,8 +1,10 @@
 """Taking an iteration's sample with its stages overlapped: each finished generation shard goes to the reward model
 while the engines generate the next one (they are separate actors), and under `rollout.max_staleness: 1` the next
-iteration's whole sample is taken in the background while the learner trains.
+iteration's whole sample is taken in the background while the learner trains. A sample taken in time also hands
+each scoring shard's pairs to the learner as soon as they are scored, so that it prepares the iteration (tokenises,
+computes the reference's log-probabilities) while the engines still generate: begin_iteration then does only the rest.
 
-    sampler = Sampler(run, rollout, reward, learner, tokenizer, learner_version(run))
+    sampler = Sampler(run, rollout, reward, learner, tokenizer, learner_version(run), initial_policy)
     sample = sampler.sample(iteration)   # prompts, scored rollouts, pairs: taken ahead, or now
     sampler.start_ahead(iteration + 1)   # max_staleness 1: the next sample starts, from the weights the engines hold
     ...                                  # train
@@ -32,6 +34,7 @@ from rlhf_loop.pairs import PairSelection
 from rlhf_loop.records import Prompt, Rollout, Scored
 
 if TYPE_CHECKING:  # they import Ray
+    from policy.config import PolicyConfig
     from policy.learning import Learner
     from policy.rollout_group import RolloutGroup
     from reward.base import RewardModel
@@ -47,9 +50,10 @@ class Sample:
 
 
 def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardModel, prompts: Sequence[Prompt],
-                       iteration: int) -> list[Scored]:
+                       iteration: int, on_scored: Callable[[list[Scored]], None] | None = None) -> list[Scored]:
     """Generation shard by shard; each scoring shard goes to the reward model as soon as the rollouts it covers are
-    generated (or read back), so the reward model scores while the engines generate the next shard."""
+    generated (or read back), so the reward model scores while the engines generate the next shard. `on_scored`
+    sees each scoring shard's results as they come in, in order, in the scoring thread."""
     version = run.cfg.policy_version(iteration)
     sampling = stages.sampling_of(run, iteration)
     size = run.cfg.reward.shard_size
@@ -59,12 +63,17 @@ def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardMod
     def generate(shard: Sequence[Prompt]) -> list[Rollout]:
         return [replace(r, policy_version=version) for r in rollout.generate(shard, sampling)]
 
+    def score(rollouts: Sequence[Rollout], index: int) -> list[Scored]:
+        scored = stages.score_shard(run, reward, rollouts, iteration, index, of_shards)
+        if on_scored is not None:
+            on_scored(scored)
+        return scored
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
         def score_what_is_ready(generated: list[Rollout]) -> None:
             while len(scoring) < of_shards and min((len(scoring) + 1) * size, len(prompts)) <= len(generated):
                 index = len(scoring)
-                scoring.append(scorer.submit(stages.score_shard, run, reward, generated[index * size:(index + 1) * size],
-                                             iteration, index, of_shards))
+                scoring.append(scorer.submit(score, generated[index * size:(index + 1) * size], index))
         try:
             stages.run_sharded(run, iteration, "rollouts", prompts, run.cfg.rollout.shard_size, generate,
                                records.to_json, records.rollout_from_json, score_what_is_ready, policy_version=version)
@@ -80,8 +89,10 @@ class Sampler:
     rollout.max_staleness 1 the next iteration's in the background while the learner trains."""
 
     def __init__(self, run: stages.Run, rollout: RolloutGroup, reward: RewardModel, learner: Learner | None,
-                 tokenizer, learner_version: int | None):
+                 tokenizer, learner_version: int | None, initial_policy: PolicyConfig):
+        """`initial_policy`: pi_0, the reference of the first iteration (stages.reference_policy)."""
         self.run, self.rollout, self.reward, self.learner, self.tokenizer = run, rollout, reward, learner, tokenizer
+        self.initial_policy = initial_policy
         self.engine_version = 0  # the engines were built from pi_0
         self.learner_version = learner_version  # the version the learner's weights are, None when between two
         self._ahead: tuple[int, Future[Sample]] | None = None
@@ -91,7 +102,7 @@ class Sampler:
         if self._ahead is not None and self._ahead[0] == iteration:
             return self._wait_ahead()
         self._give_engines_for(iteration)
-        return self._take(iteration)
+        return self._take(iteration, self._learner_preparation(iteration))
 
     def start_ahead(self, iteration: int) -> None:
         """rollout.max_staleness 1: start sampling `iteration` in the background, while the learner trains the
@@ -114,11 +125,30 @@ class Sampler:
             stages.sync_weights(self.learner, self.rollout)
         self.engine_version = self.learner_version = iteration
 
-    def _take(self, iteration: int) -> Sample:
+    def _take(self, iteration: int, on_scored: Callable[[list[Scored]], None] | None = None) -> Sample:
         cfg = self.run.cfg
         prompt_set = iteration_prompts(cfg.data, iteration, self.tokenizer, cfg.seed)
-        scored = generate_and_score(self.run, self.rollout, self.reward, prompt_set.prompts, iteration)
+        scored = generate_and_score(self.run, self.rollout, self.reward, prompt_set.prompts, iteration, on_scored)
         return Sample(prompt_set, scored, stages.build_pairs(self.run, scored, iteration))
+
+    def _learner_preparation(self, iteration: int) -> Callable[[list[Scored]], None] | None:
+        """What hands each scoring shard's pairs (picked as build_pairs picks them) to the learner, which prepares
+        the iteration with them while the engines generate; the learner is idle then (a sample taken ahead, while it
+        trains, prepares nothing). None when there is no learner, when the pairs are recorded (begin_iteration takes
+        them as they are), when the iteration's reference is not exported yet, or when the learner shares its GPUs
+        with the engines (cluster.colocate: it has their memory only while they sleep, for training)."""
+        run, learner = self.run, self.learner
+        reference = stages.reference_policy(run, self.initial_policy, iteration)
+        exists = reference == self.initial_policy.model_path or Path(reference).is_dir()
+        if (learner is None or run.cfg.cluster.colocate or run.manifest.done(run.unit(iteration, "pairs"))
+                or not exists):
+            return None
+
+        def prepare(scored: list[Scored]) -> None:
+            pairs = stages.pick_pairs(run, scored, iteration).pairs
+            if pairs:
+                learner.prepare_pairs(iteration, pairs, reference)  # not waited for
+        return prepare
 
     def _wait_ahead(self) -> Sample:
         _, future = self._ahead

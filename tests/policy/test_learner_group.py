@@ -85,6 +85,26 @@ def test_two_cpu_workers_train_like_one_worker_with_the_same_global_batch(
     assert_close_weights(local.named_weights(), weights)
 
 
+def test_two_ranks_prepared_ahead_in_uneven_pieces_train_exactly_as_without(
+    ray_local, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    pairs = make_pairs(tiny_tokenizer, 10)  # blocks of micro batch 2 x 2 ranks: two computed ahead, 2 pairs left
+    two_ranks = train_config(num_workers=2, micro_batch_size=2, gradient_accumulation_steps=2, zero_stage=2)
+    reference = str(tiny_policy_dir)
+    group = LearnerGroup(policy_config(tiny_policy_dir), two_ranks, device="cpu", seed=0)
+    try:
+        group.save_checkpoint(str(tmp_path / "start"))
+        for piece in (pairs[:3], pairs[3:7], pairs[7:]):
+            group.prepare_pairs(1, piece, reference)  # returns at once; the ranks run it before begin_iteration
+        assert group.begin_iteration(1, pairs, reference) == 2
+        prepared = group.train_steps(2)
+        group.load_checkpoint(str(tmp_path / "start"))
+        assert group.begin_iteration(1, pairs, reference) == 2
+        assert group.train_steps(2) == prepared
+    finally:
+        group.shutdown()
+
+
 def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -108,6 +108,9 @@ class FakeLearner:
         self.iteration = iteration
         return self.total_steps
 
+    def prepare_pairs(self, iteration, pairs, reference_dir):
+        self.calls.append(("prepare_pairs", iteration, [p.prompt_index for p in pairs], reference_dir))
+
     def train_steps(self, max_steps):
         self.calls.append(("train_steps", max_steps))
         if self.fail_on_call is not None and sum(c[0] == "train_steps" for c in self.calls) == self.fail_on_call:

@@ -129,7 +129,8 @@ def test_stale_sampling_runs_during_training_and_the_sync_waits_for_it(run_dir, 
     events, learner = [], FakeLearner()
     run = stale_run(run_dir, tmp_path)
     engine = Recorder(events)
-    sampler = Sampler(run, engine, LengthReward(), learner, Tokenizer(), learner_version=0)
+    sampler = Sampler(run, engine, LengthReward(), learner, Tokenizer(),
+                      learner_version=0, initial_policy=run.cfg.policy)
     first = sampler.sample(1)
     sampler.start_ahead(2)  # from pi_0, like iteration 1
     events.append(("training", 1))
@@ -149,7 +150,8 @@ def test_stale_sampling_runs_during_training_and_the_sync_waits_for_it(run_dir, 
 def test_on_policy_nothing_is_sampled_ahead_and_each_sample_follows_the_sync(run_dir, tmp_path):
     events, learner = [], FakeLearner()
     run = stale_run(run_dir, tmp_path, max_staleness=0)
-    sampler = Sampler(run, Recorder(events), LengthReward(), learner, Tokenizer(), learner_version=0)
+    sampler = Sampler(run, Recorder(events), LengthReward(), learner, Tokenizer(),
+                      learner_version=0, initial_policy=run.cfg.policy)
     sampler.sample(1)
     sampler.start_ahead(2)
     assert len(events) == 1  # iteration 1's one shard only
@@ -164,22 +166,84 @@ def test_a_resumed_sampler_gives_the_engines_the_version_a_sample_is_due_from(ru
     run, learner, engine = stale_run(run_dir, tmp_path), FakeLearner(), FakeRollout()
     # Killed while training iteration 2, with iteration 3 half sampled: the learner is past version 1, which
     # iteration 3 is due from, so the engines get iteration 1's export
-    sampler = Sampler(run, engine, LengthReward(), learner, Tokenizer(), learner_version=None)
+    sampler = Sampler(run, engine, LengthReward(), learner, Tokenizer(),
+                      learner_version=None, initial_policy=run.cfg.policy)
     sampler.start_ahead(3)
     assert {p.policy_version for p in sampler.sample(3).selection.pairs} == {1}
     assert loaded == [run_dir.iteration(1) / "policy"] and engine.synced_from == []
     # while the learner trains on, an engine that restarts must get version 1 again: from its export
     assert engine.restart_sources == [run_dir.iteration(1) / "policy"]
     # A sample whose pairs are recorded is only read back: the engines need no weights for it
-    again = Sampler(new_run(run_dir, run.cfg), engine, LengthReward(), learner, Tokenizer(), learner_version=None)
+    again = Sampler(new_run(run_dir, run.cfg), engine, LengthReward(), learner, Tokenizer(),
+                    learner_version=None, initial_policy=run.cfg.policy)
     again.start_ahead(3)
     assert again.sample(3).selection.pairs and len(loaded) == 1 and len(engine.calls) == 1
     # Killed before training iteration 2: the learner still holds version 1 and pushes it, nothing is loaded
     other = stale_run(RunDir.create(tmp_path / "other", overwrite=False), tmp_path)
-    sampler = Sampler(other, engine, LengthReward(), learner, Tokenizer(), learner_version=1)
+    sampler = Sampler(other, engine, LengthReward(), learner, Tokenizer(),
+                      learner_version=1, initial_policy=run.cfg.policy)
     sampler.start_ahead(3)
     assert sampler.sample(3).selection.pairs
     assert engine.synced_from == [learner] and len(loaded) == 1
+
+
+# ---- the learner prepares the iteration while the engines generate --------------------------------------------------
+
+def prepared(learner) -> list[tuple]:
+    return [call[1:] for call in learner.calls if call[0] == "prepare_pairs"]
+
+
+def test_each_scoring_shard_s_pairs_go_to_the_learner_while_the_engines_generate(run_dir, tmp_path):
+    events = []
+
+    class Learner(FakeLearner):
+        def prepare_pairs(self, iteration, pairs, reference_dir):
+            events.append(("prepare", [p.prompt_index for p in pairs]))
+            super().prepare_pairs(iteration, pairs, reference_dir)
+
+    cfg = make_config(rollout={"shard_size": 2}, reward={"shard_size": 3},
+                      data={"prompts": [prompt_file(tmp_path)], "prompts_per_iteration": 6, "shuffle": False})
+    run, learner, engine = new_run(run_dir, cfg), Learner(), Recorder(events)
+    engine.texts = lambda index: ["same", "same"] if index == 1 else [f"r{index}a", f"r{index}bb"]  # 1: no pair
+    sample = Sampler(run, engine, LengthReward(), learner, Tokenizer(), 0, run.cfg.policy).sample(1)
+
+    assert prepared(learner) == [(1, [0, 2], "any/policy"), (1, [3, 4, 5], "any/policy")]  # reward.shard_size 3
+    assert [p.prompt_index for p in sample.selection.pairs] == [0, 2, 3, 4, 5]  # the same pairs, recorded as before
+    assert [kind for kind, _ in events] == ["generate", "generate", "prepare", "generate", "prepare"]  # ahead of the
+    # last generation shard: the first scoring shard's pairs, as soon as they are scored
+
+
+def test_nothing_is_prepared_ahead_for_recorded_pairs_colocated_or_before_the_reference_exists(
+    run_dir, tmp_path
+):
+    data = {"prompts": [prompt_file(tmp_path)], "prompts_per_iteration": 2, "shuffle": False}
+    stale = new_run(run_dir, make_config(iterations=3, rollout={"max_staleness": 1}, data=data))
+    learner = FakeLearner()
+    sampler = Sampler(stale, FakeRollout(), LengthReward(), learner, Tokenizer(), 0, stale.cfg.policy)
+    sampler.sample(1)
+    sampler.start_ahead(2)  # sampled while the learner trains iteration 1
+    sampler.sync(1)
+    sampler.sample(2)
+    assert [call[0] for call in prepared(learner)] == [1]
+    again = Sampler(new_run(run_dir, stale.cfg), FakeRollout(), LengthReward(), learner, Tokenizer(), 1,
+                    stale.cfg.policy)
+    again.sample(1)  # recorded: read back, and begin_iteration takes the pairs as they are
+    assert [call[0] for call in prepared(learner)] == [1]
+
+    colocated = new_run(RunDir.create(tmp_path / "colocated", overwrite=False),
+                        make_config(cluster={"colocate": True}, data=data))
+    learner = FakeLearner()
+    Sampler(colocated, FakeRollout(), LengthReward(), learner, Tokenizer(), 0, colocated.cfg.policy).sample(1)
+    assert prepared(learner) == []  # the engines hold the shared GPUs while they generate
+
+    for exported in (False, True):  # reference: previous, whose policy is exported only once iteration 1 trained
+        previous_dir = RunDir.create(tmp_path / f"previous_{exported}", overwrite=False)
+        previous = new_run(previous_dir, make_config(iterations=3, train={"reference": "previous"}, data=data))
+        if exported:
+            (previous_dir.iteration(1) / "policy").mkdir(parents=True)
+        learner = FakeLearner()
+        Sampler(previous, FakeRollout(), LengthReward(), learner, Tokenizer(), 1, previous.cfg.policy).sample(2)
+        assert prepared(learner) == ([(2, [2, 3], str(previous_dir.iteration(1) / "policy"))] if exported else [])
 
 
 def test_the_learner_version_after_loading_a_checkpoint(run_dir):
