@@ -5,10 +5,12 @@ roles start at once, each actor on its bundle; where each ran and how long it to
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from policy.config import PolicyConfig
@@ -45,8 +47,10 @@ def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Star
                                    for where, slot in zip(actor.placement(), started.layout.slots[role], strict=True)]}
                  for role, actor in started.actors.items()}
     atomic_write_json(run.run_dir.root / "placement.json", placement)
-    logging.getLogger(__name__).info("start-up: %s", ", ".join(f"{role} {info['startup_s']:.1f} s"
-                                                               for role, info in placement.items()))
+    since_launch = seconds_since_launch()
+    logging.getLogger(__name__).info(
+        "start-up: %s%s", ", ".join(f"{role} {info['startup_s']:.1f} s" for role, info in placement.items()),
+        "" if since_launch is None else f"; every actor ready {since_launch:.1f} s after launch")
     return started.actors.get("rollout"), started.actors.get("reward"), started.actors.get("learner")
 
 
@@ -126,3 +130,13 @@ def requested(layout: Layout, role: str) -> dict[str, Any]:
     group = next(group for group in layout.groups if role in group.roles)
     return {"group": group.name, "resource": group.resource, "strategy": group.strategy,
             "bundles": [group.bundles[slot.bundle] for slot in layout.slots[role]]}
+
+
+def seconds_since_launch() -> float | None:
+    """How long ago this process started, interpreter start-up included (Linux's /proc; None elsewhere)."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None

@@ -79,10 +79,9 @@ def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path)
 
 
 def rlhf_loop_row(setting: Setting, run_dir: Path, measured) -> dict:
-    """Work only: the driver log's wall time from "start-up: ..." (every actor ready) to the last iteration's line.
-    time/iteration_s is the sum of the run's recorded units, which leave out what happens between them (the learner's
-    begin_iteration: tokenising the pairs, loading the reference and its log-probabilities; loading prompts): that
-    part shows as loop overhead."""
+    """Work only: the driver log's wall time from "start-up: ..." (every actor ready) to the last iteration's line;
+    what it holds beyond the recorded units (time/iteration_s: generate, score, train, sync, eval) shows as loop
+    overhead. Start-up: each role's, and the driver's own count from launch to every actor ready."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     placement = json.loads((run_dir / "placement.json").read_text())
 
@@ -97,6 +96,7 @@ def rlhf_loop_row(setting: Setting, run_dir: Path, measured) -> dict:
     tokens = sum(m["prompts/count"] * setting.samples_per_prompt * m["rollout/response_tokens_mean"] for m in metrics)
     pairs = int(total("pairs/count"))
     startup = {role: info["startup_s"] for role, info in placement.items()}
+    startup["launch to every actor ready"] = driver_log_ready_after_launch(run_dir / "logs" / "driver.log")
     notes = ["work = driver log from every actor ready to the last iteration's end (baseline evaluation included "
              "where the setting evaluates); recorded_iteration_s = sum of time/iteration_s",
              "sync = learner -> vLLM in memory (time/sync_s)"]
@@ -113,6 +113,11 @@ def driver_log_work_seconds(log: Path) -> float:
     ready = next(stamp(line) for line in lines if " rlhf_loop.roles: start-up: " in line)
     last = [stamp(line) for line in lines if re.search(r" INFO rlhf_loop: iter \d+/\d+ ", line)][-1]
     return last - ready
+
+
+def driver_log_ready_after_launch(log: Path) -> float:
+    line = next(line for line in log.read_text().splitlines() if " rlhf_loop.roles: start-up: " in line)
+    return float(re.search(r"every actor ready ([\d.]+) s after launch", line).group(1))
 
 
 def baseline_eval_seconds(run_dir: Path) -> float:

@@ -43,13 +43,14 @@ def small_config(tmp_path: Path, *overrides: str):
     return load_config(path, ["device=cpu", *overrides])
 
 
-def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch):
+def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch, caplog):
     cfg = small_config(tmp_path)
     run_dir = RunDir.create(tmp_path / "run", overwrite=False)
     run = Run(cfg, run_dir, Manifest.load(run_dir))
     started = roles.Started({"rollout": StartedActor(11), "reward": StartedActor(12), "learner": StartedActor(13)},
                             {"rollout": 9.5, "reward": 4.25, "learner": 5.0}, role_layout(cfg, "cpu"))
     monkeypatch.setattr(roles, "launch", lambda *args: pytest.fail("the actors were started a second time"))
+    caplog.set_level("INFO", logger="rlhf_loop.roles")
     early = in_background(lambda: started, name="test")
     rollout, reward, learner = roles.start_actors(run, cfg.policy, "cpu", early)
     assert (rollout.pid, reward.pid, learner.pid) == (11, 12, 13)
@@ -57,6 +58,16 @@ def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch)
     assert {role: info["startup_s"] for role, info in placement.items()} == {"rollout": 9.5, "reward": 4.25,
                                                                               "learner": 5.0}
     assert placement["learner"]["actors"] == [{"address": "127.0.0.1", "node_id": "n0", "pid": 13, "bundle": 0}]
+    assert "start-up: rollout 9.5 s, reward 4.2 s, learner 5.0 s; every actor ready" in caplog.text
+
+
+def test_the_time_since_launch_counts_from_the_process_start():
+    before = time.time()
+    script = "import time\nfrom rlhf_loop.roles import seconds_since_launch\nprint(seconds_since_launch(), time.time())"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    age, now = map(float, child.stdout.split())
+    assert now - before - 0.5 < age <= now - before + 0.02  # the clock's ticks are 10 ms
 
 
 def test_a_warm_start_makes_the_policy_so_its_actors_cannot_start_early(tmp_path):
