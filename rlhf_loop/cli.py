@@ -114,12 +114,13 @@ def _run(args) -> None:
     from rlhf_loop.cluster import ray_running, resolve_device
     from rlhf_loop.config import load_config, to_yaml
     from rlhf_loop.fingerprints import record_inputs
-    from rlhf_loop.preflight import preflight
+    from rlhf_loop.preflight import ensure_inputs, preflight
     from rlhf_loop.roles import launch_early
     from rlhf_loop.rundir import RunDir, atomic_write_text
 
     with quiet(args.verbose) as log:
         cfg = load_config(args.config, args.overrides)
+        ensure_inputs(cfg)  # the toy task's models, built once: the actors that start below load them
         # Bad paths and columns fail in preflight, before anything is written; Ray and the actors start meanwhile
         # (Ray in this thread: it ties its processes to the thread that starts them), so the check costs no time,
         # and a failed one stops them within seconds.

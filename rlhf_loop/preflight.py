@@ -1,5 +1,5 @@
-"""Checks that a run can start, done before anything is written or any actor started: a bad path or column
-costs seconds, not a cluster start-up."""
+"""Checks that a run can start, done before anything is written: a bad path or column costs seconds, not a cluster
+start-up (`rlhf-loop run` starts Ray and the actors beside them, and stops them when a check fails)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ from rlhf_loop.errors import UserError
 from rlhf_loop.hf_models import load_tokenizer
 
 
-def preflight(cfg: RunConfig) -> None:
+def ensure_inputs(cfg: RunConfig) -> None:
+    """Build what the config names but nobody has made yet: the toy task's models and data (once per cache). The
+    actors load them, so this comes before they start."""
     if cfg.toy_task.enabled:
         from rlhf_loop.toy.assets import ensure_toy_assets
 
         ensure_toy_assets(cfg.toy_task)
+
+
+def preflight(cfg: RunConfig) -> None:
+    ensure_inputs(cfg)
     from rlhf_loop.plan import plan_report
 
     # Resources first: a GPU request the cluster cannot meet would leave Ray waiting forever, with no error.

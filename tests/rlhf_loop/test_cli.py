@@ -161,3 +161,16 @@ def test_the_checks_error_wins_over_a_cluster_that_failed_to_start(capsys, confi
     assert main(["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "prompt column 'question' is not in" in err and "Ray cluster" not in err
+
+
+def test_the_toy_models_are_built_before_the_actors_that_load_them_start(config, tmp_path, monkeypatch):
+    from rlhf_loop import loop, preflight
+    from rlhf_loop.toy import assets
+
+    order = []
+    monkeypatch.setattr(assets, "ensure_toy_assets", lambda toy_task_cfg: order.append("toy assets"))
+    monkeypatch.setattr(roles, "launch_early", lambda cfg, device: order.append("actors"))
+    monkeypatch.setattr(preflight, "preflight", lambda cfg: order.append("checks"))
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: None)
+    assert main(["run", config(), "toy_task.enabled=true", "--run-dir", str(tmp_path / "r")]) == 0
+    assert order.index("toy assets") < order.index("actors")
