@@ -122,8 +122,8 @@ def _run(args) -> None:
         cfg = load_config(args.config, args.overrides)
         ensure_inputs(cfg)  # the toy task's models, built once: the actors that start below load them
         # Bad paths and columns fail in preflight, before anything is written; Ray and the actors start meanwhile
-        # (Ray in this thread: it ties its processes to the thread that starts them), so the check costs no time,
-        # and a failed one stops them within seconds.
+        # (Ray in this thread: it ties its processes to the thread that starts them), so the check runs beside their
+        # start-up instead of before it, and a failed one stops them within seconds.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflight") as pool:
             checked = pool.submit(preflight, cfg)
             with _stopped_by_failed_check(checked), ray_running(cfg.cluster) as ray_logs:
