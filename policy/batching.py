@@ -96,7 +96,7 @@ def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def fingerprint(records: Sequence[Sequence[Sequence[int]]]) -> str:
+def token_fingerprint(records: Sequence[Sequence[Sequence[int]]]) -> str:
     """A short hash of training data (token-id lists per record), so a resumed run can check it got the same data."""
     digest = hashlib.sha256()
     for record in records:

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from policy.config import PolicyConfig, RolloutConfig
-from policy.rollout import Sampling
+from policy.rollout_protocol import Sampling
 from policy.weight_sync import SyncSpec, receive
-from rlhf_loop.hf_models import load_tokenizer, torch_dtype
-from rlhf_loop.records import Prompt, Response, Rollout
-from rlhf_loop.seeds import derived_seed
+from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
+from rlhf_loop.common.records import Prompt, Response, Rollout
+from rlhf_loop.common.seeds import derived_seed
 
 
 class HFEngine:

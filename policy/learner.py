@@ -5,7 +5,7 @@
     while step < total: stats = learner.train_steps(cfg.train.save_steps); learner.save_checkpoint(...)
     engines.update_weights(learner.named_weights())
 
-The shared engine (model loading, optimizer step, checkpoints, export) is `policy.engine.PolicyEngine`; this module
+The shared engine (model loading, optimizer step, checkpoints, export) is `policy.deepspeed_policy.DeepSpeedPolicy`; this module
 adds the reference model, the pairs of an iteration and the DPO losses. The reference's log-probabilities of an
 iteration's pairs are computed once, batched, when the iteration begins (the reference is fixed for the
 iteration), so the reference model need not stay in memory while training (`train.free_reference`). Where the
@@ -30,21 +30,21 @@ from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
     ceil_div,
-    fingerprint,
     margin_weights,
     pad_batch,
     rank_micro_batches,
     response_log_probs,
+    token_fingerprint,
     truncate,
 )
 from policy.config import PolicyConfig, TrainConfig
-from policy.engine import PolicyEngine, load_reference, same_path
-from policy.learning import TrainStats
+from policy.deepspeed_policy import DeepSpeedPolicy, load_reference, same_path
+from policy.learner_protocol import TrainStats
 from policy.losses import LOSSES, LossSettings
 from policy.optimization import OptimizationSpec, learning_rate_at
 from policy.prepared_references import PreparedReferences
 from policy.weight_sync import SyncSpec
-from rlhf_loop.records import Pair
+from rlhf_loop.common.records import Pair
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class DPOLearner:
         self._seed = seed
         self._loss = LOSSES[train.loss_type]
         self._loss_settings = LossSettings.from_train(train)
-        self._policy = PolicyEngine(policy, OptimizationSpec.from_train(train), device, seed, rank, world_size,
+        self._policy = DeepSpeedPolicy(policy, OptimizationSpec.from_train(train), device, seed, rank, world_size,
                                     train.lora)
         self._reference_dir = policy.model_path
         self._reference = None  # the reference model while it is kept in memory; loaded when first needed
@@ -103,7 +103,7 @@ class DPOLearner:
         """
         self._use_reference(reference_dir)
         tokenized = [self._tokenize(pair) for pair in pairs]
-        data_fingerprint = fingerprint([[p.prompt, p.chosen, p.rejected] for p in tokenized])
+        data_fingerprint = token_fingerprint([[p.prompt, p.chosen, p.rejected] for p in tokenized])
         if iteration == self._iteration:
             if data_fingerprint != self._data_fingerprint:
                 raise ValueError(

@@ -10,7 +10,7 @@
 
     sft = SFTActor(cfg.policy, cfg.sft, device, cfg.seed)   # an SFTLearner in its own actor, same methods
 
-`LearnerGroup` is the loop's `policy.learning.Learner`; its methods mirror `DPOLearner`'s, except that `weights_ref`
+`LearnerGroup` is the loop's `policy.learner_protocol.Learner`; its methods mirror `DPOLearner`'s, except that `weights_ref`
 hands out an object-store reference where `DPOLearner.named_weights` returns the list. Training, checkpoints and
 export run on every rank (they are collective); weights and inference come from rank 0, or from all ranks under multi-rank ZeRO-3, where every
 forward pass and every gather needs all of them.
@@ -26,12 +26,12 @@ import ray
 
 from policy.config import PolicyConfig, SFTConfig, TrainConfig
 from policy.learner import DPOLearner
-from policy.learning import TrainStats
+from policy.learner_protocol import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
 from policy.weight_sync import SyncSpec, host_store
-from rlhf_loop.actor_calls import placement, wait
-from rlhf_loop.network import free_port
-from rlhf_loop.records import Messages, Pair
+from rlhf_loop.common.actor_calls import placement, wait
+from rlhf_loop.common.network import free_port
+from rlhf_loop.common.records import Messages, Pair
 
 
 SFT_NODE_RESOURCE_SHARE = 0.001  # the label picks the node; the share only has to be non-zero
@@ -114,7 +114,7 @@ class LearnerGroup:
 
     def __init__(self, policy: PolicyConfig, train: TrainConfig, device: str, seed: int,
                  placements: Sequence[dict[str, Any]] | None = None):
-        """`placements`: each rank's Ray options for its placement-group bundle (`rlhf_loop.roles`), rank order;
+        """`placements`: each rank's Ray options for its placement-group bundle (`rlhf_loop.cluster.roles`), rank order;
         without, each rank takes train.gpus_per_worker on CUDA and no CPU, wherever Ray puts it."""
         world_size = train.num_workers
         resources = learner_resources(device, train.gpus_per_worker)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from policy.engine import same_path
+from policy.deepspeed_policy import same_path
 
 Item = TypeVar("Item")
 

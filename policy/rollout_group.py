@@ -27,14 +27,14 @@ import ray
 import torch
 
 from policy.config import PolicyConfig, RolloutConfig
-from policy.learning import Learner
-from policy.rollout import RolloutEngine, Sampling
+from policy.learner_protocol import Learner
+from policy.rollout_protocol import RolloutEngine, Sampling
 from policy.weight_sync import SyncSpec
-from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
-from rlhf_loop.console import say
-from rlhf_loop.errors import UserError
-from rlhf_loop.faults import maybe_kill_actor
-from rlhf_loop.records import Prompt, Rollout
+from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.common.console import say
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.faults import maybe_kill_actor
+from rlhf_loop.common.records import Prompt, Rollout
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -91,7 +91,7 @@ def start_engine_actor(
     placement: dict[str, Any] | None = None, sleeps: bool = False,
 ) -> ray.actor.ActorHandle:
     """An EngineActor with the resources and environment its device needs (returns before the engine is built).
-    `placement`: the Ray options that put it on its placement-group bundle (`rlhf_loop.roles`); without, it takes
+    `placement`: the Ray options that put it on its placement-group bundle (`rlhf_loop.cluster.roles`); without, it takes
     rollout.gpus_per_engine on CUDA and no CPU. A dead one is restarted by Ray (its engine rebuilt from `policy`)
     up to `max_restarts` times; calls that were in flight fail, and the group redoes them."""
     return (

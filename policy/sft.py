@@ -4,7 +4,7 @@
 
 The loop runs `SFTLearner` in a Ray actor instead, with `save_steps` steps as its unit of work:
     learner.begin(examples); while step < total: learner.train_steps(sft.save_steps); learner.save_checkpoint(...)
-It shares the DeepSpeed engine, checkpoints and export with the DPO learner (`policy.engine.PolicyEngine`).
+It shares the DeepSpeed engine, checkpoints and export with the DPO learner (`policy.deepspeed_policy.DeepSpeedPolicy`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from tqdm import tqdm
 from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
-    fingerprint,
     pad_batch,
     rank_micro_batches,
     response_log_probs,
+    token_fingerprint,
     truncate,
 )
 from policy.config import PolicyConfig, SFTConfig
-from policy.engine import PolicyEngine
+from policy.deepspeed_policy import DeepSpeedPolicy
 from policy.optimization import OptimizationSpec, learning_rate_at
-from rlhf_loop.records import Messages
+from rlhf_loop.common.records import Messages
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SFTLearner:
     def __init__(self, policy: PolicyConfig, sft: SFTConfig, device: str, seed: int):
         self._sft = sft
         self._seed = seed
-        self._policy = PolicyEngine(policy, OptimizationSpec.from_sft(sft), device, seed, rank=0, world_size=1)
+        self._policy = DeepSpeedPolicy(policy, OptimizationSpec.from_sft(sft), device, seed, rank=0, world_size=1)
         self._examples: list[SFTExample] = []
         self._schedule: list[list[int]] = []
         self._step = 0
@@ -90,7 +90,7 @@ class SFTLearner:
             SFTExample(*truncate(e.prompt_token_ids, e.response_token_ids, sft.max_prompt_length, sft.max_length))
             for e in to_examples(self._policy.tokenizer, examples)
         ]
-        data_fingerprint = fingerprint([[e.prompt_token_ids, e.response_token_ids] for e in truncated])
+        data_fingerprint = token_fingerprint([[e.prompt_token_ids, e.response_token_ids] for e in truncated])
         if self._data_fingerprint not in (None, data_fingerprint):
             raise ValueError("the SFT checkpoint was trained on other examples; resume with the original dataset")
         self._data_fingerprint = data_fingerprint

@@ -1,8 +1,8 @@
 """Weights cut into buckets for the collective sync: each bucket travels as one flat byte buffer.
 
     plan = plan_buckets([(name, shape, dtype), ...], bucket_bytes=256 << 20)   # same order as the tensors
-    buffer = flatten(plan[0], tensors_of_bucket_0)                            # sender
-    named = unflatten(plan[0], buffer)                                         # receiver: views into buffer
+    buffer = pack_bucket(plan[0], tensors_of_bucket_0)                            # sender
+    named = unpack_bucket(plan[0], buffer)                                         # receiver: views into buffer
 
 A bucket packs consecutive tensors until the next would overflow `bucket_bytes`; a tensor larger than the bucket
 size travels alone in a bucket of its own. Tensors of different dtypes share a buffer as raw bytes, each starting at
@@ -20,7 +20,7 @@ ALIGN_BYTES = 64  # every tensor starts at a multiple of this: any dtype's view 
 
 
 @dataclass(frozen=True)
-class Slot:
+class TensorSlot:
     """Where one tensor lies in its bucket's buffer."""
 
     name: str
@@ -32,7 +32,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class Bucket:
-    slots: tuple[Slot, ...]
+    slots: tuple[TensorSlot, ...]
     nbytes: int  # buffer size, alignment padding included
 
 
@@ -41,7 +41,7 @@ def plan_buckets(tensors: Iterable[tuple[str, Sequence[int], torch.dtype]], buck
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     buckets: list[Bucket] = []
-    slots: list[Slot] = []
+    slots: list[TensorSlot] = []
     used = 0
     for name, shape, dtype in tensors:
         shape = tuple(int(size) for size in shape)
@@ -50,14 +50,14 @@ def plan_buckets(tensors: Iterable[tuple[str, Sequence[int], torch.dtype]], buck
         if slots and offset + nbytes > bucket_bytes:
             buckets.append(Bucket(tuple(slots), used))
             slots, offset = [], 0
-        slots.append(Slot(name, shape, dtype, offset, nbytes))
+        slots.append(TensorSlot(name, shape, dtype, offset, nbytes))
         used = offset + nbytes
     if slots:
         buckets.append(Bucket(tuple(slots), used))
     return buckets
 
 
-def flatten(bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+def pack_bucket(bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
     """The bucket's tensors copied into one new uint8 buffer on `device`."""
     if len(tensors) != len(bucket.slots):
         raise ValueError(f"bucket has {len(bucket.slots)} slots, got {len(tensors)} tensors")
@@ -71,7 +71,7 @@ def flatten(bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.devic
     return buffer
 
 
-def unflatten(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def unpack_bucket(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) for every slot: views into `buffer` (no copy), so keep the buffer alive while they are used."""
     if buffer.dtype != torch.uint8 or buffer.numel() != bucket.nbytes:
         raise ValueError(f"expected a uint8 buffer of {bucket.nbytes} bytes, got {buffer.numel()} {buffer.dtype}")

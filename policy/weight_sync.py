@@ -22,8 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from policy.weight_buckets import Bucket, flatten, unflatten
-from rlhf_loop.errors import UserError
+from policy.weight_buckets import Bucket, pack_bucket, unpack_bucket
+from rlhf_loop.common.errors import UserError
 
 
 class WeightSyncTimeout(UserError):
@@ -60,7 +60,7 @@ def send(spec: SyncSpec, store: dist.Store, plan: Sequence[Bucket], buckets: Ite
     # The next bucket is gathered and flattened while the previous one is on the wire.
     pending = None
     for bucket, tensors in zip(plan, buckets, strict=True):
-        buffer = flatten(bucket, tensors, device)
+        buffer = pack_bucket(bucket, tensors, device)
         if pending is not None:
             _finish(spec, *pending)
         pending = (group.broadcast([buffer], _from_rank_0()), buffer)
@@ -94,7 +94,7 @@ def receive(spec: SyncSpec, rank: int, device: torch.device) -> Iterator[tuple[s
         work, buffer = pending
         _finish(spec, work, buffer)
         pending = post(plan[index + 1]) if index + 1 < len(plan) else None
-        yield from unflatten(bucket, buffer)
+        yield from unpack_bucket(bucket, buffer)
 
 
 def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) -> dist.ProcessGroup:

@@ -19,10 +19,10 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.registry import uses_accelerator
 from reward.shaping import objective_weights_problem, weigh_objectives
-from rlhf_loop.actor_calls import ActorDied, placement, wait, wait_restarted
-from rlhf_loop.console import say
-from rlhf_loop.errors import UserError
-from rlhf_loop.faults import maybe_kill_actor
+from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.common.console import say
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.faults import maybe_kill_actor
 
 
 class _RewardActor:
@@ -53,7 +53,7 @@ class RewardScorer:
 
     def __init__(self, cfg: RewardConfig, device: str, max_restarts: int = 0,
                  placement: dict[str, Any] | None = None) -> None:
-        """`placement`: the Ray options that put the actor on its placement-group bundle (`rlhf_loop.roles`)."""
+        """`placement`: the Ray options that put the actor on its placement-group bundle (`rlhf_loop.cluster.roles`)."""
         import ray
 
         on_gpu = device.startswith("cuda") and uses_accelerator(cfg)

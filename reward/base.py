@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rlhf_loop.records import Messages
+from rlhf_loop.common.records import Messages
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import torch
 from reward import hf
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
-from reward.groups import check_finite, describe, flatten, regroup
-from rlhf_loop.errors import UserError
-from rlhf_loop.hf_models import load_tokenizer, torch_dtype
+from reward.groups import check_finite, describe, regroup, ungroup
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
 
 
 class SequenceRewardModel:
@@ -65,7 +65,7 @@ class SequenceRewardModel:
         raise NotImplementedError
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
-        samples = flatten(queries)
+        samples = ungroup(queries)
         sequences = [hf.render(self.tokenizer, s.messages, s.response) for s in samples]
         scores, objectives = self.score_token_ids(sequences)
         check_finite(scores, lambda i: describe(samples[i]), f"reward model {self.path}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from rlhf_loop.hf_models import DTYPE_NAMES
+from rlhf_loop.common.hf_models import DTYPE_NAMES
 
 KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote")  # reward/registry.py builds each
 MODEL_KINDS = frozenset({"bradley_terry", "armorm", "pairwise"})  # kinds that load a network (and want a GPU)

@@ -21,8 +21,8 @@ from typing import Any
 
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
-from reward.groups import Sample, check_finite, describe, flatten, regroup
-from rlhf_loop.errors import UserError
+from reward.groups import ResponseToScore, check_finite, describe, regroup, ungroup
+from rlhf_loop.common.errors import UserError
 
 
 def load_code_reference(reference: str, key: str) -> Any:
@@ -71,15 +71,15 @@ class FunctionReward:
             raise UserError(f"{key}.function {cfg.function!r} is not callable")
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
-        samples = flatten(queries)
+        samples = ungroup(queries)
         scores = self._score_batched(samples) if self.batched else [self._score_one(s) for s in samples]
         check_finite(scores, lambda i: describe(samples[i]), f"reward function {self.reference}")
         return regroup(queries, scores)
 
-    def _score_one(self, sample: Sample) -> float:
+    def _score_one(self, sample: ResponseToScore) -> float:
         return self._as_float(self.function(sample.messages, sample.response, sample.meta), sample)
 
-    def _score_batched(self, samples: list[Sample]) -> list[float]:
+    def _score_batched(self, samples: list[ResponseToScore]) -> list[float]:
         scores = []
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start:start + self.batch_size]
@@ -91,7 +91,7 @@ class FunctionReward:
             scores += [self._as_float(value, sample) for value, sample in zip(values, chunk)]
         return scores
 
-    def _as_float(self, value: Any, sample: Sample) -> float:
+    def _as_float(self, value: Any, sample: ResponseToScore) -> float:
         if isinstance(value, numbers.Real):
             return float(value)
         raise UserError(f"reward function {self.reference} returned {type(value).__name__} {value!r:.40} for "

@@ -1,4 +1,4 @@
-"""Pointwise scorers see samples, the seam speaks in groups (one prompt, K responses): flatten and regroup."""
+"""Pointwise scorers see samples, the seam speaks in groups (one prompt, K responses): ungroup and regroup."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from reward.base import RewardQuery, RewardResult
-from rlhf_loop.errors import UserError
-from rlhf_loop.records import Messages
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.records import Messages
 
 
 @dataclass(frozen=True)
-class Sample:
+class ResponseToScore:
     query_index: int  # which query of the call
     response_index: int  # which of its responses
     messages: Messages
@@ -21,9 +21,9 @@ class Sample:
     meta: dict[str, Any]
 
 
-def flatten(queries: Sequence[RewardQuery]) -> list[Sample]:
+def ungroup(queries: Sequence[RewardQuery]) -> list[ResponseToScore]:
     return [
-        Sample(q, r, query.messages, response, query.meta)
+        ResponseToScore(q, r, query.messages, response, query.meta)
         for q, query in enumerate(queries)
         for r, response in enumerate(query.responses)
     ]
@@ -44,7 +44,7 @@ def regroup(
     return results
 
 
-def describe(sample: Sample) -> str:
+def describe(sample: ResponseToScore) -> str:
     """Names a sample in an error message so the user can find it."""
     prompt = sample.messages[-1]["content"] if sample.messages else ""
     return (f"query {sample.query_index} response {sample.response_index} "

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from rlhf_loop.errors import UserError
-from rlhf_loop.records import Messages
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.records import Messages
 
 log = logging.getLogger(__name__)
 

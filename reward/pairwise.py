@@ -23,9 +23,9 @@ from reward import hf
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import check_finite
-from rlhf_loop.errors import UserError
-from rlhf_loop.hf_models import load_tokenizer, torch_dtype
-from rlhf_loop.records import Messages
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
+from rlhf_loop.common.records import Messages
 
 NEUTRAL = 0.5  # the score of a lone response: nothing to compare it with
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from reward.base import NamedRewardModel
 from reward.config import MODEL_KINDS, RewardConfig, reward_config_problems
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 
 def _bradley_terry(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:

@@ -27,7 +27,7 @@ from typing import Any
 from reward.base import RewardQuery, RewardResult
 from reward.config import RemoteConfig, RewardConfig
 from reward.groups import check_finite
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RemoteReward:
             limits=httpx.Limits(max_connections=cfg.remote.concurrency),
         )
         if cfg.remote.protocol == "openrlhf":
-            from rlhf_loop.hf_models import load_tokenizer
+            from rlhf_loop.common.hf_models import load_tokenizer
 
             # OpenRLHF servers expose no /info: the first scoring request is their first contact.
             self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")

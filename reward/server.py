@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from reward.base import NamedRewardModel, RewardQuery, RewardResult
 from reward.batcher import Job, QueueFull, ReplicaPool
 from reward.config import RewardConfig, ServerConfig, reward_config_problems
-from rlhf_loop.errors import ConfigError, UserError
-from rlhf_loop.network import is_loopback
+from rlhf_loop.common.errors import ConfigError, UserError
+from rlhf_loop.common.network import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_reward_config(path: str | Path, overrides: Sequence[str] = ()) -> Rewar
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlhf_loop.config_files import describe_config_error, structured_config, yaml_layers
+    from rlhf_loop.common.config_files import describe_config_error, structured_config, yaml_layers
 
     path = Path(path)
     if not path.is_file():

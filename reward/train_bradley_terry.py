@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_loop.records import Messages
+from rlhf_loop.common.records import Messages
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from policy.config import PolicyConfig, RolloutConfig, SFTConfig, TrainConfig
 from reward.config import RewardConfig, reward_config_problems
-from rlhf_loop.config_files import structured_config, yaml_layers
-from rlhf_loop.errors import ConfigError
-from rlhf_loop.hf_models import DTYPE_NAMES
+from rlhf_loop.common.config_files import structured_config, yaml_layers
+from rlhf_loop.common.errors import ConfigError
+from rlhf_loop.common.hf_models import DTYPE_NAMES
 from rlhf_loop.toy.assets import ToyTaskConfig
 
 
@@ -35,9 +35,15 @@ class DataConfig:
     shuffle: bool = True  # shuffle the prompt set once, with the run seed, before slicing
 
 
+# The names pair selection (rlhf_loop/driver/pairs.py) implements, here so the config checks them without importing
+# the driver: max_min (best vs worst), max_random, random; and the ways of picking several pairs per prompt.
+PAIR_STRATEGIES = ("max_min", "max_random", "random")
+PAIR_MULTI = ("best_vs_worst", "top_vs_bottom")
+
+
 @dataclass
 class PairsConfig:
-    strategy: str = "max_min"  # max_min (best vs worst) | max_random | random; see rlhf_loop/pairs.py
+    strategy: str = "max_min"  # one of PAIR_STRATEGIES; see rlhf_loop/driver/pairs.py
     min_margin: float = 0.0  # keep a pair only if chosen beats rejected by more than this (so ties are dropped)
     per_prompt: int = 1  # pairs per prompt; above 1 they are picked by pairs.multi (strategy stays max_min)
     # with per_prompt N > 1: best_vs_worst (the best response against each of the N worst) | top_vs_bottom (the i-th
@@ -171,7 +177,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
 def validate(cfg: RunConfig) -> list[str]:
     """Value checks the type system cannot express; each problem names the key and a fix."""
     from policy.losses import LOSSES
-    from rlhf_loop.pairs import MULTI, STRATEGIES
 
     checks = [
         (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
@@ -203,11 +208,11 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.rollout.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {cfg.rollout.max_tokens}"),
         (cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}"),
         (0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}"),
-        (cfg.pairs.strategy in STRATEGIES,
-         f"pairs.strategy {cfg.pairs.strategy!r} is unknown; use one of {sorted(STRATEGIES)}"),
+        (cfg.pairs.strategy in PAIR_STRATEGIES,
+         f"pairs.strategy {cfg.pairs.strategy!r} is unknown; use one of {sorted(PAIR_STRATEGIES)}"),
         (cfg.pairs.min_margin >= 0, f"pairs.min_margin must be >= 0, got {cfg.pairs.min_margin}"),
         (cfg.pairs.per_prompt >= 1, f"pairs.per_prompt must be >= 1, got {cfg.pairs.per_prompt}"),
-        (cfg.pairs.multi in MULTI, f"pairs.multi {cfg.pairs.multi!r} is unknown; use one of {list(MULTI)}"),
+        (cfg.pairs.multi in PAIR_MULTI, f"pairs.multi {cfg.pairs.multi!r} is unknown; use one of {list(PAIR_MULTI)}"),
         (cfg.pairs.per_prompt == 1 or cfg.pairs.strategy == "max_min",
          f"pairs.per_prompt > 1 picks pairs by pairs.multi; leave pairs.strategy at max_min "
          f"(got {cfg.pairs.strategy})"),

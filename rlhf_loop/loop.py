@@ -19,15 +19,15 @@ from concurrent.futures import Future
 
 from omegaconf import OmegaConf
 
-from rlhf_loop import stages
-from rlhf_loop.cluster import resolve_device
+from rlhf_loop.driver import stages
+from rlhf_loop.cluster.ray_cluster import resolve_device
 from rlhf_loop.config import RunConfig
-from rlhf_loop.data import evaluation_prompts
-from rlhf_loop.hf_models import load_tokenizer
-from rlhf_loop.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
-from rlhf_loop.roles import Started, start_actors
-from rlhf_loop.rundir import Manifest, RunDir
-from rlhf_loop.streaming import Sampler, learner_version
+from rlhf_loop.driver.data import evaluation_prompts
+from rlhf_loop.common.hf_models import load_tokenizer
+from rlhf_loop.driver.metrics import Tracker, pair_metrics, prompt_metrics, reward_metrics
+from rlhf_loop.cluster.roles import Started, start_actors
+from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.driver.sampler import Sampler, learner_version
 
 
 def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = None) -> None:

@@ -73,13 +73,13 @@ def stage(name: str, spec_path: str, iteration: str, out_path: str) -> None:
 
 def generate(spec: dict, iteration: int) -> dict:
     from policy.config import PolicyConfig, RolloutConfig
-    from policy.rollout import Sampling
+    from policy.rollout_protocol import Sampling
     from policy.vllm_engine import VLLMEngine
-    from rlhf_loop import records
+    from rlhf_loop.common import records
     from rlhf_loop.config import DataConfig
-    from rlhf_loop.data import iteration_prompts
-    from rlhf_loop.rundir import atomic_write_jsonl
-    from rlhf_loop.seeds import derived_seed
+    from rlhf_loop.driver.data import iteration_prompts
+    from rlhf_loop.common.files import atomic_write_jsonl
+    from rlhf_loop.common.seeds import derived_seed
 
     setting, work_dir = spec["setting"], Path(spec["work_dir"])
     pi_0 = policy_dir(spec, 1)
@@ -106,11 +106,11 @@ def generate(spec: dict, iteration: int) -> dict:
 def score(spec: dict, iteration: int) -> dict:
     from reward.config import RewardConfig
     from reward.registry import build_reward_model
-    from rlhf_loop import records
-    from rlhf_loop.pairs import select_pairs
-    from rlhf_loop.rundir import atomic_write_jsonl, read_jsonl
-    from rlhf_loop.seeds import derived_seed
-    from rlhf_loop.stages import score_rollouts
+    from rlhf_loop.common import records
+    from rlhf_loop.driver.pairs import select_pairs
+    from rlhf_loop.common.files import atomic_write_jsonl, read_jsonl
+    from rlhf_loop.common.seeds import derived_seed
+    from rlhf_loop.driver.stages import score_rollouts
 
     setting, work_dir = spec["setting"], Path(spec["work_dir"])
     reward = build_reward_model(RewardConfig(kind="bradley_terry",
@@ -131,8 +131,8 @@ def score(spec: dict, iteration: int) -> dict:
 def train(spec: dict, iteration: int) -> dict:
     from policy.config import PolicyConfig, TrainConfig
     from policy.learner import DPOLearner
-    from rlhf_loop import records
-    from rlhf_loop.rundir import read_jsonl
+    from rlhf_loop.common import records
+    from rlhf_loop.common.files import read_jsonl
 
     setting, work_dir = spec["setting"], Path(spec["work_dir"])
     train_cfg = TrainConfig(loss_type="sigmoid", beta=setting["beta"], learning_rate=setting["learning_rate"],

@@ -21,7 +21,7 @@ import httpx
 
 from reward.base import RewardQuery
 from reward.config import RewardConfig
-from rlhf_loop.network import free_port
+from rlhf_loop.common.network import free_port
 
 BATCHES = (1, 16, 64)
 CLIENTS = (1, 8)

@@ -23,9 +23,9 @@ from bench_common import REPO, SETTINGS, child_env, prepare_assets, write_json
 
 # Each piece: setup code (not timed) and timed code; `spec` (the benchmark's paths) is in scope.
 PIECES = {
-    "driver: import rlhf_loop.cli": ("", "import rlhf_loop.cli"),
+    "driver: import rlhf_loop.frontend.cli": ("", "import rlhf_loop.frontend.cli"),
     "driver: load config + preflight": (
-        "from rlhf_loop.config import load_config\nfrom rlhf_loop.preflight import preflight",
+        "from rlhf_loop.config import load_config\nfrom rlhf_loop.frontend.preflight import preflight",
         "preflight(load_config(spec['config']))"),
     "ray.init (local cluster, 2 CPUs)": (
         "import os, ray\nos.environ.setdefault('RAY_AUTH_MODE', 'disabled')",

@@ -71,7 +71,7 @@ def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path)
     config_path.write_text(yaml.safe_dump(rlhf_loop_config(setting, assets, device), sort_keys=False))
     run_dir = work_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "rlhf_loop.cli", "run", str(config_path), "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "rlhf_loop.frontend.cli", "run", str(config_path), "--run-dir", str(run_dir)]
     measured = run_measured(command, work_dir / "console.log", child_env(device))
     if measured.returncode != 0:
         raise RuntimeError(f"rlhf-loop failed (exit {measured.returncode}); see {work_dir / 'console.log'}")
@@ -110,13 +110,13 @@ def driver_log_work_seconds(log: Path) -> float:
         return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     lines = log.read_text().splitlines()
-    ready = next(stamp(line) for line in lines if " rlhf_loop.roles: start-up: " in line)
+    ready = next(stamp(line) for line in lines if " rlhf_loop.cluster.roles: start-up: " in line)
     last = [stamp(line) for line in lines if re.search(r" INFO rlhf_loop: iter \d+/\d+ ", line)][-1]
     return last - ready
 
 
 def driver_log_ready_after_launch(log: Path) -> float:
-    line = next(line for line in log.read_text().splitlines() if " rlhf_loop.roles: start-up: " in line)
+    line = next(line for line in log.read_text().splitlines() if " rlhf_loop.cluster.roles: start-up: " in line)
     return float(re.search(r"every actor ready ([\d.]+) s after launch", line).group(1))
 
 

@@ -42,7 +42,7 @@ def main(spec_path: str, result_path: str) -> None:
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from rlhf_loop.config import DataConfig
-    from rlhf_loop.data import iteration_prompts
+    from rlhf_loop.driver.data import iteration_prompts
 
     spec = json.loads(Path(spec_path).read_text())
     setting, device, work_dir = spec["setting"], spec["device"], Path(spec["work_dir"])

@@ -46,8 +46,8 @@ def measure(path: Path, engines: int, repeats: int, bucket_mb: int) -> dict[str,
     from policy.config import PolicyConfig, RolloutConfig, TrainConfig
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
-    from rlhf_loop.records import Prompt
-    from rlhf_loop.stages import sync_weights
+    from rlhf_loop.common.records import Prompt
+    from rlhf_loop.driver.stages import sync_weights
 
     policy = PolicyConfig(model_path=str(path))
     learner = LearnerGroup(policy, TrainConfig(), "cpu", seed=0)
@@ -82,7 +82,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from rlhf_loop.rundir import atomic_write_json
+    from rlhf_loop.common.files import atomic_write_json
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf_loop.faults import KILL_AT_ENV  # noqa: E402
-from rlhf_loop.rundir import read_jsonl  # noqa: E402
+from rlhf_loop.common.faults import KILL_AT_ENV  # noqa: E402
+from rlhf_loop.common.files import read_jsonl  # noqa: E402
 
 MOMENTS = {"checkpoint": 0, "before": 1, "manifest": 2, "after": 3}  # the order within one unit
 RUN_TIMEOUT_S = 900
@@ -70,7 +70,7 @@ def rlhf_loop(*args: str, kill_at: str | None = None) -> subprocess.CompletedPro
     env.pop(KILL_AT_ENV, None)
     if kill_at:
         env[KILL_AT_ENV] = kill_at
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], cwd=REPO, env=env, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.frontend.cli", *args], cwd=REPO, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=RUN_TIMEOUT_S)

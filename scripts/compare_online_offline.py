@@ -63,7 +63,7 @@ class Arm:
 
 def run(arm: Arm, runs_dir: Path) -> Path:
     """Run (or finish) one arm; returns its run directory."""
-    from rlhf_loop.status import run_status
+    from rlhf_loop.frontend.status import run_status
 
     run_dir = arm.run_dir(runs_dir)
     if (run_dir / "manifest.json").exists():
@@ -73,7 +73,7 @@ def run(arm: Arm, runs_dir: Path) -> Path:
     else:
         command = ["run", str(CONFIGS[arm.name]), *arm.overrides(), "--run-dir", str(run_dir)]
     print(f"$ rlhf-loop {' '.join(command)}", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "rlhf_loop.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
+    subprocess.run([sys.executable, "-m", "rlhf_loop.frontend.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
     return run_dir
 
 

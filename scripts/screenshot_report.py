@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhf_loop.rundir import atomic_write_bytes
+from rlhf_loop.common.files import atomic_write_bytes
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 TIMEOUT_S = 120

@@ -73,10 +73,46 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The rooms of rlhf_loop and which rooms each may import from (besides itself, `policy` and `reward`). Read
+# bottom-up: common is the shared leaves; the run directory and the toy task build on it; the config composes the
+# roles' configs; the driver runs the stages; the cluster places them as actors; loop.py is the algorithm; the
+# front end is what a person types.
+ROOM_IMPORTS = {
+    "common": set(),
+    "rundir": {"common"},
+    "toy": {"common"},
+    "config": {"common", "toy"},
+    "driver": {"common", "rundir", "config"},
+    "cluster": {"common", "rundir", "config", "driver"},
+    "loop": {"common", "rundir", "config", "driver", "cluster"},
+    "frontend": {"common", "rundir", "toy", "config", "driver", "cluster", "loop"},
+}
+
+
+def room_of(module: str) -> str:
+    """rlhf_loop.driver.stages -> driver; rlhf_loop.loop -> loop; rlhf_loop.config -> config."""
+    return module.split(".")[1]
+
+
+def test_every_module_of_rlhf_loop_is_in_a_room():
+    assert sorted({room_of(name) for name in import_graph() if name.startswith("rlhf_loop.")}) == sorted(ROOM_IMPORTS)
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    wrong = sorted(f"{name} -> {target}" for name, targets in import_graph().items() if name.startswith("rlhf_loop.")
+                   for target in targets if target.startswith("rlhf_loop.")
+                   and room_of(target) != room_of(name) and room_of(target) not in ROOM_IMPORTS[room_of(name)])
+    assert wrong == []
+
+
+def test_a_wrong_room_import_would_be_found():
+    assert "driver" not in ROOM_IMPORTS["rundir"] and "frontend" not in ROOM_IMPORTS["loop"]
+
+
 def test_the_graph_sees_lazy_imports():
     graph = import_graph()
-    assert "policy.learner_group" in graph["rlhf_loop.stages"]  # imported inside sft_warm_start()
-    assert {"rlhf_loop.records", "rlhf_loop.errors"} <= leaf_modules(graph)
+    assert "policy.learner_group" in graph["rlhf_loop.driver.stages"]  # imported inside sft_warm_start()
+    assert {"rlhf_loop.common.records", "rlhf_loop.common.errors"} <= leaf_modules(graph)
     assert "rlhf_loop.config" not in leaf_modules(graph)
 
 
@@ -94,6 +130,14 @@ def test_policy_and_reward_import_only_leaf_modules_of_the_driver():
     wrong = sorted(f"{name} -> {target}" for name, targets in graph.items()
                    if name.startswith(("policy.", "reward.")) for target in targets
                    if target.startswith("rlhf_loop.") and target not in leaves)
+    assert wrong == []
+
+
+def test_policy_and_reward_import_only_the_common_room():
+    """The roles reuse the shared leaves (errors, records, files, ...) and nothing of the driver above them."""
+    wrong = sorted(f"{name} -> {target}" for name, targets in import_graph().items()
+                   if name.startswith(("policy.", "reward.")) for target in targets
+                   if target.startswith("rlhf_loop.") and room_of(target) != "common")
     assert wrong == []
 
 

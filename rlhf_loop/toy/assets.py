@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_loop.console import say
-from rlhf_loop.rundir import atomic_write_jsonl
+from rlhf_loop.common.console import say
+from rlhf_loop.common.files import atomic_write_jsonl
 from rlhf_loop.toy.task import (
     AnswerNoise,
     make_preference_pairs,

@@ -47,7 +47,7 @@ def measure_calibration(assets, samples_per_prompt: int = 8, num_prompts: int = 
     from reward.base import RewardQuery
     from reward.classifier import BradleyTerryReward
     from reward.config import RewardConfig
-    from rlhf_loop.rundir import read_jsonl
+    from rlhf_loop.common.files import read_jsonl
     from rlhf_loop.toy.task import gold_reward
 
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_loop.records import Messages
+from rlhf_loop.common.records import Messages
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "fruits": ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policy.config import PolicyConfig
-from rlhf_loop.records import Prompt
+from rlhf_loop.common.records import Prompt
 
 
 def _make_prompts(tokenizer, messages_list, count: int) -> list[Prompt]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policy.config import PolicyConfig, TrainConfig
-from rlhf_loop.records import Pair, Response
+from rlhf_loop.common.records import Pair, Response
 
 GOOD_ANSWERS = ["Apples, bananas and cherries.", "One two three four five.", "The waves roll in and out."]
 BAD_ANSWERS = ["Blue.", "I am fine, thank you. What is your favourite colour? Blue and green.", "dog dog dog"]

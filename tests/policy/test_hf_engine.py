@@ -6,7 +6,7 @@ import pytest
 
 from policy.config import RolloutConfig
 from policy.hf_engine import HFEngine
-from policy.rollout import Sampling
+from policy.rollout_protocol import Sampling
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -80,7 +80,7 @@ def test_truncation_keeps_prompt_end_and_response_start():
 def test_dropout_is_disabled(tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from policy.engine import disable_dropout
+    from policy.deepspeed_policy import disable_dropout
     from rlhf_loop.toy.tiny import build_tiny_policy
 
     model = AutoModelForCausalLM.from_pretrained(

@@ -18,7 +18,7 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
 
 from policy.learner import DPOLearner
 from policy.learner_group import LearnerGroup
-from rlhf_loop.actor_calls import ActorDied
+from rlhf_loop.common.actor_calls import ActorDied
 
 pytestmark = pytest.mark.integration  # starts Ray actors
 

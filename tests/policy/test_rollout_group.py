@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from policy.config import RolloutConfig
-from policy.rollout import Sampling
+from policy.rollout_protocol import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
 from policy.weight_buckets import plan_buckets
 from policy.weight_sync import host_store, send
-from rlhf_loop.actor_calls import ActorDied
+from rlhf_loop.common.actor_calls import ActorDied
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

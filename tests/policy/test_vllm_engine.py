@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from policy.config import RolloutConfig
-from policy.rollout import Sampling
+from policy.rollout_protocol import Sampling
 from policy.rollout_group import start_engine_actor
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]

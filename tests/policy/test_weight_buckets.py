@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy.weight_buckets import ALIGN_BYTES, flatten, plan_buckets, unflatten
+from policy.weight_buckets import ALIGN_BYTES, pack_bucket, plan_buckets, unpack_bucket
 
 
 def names(plan) -> list[list[str]]:
@@ -33,17 +33,17 @@ def test_mixed_dtypes_start_aligned_and_round_trip_bit_for_bit():
     plan = plan_buckets([(name, t.shape, t.dtype) for name, t in tensors], bucket_bytes=1 << 20)
     assert len(plan) == 1
     assert all(slot.offset % ALIGN_BYTES == 0 for slot in plan[0].slots)
-    buffer = flatten(plan[0], [t for _, t in tensors])
+    buffer = pack_bucket(plan[0], [t for _, t in tensors])
     assert buffer.dtype == torch.uint8 and buffer.numel() == plan[0].nbytes
-    for (name, got), (expected_name, expected) in zip(unflatten(plan[0], buffer), tensors):
+    for (name, got), (expected_name, expected) in zip(unpack_bucket(plan[0], buffer), tensors):
         assert name == expected_name and got.dtype == expected.dtype and got.shape == expected.shape
         assert torch.equal(got, expected)
 
 
 def test_unflatten_gives_views_of_the_buffer_not_copies():
     plan = plan_buckets([("a", (2,), torch.float32)], bucket_bytes=64)
-    buffer = flatten(plan[0], [torch.tensor([1.0, 2.0])])
-    (_, view), = unflatten(plan[0], buffer)
+    buffer = pack_bucket(plan[0], [torch.tensor([1.0, 2.0])])
+    (_, view), = unpack_bucket(plan[0], buffer)
     buffer.zero_()
     assert torch.equal(view, torch.zeros(2))
 
@@ -51,7 +51,7 @@ def test_unflatten_gives_views_of_the_buffer_not_copies():
 def test_flatten_refuses_a_tensor_that_is_not_the_planned_one():
     plan = plan_buckets([("a", (2,), torch.float32)], bucket_bytes=64)
     with pytest.raises(ValueError, match="a: expected"):
-        flatten(plan[0], [torch.zeros(2, dtype=torch.float64)])
+        pack_bucket(plan[0], [torch.zeros(2, dtype=torch.float64)])
 
 
 def test_an_empty_model_is_no_bucket_and_a_bucket_size_must_be_positive():

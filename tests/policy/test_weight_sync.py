@@ -12,8 +12,8 @@ import torch
 from policy.config import LoRAConfig, RolloutConfig, TrainConfig
 from policy.weight_buckets import plan_buckets
 from policy.weight_sync import SyncSpec, WeightSyncTimeout, host_store, receive, send
-from rlhf_loop.records import Pair, Response
-from rlhf_loop.stages import sync_weights
+from rlhf_loop.common.records import Pair, Response
+from rlhf_loop.driver.stages import sync_weights
 
 CPU = torch.device("cpu")
 
@@ -132,7 +132,7 @@ def test_a_missing_rank_is_named_in_one_line_on_every_rank_that_came():
 
 
 def test_an_unreachable_learner_store_is_one_line_naming_the_receiver():
-    from rlhf_loop.network import free_port
+    from rlhf_loop.common.network import free_port
 
     spec = SyncSpec("127.0.0.1", free_port(), "test", ("learner rank 0", "rollout engine 0"), timeout_s=1.0)
     with pytest.raises(WeightSyncTimeout, match="rollout engine 0 could not reach learner rank 0's store") as error:

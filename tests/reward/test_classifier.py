@@ -12,7 +12,7 @@ from reward.base import RewardQuery
 from reward.config import RewardConfig
 from reward.hf import render, truncate_left
 from reward.registry import build_reward_model
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,8 @@ def test_armorm_scores_objectives_and_gating(tiny_armorm_dir, queries):
 
 
 def test_armorm_per_objective_means_reach_the_metrics(tiny_armorm_dir, queries):
-    from rlhf_loop.metrics import reward_metrics
-    from rlhf_loop.records import Prompt, Response, Rollout, Scored
+    from rlhf_loop.driver.metrics import reward_metrics
+    from rlhf_loop.common.records import Prompt, Response, Rollout, Scored
 
     results = build_reward_model(armorm_config(tiny_armorm_dir), "cpu").score(queries)
     scored = [

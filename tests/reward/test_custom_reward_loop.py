@@ -19,7 +19,7 @@ import pytest
 
 from reward.config import RewardConfig
 from reward.server import running_server
-from rlhf_loop.rundir import read_jsonl
+from rlhf_loop.common.files import read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ cluster: {{num_cpus: 2}}
 def rlhf_loop(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     # Its own process group, so whatever the driver leaves behind (Ray's processes) is cleaned up here.
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.frontend.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=600)

@@ -11,7 +11,7 @@ import pytest
 from reward.base import RewardQuery
 from reward.config import RewardComponent, RewardConfig
 from reward.registry import build_reward_model
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 USER_REWARDS = textwrap.dedent("""
     import math

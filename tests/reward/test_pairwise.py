@@ -12,7 +12,7 @@ import torch
 from reward.base import RewardQuery
 from reward.config import PairwiseConfig, RewardConfig
 from reward.registry import build_reward_model
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 
 def judge_config(model_dir, **pairwise) -> RewardConfig:

@@ -9,7 +9,7 @@ from reward import registry
 from reward.base import RewardQuery, RewardResult
 from reward.config import KINDS, MODEL_KINDS, RewardComponent, RewardConfig
 from reward.registry import build_reward_model, uses_accelerator
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 QUERIES = [RewardQuery([{"role": "user", "content": "say hi"}], ["hi", "hello there", ""], {"bonus": 1.0}),
            RewardQuery([{"role": "user", "content": "count"}], ["one two", "x"], {"bonus": -2.0})]

@@ -18,7 +18,7 @@ from reward.config import RemoteConfig, RewardComponent, RewardConfig, ServerCon
 from reward.registry import build_reward_model
 from reward.remote import JITTER, TIMEOUT_MARGIN_S, RewardServerError, retry_after_seconds, retry_wait
 from reward.server import background, running_server
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 QUERIES = [
     RewardQuery([{"role": "user", "content": "Name three fruits."}], ["apple banana cherry", "no", ""]),

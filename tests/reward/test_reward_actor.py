@@ -10,8 +10,8 @@ import pytest
 from reward.base import RewardQuery
 from reward.config import RewardConfig
 from reward.registry import build_reward_model
-from rlhf_loop.actor_calls import ActorTimeout
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.actor_calls import ActorTimeout
+from rlhf_loop.common.errors import UserError
 
 pytestmark = pytest.mark.integration  # starts Ray actors
 

@@ -9,8 +9,8 @@ import pytest
 import reward.server
 from reward.config import RewardConfig
 from reward.server import running_server
-from rlhf_loop.cli import main
-from rlhf_loop.errors import UserError
+from rlhf_loop.frontend.cli import main
+from rlhf_loop.common.errors import UserError
 
 
 @pytest.fixture

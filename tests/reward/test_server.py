@@ -16,7 +16,7 @@ from reward.base import RewardQuery
 from reward.config import RewardConfig, ServerConfig
 from reward.registry import build_reward_model
 from reward.server import load_reward_config, running_server
-from rlhf_loop.errors import ConfigError, UserError
+from rlhf_loop.common.errors import ConfigError, UserError
 
 PROMPT = [{"role": "user", "content": "Name three fruits."}]
 JSON = {"content-type": "application/json"}

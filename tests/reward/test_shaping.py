@@ -8,7 +8,7 @@ from reward.actor import _RewardActor
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardComponent, RewardConfig
 from reward.shaping import length_penalized, objective_weights_problem, weigh_objectives
-from rlhf_loop.errors import UserError
+from rlhf_loop.common.errors import UserError
 
 
 def test_objective_weights_replace_the_score_by_the_weighted_objectives():

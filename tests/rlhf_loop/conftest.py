@@ -34,7 +34,8 @@ def no_gpu_here(monkeypatch):
 @pytest.fixture
 def cli_without_ray(tmp_path, monkeypatch):
     """`rlhf-loop run/resume` with Ray and the actors left out: no cluster starts, no actor is launched."""
-    from rlhf_loop import cluster, roles
+    from rlhf_loop.cluster import ray_cluster as cluster
+    from rlhf_loop.cluster import roles
 
     monkeypatch.setattr(cluster, "ray_running", lambda cluster_cfg: contextlib.nullcontext(tmp_path / "ray_logs"))
     monkeypatch.setattr(roles, "launch_early", lambda cfg, device: None)
@@ -44,7 +45,8 @@ def cli_without_ray(tmp_path, monkeypatch):
 def cli_without_models(tmp_path, monkeypatch, cli_without_ray):
     """`rlhf-loop run/resume` with preflight, Ray and the loop itself stubbed out (the models and data are not what is
     tested): returns a config file and the prompt file it names."""
-    from rlhf_loop import loop, preflight
+    from rlhf_loop import loop
+    from rlhf_loop.frontend import preflight
 
     monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
     monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: None)

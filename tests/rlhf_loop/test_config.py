@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.config import RunConfig, load_config, to_yaml
-from rlhf_loop.errors import ConfigError
+from rlhf_loop.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_loop.faults import KILL_ACTOR_ENV, KILL_AT_ENV
-from rlhf_loop.rundir import read_jsonl
+from rlhf_loop.common.faults import KILL_ACTOR_ENV, KILL_AT_ENV
+from rlhf_loop.common.files import read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def rlhf_loop(*args: str, kill_at: str | None = None, kill_actors: str | None = 
     if kill_actors:
         env[KILL_ACTOR_ENV] = kill_actors
     # Its own process group, so whatever a killed driver leaves behind (Ray's processes) is cleaned up here.
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.cli", *args], env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.frontend.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=RUN_TIMEOUT_S)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.config import load_config
-from rlhf_loop.plan import describe_plan, plan_report
+from rlhf_loop.frontend.plan import describe_plan, plan_report
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 RLHFLOW = RECIPES / "rlhflow_iterative_dpo_llama3_8b.yaml"

@@ -92,7 +92,7 @@ def test_results_are_written_as_json(tmp_path):
 def test_rlhf_loop_work_is_the_driver_log_from_actors_ready_to_the_last_iteration(tmp_path):
     log = tmp_path / "driver.log"
     log.write_text("2026-11-30 14:49:18,320 INFO rlhf_loop: run directory x\n"
-                   "2026-11-30 14:49:45,098 INFO rlhf_loop.roles: start-up: rollout 20.7 s, reward 12.6 s\n"
+                   "2026-11-30 14:49:45,098 INFO rlhf_loop.cluster.roles: start-up: rollout 20.7 s, reward 12.6 s\n"
                    "2026-11-30 14:50:05,851 INFO rlhf_loop: iter 1/2  reward -4.81  pairs 128/128  16.3 s\n"
                    "2026-11-30 14:50:30,000 INFO rlhf_loop: iter 2/2  reward -4.00  pairs 128/128  20.0 s\n"
                    "2026-11-30 14:50:31,500 INFO rlhf_loop: finished; `rlhf-loop report x` writes its HTML report\n")

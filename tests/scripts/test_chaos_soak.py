@@ -6,7 +6,7 @@ import random
 import sys
 from pathlib import Path
 
-from rlhf_loop.rundir import atomic_write_jsonl
+from rlhf_loop.common.files import atomic_write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from chaos_soak import candidate_points  # noqa: E402

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import rlhf_loop.toy.assets as assets_module
-from rlhf_loop.rundir import read_jsonl
+from rlhf_loop.common.files import read_jsonl
 from rlhf_loop.toy.assets import ToyTaskConfig, ensure_toy_assets, recipe_key, toy_assets
 
 def test_recipe_key_ignores_where_the_cache_lives_but_not_the_recipe():

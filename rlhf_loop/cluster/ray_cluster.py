@@ -1,0 +1,94 @@
+"""Ray start-up and device choice: the one place the driver touches Ray directly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from rlhf_loop.common import console
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.network import is_loopback
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def resolve_device(device: str) -> str:
+    """`auto` means CUDA when this machine has a GPU, else CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def ray_running(cluster_cfg) -> Iterator[Path]:
+    """Ray for the block, joined or started here and shut down however the block ends; yields this session's log
+    directory (for `link_ray_logs` once the run directory exists)."""
+    try:
+        yield start_ray(cluster_cfg)
+    finally:
+        stop_ray()
+
+
+def start_ray(cluster_cfg) -> Path:
+    """Join the cluster at `cluster.address` (or $RAY_ADDRESS), or start a local one; returns the session's log
+    directory. In a quiet process the actors' output stays in Ray's log files instead of coming to the console."""
+    import ray
+
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    node_ip = cluster_cfg.node_ip_address
+    if address is None:
+        # A local throwaway cluster needs no token file in $HOME; a cluster we join keeps its own auth settings.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    elif address != "auto":
+        host = check_reachable(address)
+        node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
+    try:
+        context = ray.init(
+            address=address,
+            num_cpus=cluster_cfg.num_cpus if address is None else None,
+            _node_ip_address=node_ip,
+            include_dashboard=False,
+            log_to_driver=not console.is_quiet(),
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    except ConnectionError as e:  # address "auto" with no cluster running here, or a head that went away
+        raise UserError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0][:160]}); start it with "
+                        f"`ray start --head`, or unset cluster.address to start a local one") from None
+    return Path(context.address_info["session_dir"]) / "logs"
+
+
+def link_ray_logs(ray_logs: Path, log_dir: Path) -> None:
+    """RUN_DIR/logs/ray_SESSION -> Ray's log directory of this session (every actor's worker-*-PID.out and .err;
+    placement.json has the actors' pids). Only this node's are there: on a cluster, each node keeps its own."""
+    link = log_dir / f"ray_{ray_logs.parent.name}"
+    if ray_logs.is_dir() and not link.exists():
+        link.symlink_to(ray_logs, target_is_directory=True)
+    logging.getLogger(__name__).info("the actors' logs (Ray's): %s", link if link.exists() else ray_logs)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """The host of a `host:port` (or ray://host:port) cluster address, once something answers there; otherwise one
+    line instead of Ray's silent retries."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"cluster.address {address!r} is not host:port; write e.g. 10.0.0.5:6379 or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return host
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s ({e.strerror or e}); "
+                        f"check cluster.address against what `ray start --head` printed") from None
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

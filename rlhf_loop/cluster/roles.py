@@ -1,0 +1,142 @@
+"""The roles of a run as Ray actors: the rollout engines and the reward model (online runs) and the DPO learner
+(train.enabled). Every role's placement group is reserved first (`rlhf_loop.cluster.placement` lays them out), then the
+roles start at once, each actor on its bundle; where each ran and how long it took to start go to placement.json."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from policy.config import PolicyConfig
+from rlhf_loop.common.background import in_background
+from rlhf_loop.config import RunConfig
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.cluster.placement import Layout, ActorSlot, role_layout, unplaceable
+from rlhf_loop.common.files import atomic_write_json
+
+if TYPE_CHECKING:  # they import Ray
+    from policy.learner_group import LearnerGroup
+    from policy.rollout_group import RolloutGroup
+    from reward.actor import RewardScorer
+    from rlhf_loop.driver.stages import Run
+
+
+@dataclass(frozen=True)
+class Started:
+    """The roles' actors, how long each role took to start, and where the layout put them."""
+
+    actors: dict[str, Any]
+    seconds: dict[str, float]
+    layout: Layout
+
+
+def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Started] | None = None
+                 ) -> tuple[RolloutGroup | None, RewardScorer | None, LearnerGroup | None]:
+    """The rollout engines and the reward model (online runs) and the learner (train.enabled): the ones `early`
+    started while the config was checked (`launch_early`), else started now. Where each actor runs and how long each
+    role took to start go to RUN_DIR/placement.json and the log."""
+    started = early.result() if early is not None else launch(run.cfg, policy, device)
+    placement = {role: {"startup_s": round(started.seconds[role], 2), "placement": requested(started.layout, role),
+                        "actors": [{**where, "bundle": slot.bundle}
+                                   for where, slot in zip(actor.placement(), started.layout.slots[role], strict=True)]}
+                 for role, actor in started.actors.items()}
+    atomic_write_json(run.run_dir.root / "placement.json", placement)
+    since_launch = seconds_since_launch()
+    logging.getLogger(__name__).info(
+        "start-up: %s%s", ", ".join(f"{role} {info['startup_s']:.1f} s" for role, info in placement.items()),
+        "" if since_launch is None else f"; every actor ready {since_launch:.1f} s after launch")
+    return started.actors.get("rollout"), started.actors.get("reward"), started.actors.get("learner")
+
+
+def launch_early(cfg: RunConfig, device: str) -> Future[Started] | None:
+    """The actors, started in the background while the driver checks the config and makes the run directory (they
+    need neither): their start-up, mostly imports and model loading, overlaps the driver's. None when the actors
+    need the run first: an SFT warm start makes the policy they load. The thread is a daemon: when the check fails,
+    the process exits (and Ray stops, taking the half-started actors) without waiting for it."""
+    if cfg.sft.enabled:
+        return None
+    return in_background(launch, cfg, cfg.policy, device, name="start-actors")
+
+
+def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
+    """Every role's placement group reserved, then the roles' actors started at once: each spends its start-up
+    loading models, so together they take as long as the slowest, not the sum. Colocated engines start before the
+    learner: vLLM sizes its share of the GPU from the memory free when it starts."""
+    from policy.learner_group import LearnerGroup
+    from policy.rollout_group import RolloutGroup
+    from reward.actor import RewardScorer
+
+    restarts = cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted
+    layout = role_layout(cfg, device)
+    options = reserve(layout, cfg.cluster.placement.timeout_s)
+    colocate = cfg.cluster.colocate
+    roles: dict[str, Callable[[], Any]] = {}
+    if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
+        roles["rollout"] = lambda: RolloutGroup(policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts,
+                                                options["rollout"], sleeps=colocate)
+        roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts, options["reward"][0])
+    if cfg.train.enabled:
+        roles["learner"] = lambda: LearnerGroup(policy, cfg.train, device, cfg.seed, options["learner"])
+
+    def timed(start: Callable[[], Any]) -> tuple[Any, float]:
+        began = time.perf_counter()
+        return start(), time.perf_counter() - began
+
+    started = {}
+    if colocate and "rollout" in roles:
+        started["rollout"] = timed(roles.pop("rollout"))
+    with ThreadPoolExecutor(max_workers=len(roles) or 1, thread_name_prefix="start") as pool:
+        futures = {role: pool.submit(timed, start) for role, start in roles.items()}
+        started |= {role: future.result() for role, future in futures.items()}
+    return Started({role: actor for role, (actor, _) in started.items()},
+                   {role: seconds for role, (_, seconds) in started.items()}, layout)
+
+
+def reserve(layout: Layout, timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+    """Every group of the layout, reserved before any actor starts; then each role's Ray options, one per actor.
+    A group not placed within `timeout_s` releases them all and stops the run with one line: which role, why, and
+    what to change. The groups live as long as this driver."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not layout.groups:
+        return {}
+    groups = {group.name: ray.util.placement_group(list(group.bundles), strategy=group.ray_strategy)
+              for group in layout.groups}
+    ready, _ = ray.wait([pg.ready() for pg in groups.values()], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        placed = set(ray.get(ready))
+        missing = next(group for group in layout.groups if groups[group.name] not in placed)
+        for pg in groups.values():
+            ray.util.remove_placement_group(pg)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        raise UserError(unplaceable(missing, nodes, timeout_s))
+
+    def ray_options(slot: ActorSlot) -> dict[str, Any]:
+        strategy = PlacementGroupSchedulingStrategy(groups[slot.group], placement_group_bundle_index=slot.bundle)
+        return {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy}
+
+    return {role: [ray_options(slot) for slot in slots] for role, slots in layout.slots.items()}
+
+
+def requested(layout: Layout, role: str) -> dict[str, Any]:
+    """What the config asked of the cluster for a role, as placement.json records it beside where its actors ran."""
+    group = next(group for group in layout.groups if role in group.roles)
+    return {"group": group.name, "resource": group.resource, "strategy": group.strategy,
+            "bundles": [group.bundles[slot.bundle] for slot in layout.slots[role]]}
+
+
+def seconds_since_launch() -> float | None:
+    """How long ago this process started, interpreter start-up included (Linux's /proc; None elsewhere)."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None

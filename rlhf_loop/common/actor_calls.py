@@ -1,0 +1,71 @@
+"""Waiting on Ray actors: every call has a deadline, and what goes wrong comes back as one line a person can act on.
+
+    results = wait(refs, cfg.rollout.call_timeout_s, "rollout engine 0", "generate", "rollout.call_timeout_s")
+
+A leaf module (it imports nothing of ours but `rlhf_loop.common.errors`; `ray` only inside the functions), so the actor
+clients in policy/ and reward/ share it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rlhf_loop.common.errors import UserError
+
+
+def placement() -> dict[str, Any]:
+    """Where the calling actor runs: Ray node id, node address and process id (recorded in RUN_DIR/placement.json)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address(),
+            "pid": os.getpid()}
+
+
+class ActorTimeout(UserError):
+    """An actor did not answer within its role's timeout: hung, or slower than the timeout allows."""
+
+
+class ActorDied(UserError):
+    """An actor's process died (killed, out of memory, a crashed node)."""
+
+
+class ActorRestarting(ActorDied):
+    """An actor that died is being restarted by Ray; calls made meanwhile fail with this."""
+
+
+def wait(refs: Any, timeout_s: float, role: str, stage: str, timeout_key: str) -> Any:
+    """`ray.get(refs)` within `timeout_s`. A UserError raised in the actor comes back as itself; a timeout or a dead
+    actor becomes one line naming the role, the stage and what to do."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorTimeout(f"the {role} did not answer within {timeout_s:g} s during {stage}; it may be hung. "
+                           f"Finished work is kept: raise {timeout_key} if the work is only slow, then "
+                           f"`rlhf-loop resume RUN_DIR`") from None
+    except ray.exceptions.ActorUnavailableError:
+        raise ActorRestarting(f"the {role} is restarting during {stage}") from None
+    except ray.exceptions.RayActorError as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ActorDied(f"the {role} died during {stage} ({cause[:160]}); finished work is kept: "
+                        f"`rlhf-loop resume RUN_DIR` continues from the last finished unit") from None
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+
+
+def wait_restarted(call: Callable[[], Any], timeout_s: float, role: str, timeout_key: str) -> Any:
+    """The result of `call()` (which submits a task to an actor that died) once Ray has restarted the actor."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return wait(call(), max(deadline - time.monotonic(), 0.1), role, "restart", timeout_key)
+        except ActorRestarting:
+            if time.monotonic() > deadline:
+                raise ActorTimeout(f"the {role} was not back within {timeout_s:g} s of its restart") from None
+            time.sleep(0.2)

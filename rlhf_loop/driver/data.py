@@ -1,0 +1,248 @@
+"""Data in: prompt sets (loaded through HF `datasets`, rendered with the policy's chat template, sliced per
+iteration) and, for offline DPO, the pairs of a preference dataset.
+
+    load_preference_pairs("Magpie-Align/MagpieLM-DPO-Data-v0.1", "train", tokenizer, max_prompt_tokens=2048)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlhf_loop.common import console
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.records import Messages, Pair, Prompt, Response
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: list[Prompt]
+    skipped_too_long: int  # prompts over the token limit, left out and counted
+
+
+def load_rows(source: str, split: str):
+    """A HF dataset from a local .json/.jsonl/.parquet file or, for anything else, the hub."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise UserError(f"dataset file {source} does not exist; fix the path in the config")
+        if path.stat().st_size == 0:
+            raise UserError(f"dataset file {source} is empty; it needs at least one row")
+        try:
+            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # malformed JSON/parquet surfaces as many exception types
+            raise UserError(f"cannot read {source} as {path.suffix[1:]}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'malformed file'}") from None
+    if path.exists():
+        raise UserError(f"{source} is not a .json, .jsonl or .parquet file; convert it or name a hub dataset")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # the hub raises many types; all mean the same thing to the user
+        raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+
+
+def as_messages(value: Any, column: str, source: str, column_key: str = "data.prompt_column") -> Messages:
+    """A prompt cell as chat messages: a list of {"role", "content"} dicts, or a plain string made a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(f"column {column!r} of {source} holds {type(value).__name__} values; it must hold strings or "
+                    f"lists of {{'role', 'content'}} messages: set {column_key} to such a column")
+
+
+def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, first_index: int = 0,
+                   column_key: str = "data.prompt_column") -> PromptSet:
+    """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens. Errors name
+    `column_key`, the config key that chose the column."""
+    if column not in rows.column_names:
+        raise UserError(f"prompt column {column!r} is not in {source} (columns: {', '.join(rows.column_names)}); "
+                        f"set {column_key} to one of them")
+    prompts, skipped = [], 0
+    for offset, row in enumerate(rows):
+        messages = as_messages(row[column], column, source, column_key)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(token_ids) > max_tokens:
+            skipped += 1
+            continue
+        meta = {key: value for key, value in row.items() if key != column and _is_json(value)}
+        prompts.append(Prompt(index=first_index + offset, messages=messages, token_ids=token_ids, meta=meta))
+    return PromptSet(prompts, skipped)
+
+
+def iteration_prompts(data, iteration: int, tokenizer, seed: int) -> PromptSet:
+    """The prompts of one iteration (1-based): its own dataset, or its slice of the shared one."""
+    per_iteration = len(data.prompts) > 1
+    source = data.prompts[iteration - 1] if per_iteration else data.prompts[0]
+    rows = load_rows(source, data.split)
+    if data.shuffle:
+        rows = rows.shuffle(seed=seed)
+    first = 0
+    if data.prompts_per_iteration is not None and not per_iteration:
+        first = (iteration - 1) * data.prompts_per_iteration
+        if first >= len(rows):
+            raise UserError(f"{source} has {len(rows)} prompts, too few for iteration {iteration} with "
+                            f"data.prompts_per_iteration={data.prompts_per_iteration}; lower it or add prompts")
+        rows = rows.select(range(first, min(first + data.prompts_per_iteration, len(rows))))
+    elif data.prompts_per_iteration is not None:
+        rows = rows.select(range(min(data.prompts_per_iteration, len(rows))))
+    prompt_set = render_prompts(rows, data.prompt_column, source, tokenizer, data.max_prompt_tokens, first)
+    if not prompt_set.prompts:
+        raise UserError(f"no usable prompts for iteration {iteration} in {source} ({prompt_set.skipped_too_long} "
+                        f"over data.max_prompt_tokens={data.max_prompt_tokens}); add prompts or raise the limit")
+    return prompt_set
+
+
+def evaluation_prompts(cfg, tokenizer) -> list[Prompt]:
+    """The held-out prompts (eval.prompts) every iteration is evaluated on; none without eval.prompts."""
+    if cfg.eval.prompts is None:
+        return []
+    rows = load_rows(cfg.eval.prompts, cfg.eval.split)
+    rows = rows.select(range(min(cfg.eval.num_prompts, len(rows))))
+    prompt_set = render_prompts(rows, cfg.eval.prompt_column, cfg.eval.prompts, tokenizer, cfg.data.max_prompt_tokens,
+                                column_key="eval.prompt_column")
+    if not prompt_set.prompts:
+        raise UserError(f"no usable evaluation prompts in {cfg.eval.prompts}; add prompts or raise "
+                        f"data.max_prompt_tokens")
+    return prompt_set.prompts
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---- offline DPO: a preference dataset in -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    pairs: list[Pair]
+    skipped_too_long: int  # rows whose prompt is over the token limit, left out and counted
+
+
+def load_preference_pairs(source: str, split: str, tokenizer, max_prompt_tokens: int) -> PreferencePairs:
+    """Pairs from a preference dataset (hub name, local .json/.jsonl/.parquet, or a save_to_disk directory),
+    rendered with the policy tokenizer's chat template.
+
+    Accepted rows: `chosen`/`rejected` conversations ending in an assistant turn, the prompt being the turns before it
+    (a `prompt` column is then ignored); or `chosen`/`rejected` holding only the assistant turn (a message list, or
+    a string) after a `prompt` column (a message list, or a string made into one user turn). Optional
+    `score_chosen`/`score_rejected` columns become the pair's scores (NaN without them)."""
+    rows = load_preference_rows(source, split)
+    missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
+    if missing:
+        raise UserError(f"pairs.dataset {source} lacks the column(s) {', '.join(missing)} (columns: "
+                        f"{', '.join(rows.column_names)}); it needs chosen and rejected conversations")
+    pairs, skipped = [], 0
+    for index, row in enumerate(tqdm(rows, desc=f"pairs from {source}", unit="row", leave=False,
+                                     file=console.stream())):
+        prompt, chosen, rejected = conversation_parts(row, index, source)
+        scores = optional_score(row, "score_chosen"), optional_score(row, "score_rejected")
+        pair = render_pair(tokenizer, index, prompt, (chosen, rejected), scores, source)
+        if len(pair.prompt_token_ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        pairs.append(pair)
+    if not pairs:
+        raise UserError(f"no usable pairs in {source} ({skipped} prompts over {max_prompt_tokens} tokens); "
+                        f"add rows or raise the prompt limit")
+    return PreferencePairs(pairs, skipped)
+
+
+def optional_score(row: dict[str, Any], column: str) -> float:
+    return math.nan if row.get(column) is None else float(row[column])
+
+
+def load_preference_rows(source: str, split: str):
+    if Path(source).is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{source} has no split {split!r} (splits: {', '.join(loaded)}); "
+                                f"set pairs.dataset_split")
+            return loaded[split]
+        return loaded
+    return load_rows(source, split)
+
+
+def conversation_parts(row: dict[str, Any], index: int, source: str) -> tuple[Messages, str, str]:
+    """(prompt messages, chosen text, rejected text) of one dataset row."""
+    prompt, chosen = split_conversation(row, "chosen", index, source)
+    rejected_prompt, rejected = split_conversation(row, "rejected", index, source)
+    if rejected_prompt != prompt:
+        raise UserError(f"row {index} of {source}: chosen and rejected continue different conversations; "
+                        f"a preference pair needs one shared prompt")
+    return prompt, chosen, rejected
+
+
+def split_conversation(row: dict[str, Any], column: str, index: int, source: str) -> tuple[Messages, str]:
+    value = row[column]
+    if isinstance(value, str):
+        return prompt_column(row, column, index, source), value
+    turns = messages(value, column, index, source)
+    if not turns or turns[-1]["role"] != "assistant":
+        raise UserError(f"row {index} of {source}: {column} must end with an assistant turn, got roles "
+                        f"{[turn['role'] for turn in turns]}")
+    prompt = turns[:-1] or prompt_column(row, column, index, source)
+    return prompt, turns[-1]["content"]
+
+
+def prompt_column(row: dict[str, Any], column: str, index: int, source: str) -> Messages:
+    """The `prompt` cell, for rows whose `column` holds only the response."""
+    if row.get("prompt") is None:
+        raise UserError(f"row {index} of {source}: {column} holds only a response and there is no prompt column; "
+                        f"give a prompt column or full conversations in chosen and rejected")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return messages(prompt, "prompt", index, source)
+
+
+def messages(value: Any, column: str, index: int, source: str) -> Messages:
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(f"row {index} of {source}: {column} holds {type(value).__name__}; it must be a string or a list "
+                    f"of {{'role', 'content'}} messages")
+
+
+def render_pair(tokenizer, index: int, prompt: Messages, responses: tuple[str, str], scores: tuple[float, float],
+                source: str) -> Pair:
+    """The prompt rendered with the generation prompt appended, as for generated pairs, and each response as the
+    tokens the chat template appends for the assistant turn, end-of-turn token included."""
+    from policy.sft import example_from_messages
+
+    chosen, rejected = responses
+    try:
+        chosen_example = example_from_messages(tokenizer, [*prompt, assistant_turn(chosen)])
+        rejected_example = example_from_messages(tokenizer, [*prompt, assistant_turn(rejected)])
+    except ValueError as e:
+        raise UserError(f"row {index} of {source}: {e}") from None
+    return Pair(
+        prompt_index=index,
+        prompt_messages=prompt,
+        prompt_token_ids=chosen_example.prompt_token_ids,
+        chosen=Response(chosen, chosen_example.response_token_ids, "stop"),
+        rejected=Response(rejected, rejected_example.response_token_ids, "stop"),
+        chosen_score=scores[0],
+        rejected_score=scores[1],
+    )
+
+
+def assistant_turn(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}

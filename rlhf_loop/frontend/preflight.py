@@ -1,0 +1,65 @@
+"""Checks that a run can start, done before anything is written: a bad path or column costs seconds, not a cluster
+start-up (`rlhf-loop run` starts Ray and the actors beside them, and stops them when a check fails)."""
+
+from __future__ import annotations
+
+from rlhf_loop.config import RunConfig
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.hf_models import load_tokenizer
+
+
+def ensure_inputs(cfg: RunConfig) -> None:
+    """Build what the config names but nobody has made yet: the toy task's models and data (once per cache). The
+    actors load them, so this comes before they start."""
+    if cfg.toy_task.enabled:
+        from rlhf_loop.toy.assets import ensure_toy_assets
+
+        ensure_toy_assets(cfg.toy_task)
+
+
+def preflight(cfg: RunConfig) -> None:
+    ensure_inputs(cfg)
+    from rlhf_loop.frontend.plan import plan_report
+
+    # Resources first: a GPU request the cluster cannot meet would leave Ray waiting forever, with no error.
+    problems = plan_report(cfg).problems
+    if problems:
+        raise UserError(f"{problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
+    check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
+    if cfg.online:
+        from reward.registry import check_model_files
+
+        check_model_files(cfg.reward)  # custom code without trust_remote_code, no score head: before any write
+    key = "policy.tokenizer_path" if cfg.policy.tokenizer_path else "policy.model_path"
+    tokenizer = load_tokenizer(cfg.policy.tokenizer_source, cfg.policy.trust_remote_code, key)
+
+    from rlhf_loop.driver.data import evaluation_prompts, iteration_prompts, load_rows
+    from rlhf_loop.driver.stages import load_gold
+
+    if cfg.online:
+        for iteration in range(1, len(cfg.data.prompts) + 1):
+            iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+        evaluation_prompts(cfg, tokenizer)
+    else:
+        rows = load_rows(cfg.pairs.dataset, cfg.pairs.dataset_split)
+        missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
+        if missing:
+            raise UserError(f"pairs.dataset {cfg.pairs.dataset} has no {' or '.join(missing)} column (columns: "
+                            f"{', '.join(rows.column_names)}); offline DPO needs chosen/rejected conversations")
+    load_gold(cfg.eval)
+    if cfg.sft.enabled:
+        rows = load_rows(cfg.sft.dataset, "train")
+        if cfg.sft.messages_column not in rows.column_names:
+            raise UserError(f"sft.messages_column {cfg.sft.messages_column!r} is not in {cfg.sft.dataset} "
+                            f"(columns: {', '.join(rows.column_names)})")
+
+
+def check_model(path: str, key: str, trust_remote_code: bool) -> None:
+    """The model's config loads (a local directory, or a hub id in the local cache / online)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot use this path"
+        raise UserError(f"{key} {path!r} cannot be loaded ({str(e).splitlines()[0][:160]}); "
+                        f"give a local model directory or a hub id") from None

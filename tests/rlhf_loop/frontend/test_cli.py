@@ -1,0 +1,178 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, nothing already written deleted."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_loop.cluster import ray_cluster as cluster
+from rlhf_loop.cluster import roles
+from rlhf_loop.frontend.cli import main
+from rlhf_loop.common.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def ray_lifetimes(monkeypatch, tmp_path):
+    """Ray is not what these tests look at: `ray_running` records that it was entered and left instead, and no
+    actor starts."""
+    events = []
+
+    @contextlib.contextmanager
+    def recorded(cluster_cfg):
+        events.append("started")
+        try:
+            yield tmp_path / "ray_logs"
+        finally:
+            events.append("stopped")
+
+    monkeypatch.setattr(cluster, "ray_running", recorded)
+    monkeypatch.setattr(roles, "launch_early", lambda cfg, device: None)
+    return events
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Name {i} fruits."}) + "\n" for i in range(4)))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, tiny_policy_dir, tiny_reward_dir, prompts_file):
+    def write(extra: str = "") -> str:
+        path = tmp_path / "run.yaml"
+        path.write_text(
+            f"policy:\n  model_path: {tiny_policy_dir}\n"
+            f"reward:\n  model_path: {tiny_reward_dir}\n"
+            f"data:\n  prompts: [{prompts_file}]\n" + extra
+        )
+        return str(path)
+
+    return write
+
+
+def fails(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf-loop: error: ") and "\n" not in err, err
+    assert message in err, err
+    return err
+
+
+def test_unknown_key(capsys, config, tmp_path):
+    fails(capsys, ["run", config("rollout:\n  temprature: 0.5\n"), "--run-dir", str(tmp_path / "r")],
+          "unknown key 'rollout.temprature'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_type_in_override(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "rollout.max_tokens=many", "--run-dir", str(tmp_path / "r")],
+          "rollout.max_tokens")
+
+
+def test_k_below_two(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "rollout.samples_per_prompt=1", "--run-dir", str(tmp_path / "r")],
+          "rollout.samples_per_prompt must be >= 2")
+
+
+def test_missing_model_path(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), f"policy.model_path={tmp_path / 'no_model'}", "--run-dir", str(tmp_path / "r")],
+          "policy.model_path")
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_prompt_set(capsys, config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fails(capsys, ["run", config(), f"data.prompts=[{empty}]", "--run-dir", str(tmp_path / "r")], str(empty))
+
+
+def test_missing_prompt_column(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")],
+          "prompt column 'question' is not in")
+
+
+def test_run_into_existing_directory_refuses_and_keeps_it(capsys, config, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text("{}")
+    fails(capsys, ["run", config(), "--run-dir", str(run_dir)], "--overwrite")
+    assert (run_dir / "manifest.json").read_text() == "{}"
+
+
+def test_resume_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    fails(capsys, ["resume", str(tmp_path)], "is not a run directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_status_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path)], "is not a run directory")
+
+
+def test_plan_through_the_cli(capsys):
+    recipe = Path(__file__).resolve().parents[3] / "configs" / "recipes" / "magpielm_4b_dpo.yaml"
+    assert main(["plan", str(recipe)]) == 0
+    assert "global batch: 128" in capsys.readouterr().out
+
+
+def test_export_refuses_a_directory_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "to").mkdir()
+    (tmp_path / "to" / "keep.txt").write_text("mine")
+    fails(capsys, ["export", str(tmp_path), "--iteration", "1", "--to", str(tmp_path / "to")], "not a run directory")
+    assert (tmp_path / "to" / "keep.txt").read_text() == "mine"
+
+
+def test_overrides_may_come_after_the_options(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "--run-dir", str(tmp_path / "r"), "--overwrite", "rollout.samples_per_prompt=1"],
+          "rollout.samples_per_prompt must be >= 2")
+    fails(capsys, ["run", "--run-dir", str(tmp_path / "r"), config(), "rollout.samples_per_prompt=1"],
+          "rollout.samples_per_prompt must be >= 2")
+
+
+def test_an_unknown_option_is_one_line(capsys, config, tmp_path):
+    fails(capsys, ["run", config(), "--run-dir", str(tmp_path / "r"), "--bogus", "iterations=2"],
+          "unknown option --bogus for `rlhf-loop run`; `rlhf-loop run --help` lists its options")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_command_without_overrides_refuses_them(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path), "iterations=2"], "`rlhf-loop status` takes no key=value overrides")
+
+
+def test_watch_needs_a_positive_interval(capsys, tmp_path):
+    fails(capsys, ["status", str(tmp_path), "--watch", "--interval", "0"], "--interval must be > 0 seconds")
+
+
+def test_a_failed_check_stops_ray_and_writes_nothing(capsys, config, tmp_path, ray_lifetimes):
+    assert main(["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")]) == 2
+    assert ray_lifetimes == ["started", "stopped"]  # Ray started beside the check, and went with it
+    assert not (tmp_path / "r").exists()
+    assert "prompt column 'question' is not in" in capsys.readouterr().err
+
+
+def test_the_checks_error_wins_over_a_cluster_that_failed_to_start(capsys, config, tmp_path, monkeypatch):
+    @contextlib.contextmanager
+    def unreachable(cluster_cfg):
+        raise UserError("cannot reach the Ray cluster at head:6379")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(cluster, "ray_running", unreachable)
+    assert main(["run", config(), "data.prompt_column=question", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt column 'question' is not in" in err and "Ray cluster" not in err
+
+
+def test_the_toy_models_are_built_before_the_actors_that_load_them_start(config, tmp_path, monkeypatch):
+    from rlhf_loop import loop
+    from rlhf_loop.frontend import preflight
+    from rlhf_loop.toy import assets
+
+    order = []
+    monkeypatch.setattr(assets, "ensure_toy_assets", lambda toy_task_cfg: order.append("toy assets"))
+    monkeypatch.setattr(roles, "launch_early", lambda cfg, device: order.append("actors"))
+    monkeypatch.setattr(preflight, "preflight", lambda cfg: order.append("checks"))
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: None)
+    assert main(["run", config(), "toy_task.enabled=true", "--run-dir", str(tmp_path / "r")]) == 0
+    assert order.index("toy assets") < order.index("actors")
