@@ -30,6 +30,7 @@ from policy.batching import (
 from policy.config import PolicyConfig, SFTConfig
 from policy.deepspeed_policy import DeepSpeedPolicy
 from policy.optimization import OptimizationSpec, learning_rate_at
+from rlhf_loop.common.chat import prompt_and_last_turn
 from rlhf_loop.common.records import Messages
 
 
@@ -52,18 +53,12 @@ class SFTStats:
 
 
 def example_from_messages(tokenizer, messages: Messages) -> SFTExample:
-    """A conversation ending with an assistant turn, rendered with the chat template; only that turn is trained on."""
+    """A conversation ending with an assistant turn, rendered with the chat template; only that turn is trained on
+    (found by the template's assistant mask where it has one, see `rlhf_loop.common.chat.prompt_and_last_turn`)."""
     if not messages or messages[-1]["role"] != "assistant":
         roles = [message["role"] for message in messages]
         raise ValueError(f"an SFT conversation must end with an assistant turn; got roles {roles}")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    if full[: len(prompt)] != prompt:
-        raise ValueError(
-            "the chat template renders the prompt differently once the assistant turn is added, so the turn cannot "
-            "be cut out of the conversation; give SFTExample(prompt_token_ids, response_token_ids) instead"
-        )
-    return SFTExample(list(prompt), list(full[len(prompt) :]))
+    return SFTExample(*prompt_and_last_turn(tokenizer, messages))
 
 
 def to_examples(tokenizer, examples: Sequence[SFTExample | Messages]) -> list[SFTExample]:

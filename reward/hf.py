@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlhf_loop.common.chat import assistant_turn, chat_token_ids
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Messages
 
@@ -50,9 +51,7 @@ def pad_token_id(model_config: Any, tokenizer: Any, path: str) -> int:
 
 def render(tokenizer: Any, messages: Messages, response: str) -> list[int]:
     """Token ids of the conversation with the response as the last assistant turn, in the model's own template."""
-    conversation = [*messages, {"role": "assistant", "content": response}]
-    text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_token_ids(tokenizer, [*messages, assistant_turn(response)])
 
 
 def truncate_left(token_ids: list[int], max_length: int, bos_token_id: int | None) -> list[int]:

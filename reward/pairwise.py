@@ -23,6 +23,7 @@ from reward import hf
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import check_finite
+from rlhf_loop.common.chat import chat_token_ids
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.common.records import Messages
@@ -139,9 +140,7 @@ class PairwiseJudge:
 
     def _render(self, context: str, response_a: str, response_b: str) -> list[int]:
         text = self.settings.template.format(context=context, response_a=response_a, response_b=response_b)
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return chat_token_ids(self.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
 
     def _prob_a(self, prompts: Sequence[list[int]]) -> list[float]:
         """Softmax over the answer tokens' logits at each prompt's last position: the probability of "A"."""

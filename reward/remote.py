@@ -27,6 +27,7 @@ from typing import Any
 from reward.base import RewardQuery, RewardResult
 from reward.config import RemoteConfig, RewardConfig
 from reward.groups import check_finite
+from rlhf_loop.common.chat import chat_text
 from rlhf_loop.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class RemoteReward:
     def _score_openrlhf(self, chunk: list[RewardQuery]) -> list[RewardResult]:
         prompts, texts, labels = [], [], []
         for query in chunk:
-            prompt = self.tokenizer.apply_chat_template(query.messages, tokenize=False, add_generation_prompt=True)
+            prompt = chat_text(self.tokenizer, query.messages, add_generation_prompt=True)
             for response in query.responses:
                 prompts.append(prompt)
                 texts.append(prompt + response + self.tokenizer.eos_token)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rlhf_loop.common import console
+from rlhf_loop.common.chat import assistant_turn, chat_token_ids
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Messages, Pair, Prompt, Response
 
@@ -51,28 +53,37 @@ def load_rows(source: str, split: str):
         raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from None
 
 
-def as_messages(value: Any, column: str, source: str, column_key: str = "data.prompt_column") -> Messages:
-    """A prompt cell as chat messages: a list of {"role", "content"} dicts, or a plain string made a user turn."""
+def require_columns(rows, columns: Sequence[str], missing_text: Callable[[list[str]], str], fix: str) -> None:
+    """Refuse a dataset without `columns`; the error says what is missing (`missing_text` of the missing columns),
+    lists the columns there are, and ends with `fix`."""
+    missing = [column for column in columns if column not in rows.column_names]
+    if missing:
+        raise UserError(f"{missing_text(missing)} (columns: {', '.join(rows.column_names)}); {fix}")
+
+
+def as_messages(value: Any) -> Messages | None:
+    """A cell as chat messages: a list of {"role", "content"} dicts, or a plain string made a user turn; None for
+    anything else."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise UserError(f"column {column!r} of {source} holds {type(value).__name__} values; it must hold strings or "
-                    f"lists of {{'role', 'content'}} messages: set {column_key} to such a column")
+    return None
 
 
 def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, first_index: int = 0,
                    column_key: str = "data.prompt_column") -> PromptSet:
     """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens. Errors name
     `column_key`, the config key that chose the column."""
-    if column not in rows.column_names:
-        raise UserError(f"prompt column {column!r} is not in {source} (columns: {', '.join(rows.column_names)}); "
-                        f"set {column_key} to one of them")
+    require_columns(rows, [column], lambda _: f"prompt column {column!r} is not in {source}",
+                    f"set {column_key} to one of them")
     prompts, skipped = [], 0
     for offset, row in enumerate(rows):
-        messages = as_messages(row[column], column, source, column_key)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        messages = as_messages(row[column])
+        if messages is None:
+            raise UserError(f"column {column!r} of {source} holds {type(row[column]).__name__} values; it must hold "
+                            f"strings or lists of {{'role', 'content'}} messages: set {column_key} to such a column")
+        token_ids = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
         if len(token_ids) > max_tokens:
             skipped += 1
             continue
@@ -143,10 +154,6 @@ def load_preference_pairs(source: str, split: str, tokenizer, max_prompt_tokens:
     a string) after a `prompt` column (a message list, or a string made into one user turn). Optional
     `score_chosen`/`score_rejected` columns become the pair's scores (NaN without them)."""
     rows = load_preference_rows(source, split)
-    missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
-    if missing:
-        raise UserError(f"pairs.dataset {source} lacks the column(s) {', '.join(missing)} (columns: "
-                        f"{', '.join(rows.column_names)}); it needs chosen and rejected conversations")
     pairs, skipped = [], 0
     for index, row in enumerate(tqdm(rows, desc=f"pairs from {source}", unit="row", leave=False,
                                      file=console.stream())):
@@ -168,6 +175,7 @@ def optional_score(row: dict[str, Any], column: str) -> float:
 
 
 def load_preference_rows(source: str, split: str):
+    """The rows of pairs.dataset, refused without chosen and rejected columns."""
     if Path(source).is_dir():
         import datasets
 
@@ -176,9 +184,23 @@ def load_preference_rows(source: str, split: str):
             if split not in loaded:
                 raise UserError(f"{source} has no split {split!r} (splits: {', '.join(loaded)}); "
                                 f"set pairs.dataset_split")
-            return loaded[split]
-        return loaded
-    return load_rows(source, split)
+            loaded = loaded[split]
+        rows = loaded
+    else:
+        rows = load_rows(source, split)
+    require_columns(rows, ("chosen", "rejected"),
+                    lambda missing: f"pairs.dataset {source} lacks the column(s) {', '.join(missing)}",
+                    "it needs chosen and rejected conversations")
+    return rows
+
+
+def load_sft_conversations(sft) -> list[Any]:
+    """The conversations of sft.dataset (its sft.messages_column)."""
+    rows = load_rows(sft.dataset, "train")
+    require_columns(rows, [sft.messages_column],
+                    lambda _: f"sft.messages_column {sft.messages_column!r} is not in {sft.dataset}",
+                    "set it to the column holding the conversations")
+    return rows[sft.messages_column]
 
 
 def conversation_parts(row: dict[str, Any], index: int, source: str) -> tuple[Messages, str, str]:
@@ -195,7 +217,7 @@ def split_conversation(row: dict[str, Any], column: str, index: int, source: str
     value = row[column]
     if isinstance(value, str):
         return prompt_column(row, column, index, source), value
-    turns = messages(value, column, index, source)
+    turns = row_messages(value, column, index, source)
     if not turns or turns[-1]["role"] != "assistant":
         raise UserError(f"row {index} of {source}: {column} must end with an assistant turn, got roles "
                         f"{[turn['role'] for turn in turns]}")
@@ -208,17 +230,15 @@ def prompt_column(row: dict[str, Any], column: str, index: int, source: str) -> 
     if row.get("prompt") is None:
         raise UserError(f"row {index} of {source}: {column} holds only a response and there is no prompt column; "
                         f"give a prompt column or full conversations in chosen and rejected")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return messages(prompt, "prompt", index, source)
+    return row_messages(row["prompt"], "prompt", index, source)
 
 
-def messages(value: Any, column: str, index: int, source: str) -> Messages:
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise UserError(f"row {index} of {source}: {column} holds {type(value).__name__}; it must be a string or a list "
-                    f"of {{'role', 'content'}} messages")
+def row_messages(value: Any, column: str, index: int, source: str) -> Messages:
+    turns = as_messages(value)
+    if turns is None:
+        raise UserError(f"row {index} of {source}: {column} holds {type(value).__name__}; it must be a string or a "
+                        f"list of {{'role', 'content'}} messages")
+    return turns
 
 
 def render_pair(tokenizer, index: int, prompt: Messages, responses: tuple[str, str], scores: tuple[float, float],
@@ -242,7 +262,3 @@ def render_pair(tokenizer, index: int, prompt: Messages, responses: tuple[str, s
         chosen_score=scores[0],
         rejected_score=scores[1],
     )
-
-
-def assistant_turn(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rlhf_loop.driver.data import assistant_turn
+from rlhf_loop.common.chat import assistant_turn
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Pair, pair_from_json
 from rlhf_loop.rundir.manifest import Manifest, RunDir

@@ -219,14 +219,14 @@ def engines_asleep(rollout: RolloutGroup | None) -> AbstractContextManager:
 def sft_warm_start(run: Run, device: str) -> PolicyConfig:
     """Supervised warm start of pi_0 on `sft.dataset`; returns the policy config every role then starts from."""
     from policy.learner_group import SFTActor
-    from rlhf_loop.driver.data import load_rows
+    from rlhf_loop.driver.data import load_sft_conversations
 
     directory = run.run_dir.root / "sft" / "policy"
     initial = replace(run.cfg.policy, model_path=str(directory), tokenizer_path=None)
     if run.manifest.done_and_intact("sft/done"):
         return initial
     cfg = run.cfg.sft
-    conversations = load_rows(cfg.dataset, "train")[cfg.messages_column]
+    conversations = load_sft_conversations(cfg)
     learner = SFTActor(run.cfg.policy, cfg, device, run.cfg.seed, run.cfg.cluster.placement.learner.resource)
     try:
         checkpoint = run.manifest.intact_checkpoint("sft/step_")

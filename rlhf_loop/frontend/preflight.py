@@ -33,7 +33,7 @@ def preflight(cfg: RunConfig) -> None:
     key = "policy.tokenizer_path" if cfg.policy.tokenizer_path else "policy.model_path"
     tokenizer = load_tokenizer(cfg.policy.tokenizer_source, cfg.policy.trust_remote_code, key)
 
-    from rlhf_loop.driver.data import evaluation_prompts, iteration_prompts, load_rows
+    from rlhf_loop.driver.data import evaluation_prompts, iteration_prompts, load_preference_rows, load_sft_conversations
     from rlhf_loop.driver.stages import load_gold
 
     if cfg.online:
@@ -41,17 +41,10 @@ def preflight(cfg: RunConfig) -> None:
             iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
         evaluation_prompts(cfg, tokenizer)
     else:
-        rows = load_rows(cfg.pairs.dataset, cfg.pairs.dataset_split)
-        missing = [column for column in ("chosen", "rejected") if column not in rows.column_names]
-        if missing:
-            raise UserError(f"pairs.dataset {cfg.pairs.dataset} has no {' or '.join(missing)} column (columns: "
-                            f"{', '.join(rows.column_names)}); offline DPO needs chosen/rejected conversations")
+        load_preference_rows(cfg.pairs.dataset, cfg.pairs.dataset_split)
     load_gold(cfg.eval)
     if cfg.sft.enabled:
-        rows = load_rows(cfg.sft.dataset, "train")
-        if cfg.sft.messages_column not in rows.column_names:
-            raise UserError(f"sft.messages_column {cfg.sft.messages_column!r} is not in {cfg.sft.dataset} "
-                            f"(columns: {', '.join(rows.column_names)})")
+        load_sft_conversations(cfg.sft)
 
 
 def check_model(path: str, key: str, trust_remote_code: bool) -> None:

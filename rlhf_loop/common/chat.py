@@ -1,0 +1,67 @@
+"""Chat rendering: every role turns messages into token ids the same way, with the tokenizer's own chat template.
+
+    chat_token_ids(tokenizer, messages, add_generation_prompt=True)     # a prompt, as the rollout engines see it
+    chat_token_ids(tokenizer, [*messages, assistant_turn(response)])   # a scored conversation
+    prompt_and_last_turn(tokenizer, conversation)                       # SFT and preference pairs: (prompt, turn)
+
+The template's text is tokenized without adding special tokens: the template writes BOS itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rlhf_loop.common.records import Messages
+
+# `{% generation %}...{% endgeneration %}` marks the assistant's tokens; transformers then returns their mask.
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def assistant_turn(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def chat_token_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer(chat_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+
+
+def prompt_and_last_turn(tokenizer: Any, messages: Messages) -> tuple[list[int], list[int]]:
+    """(prompt ids, ids of the final assistant turn to its end, end-of-turn tokens included) of a conversation.
+
+    Where the template marks assistant turns with `{% generation %}` (and the tokenizer is fast, which the mask
+    needs), transformers' assistant mask says where the last turn starts. Most templates (Llama 3, Qwen, the toy's)
+    have no such block, so the fallback cuts the conversation after the prompt rendered with its generation prompt;
+    that needs the template to render the earlier turns the same way once the last one is added. The caller has
+    checked that the last turn is the assistant's."""
+    split = _split_by_assistant_mask(tokenizer, messages)
+    if split is not None:
+        return split
+    prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = chat_token_ids(tokenizer, messages)
+    if full[: len(prompt)] != prompt:
+        raise ValueError(
+            "the chat template renders the prompt differently once the assistant turn is added, so the turn cannot "
+            "be cut out of the conversation; give SFTExample(prompt_token_ids, response_token_ids) instead"
+        )
+    return prompt, full[len(prompt):]
+
+
+def _split_by_assistant_mask(tokenizer: Any, messages: Messages) -> tuple[list[int], list[int]] | None:
+    """Cut before the last `{% generation %}` span; None where the template or tokenizer gives no mask."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not (isinstance(template, str) and _GENERATION_BLOCK.search(template) and tokenizer.is_fast):
+        return None
+    rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    full, mask = list(rendered["input_ids"]), list(rendered["assistant_masks"])
+    if 1 not in mask:
+        return None
+    start = len(mask) - 1 - mask[::-1].index(1)  # the last masked token, then back to the start of its span
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return full[:start], full[start:]
