@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from rlhf_loop.common.arithmetic import ceil_div
+
 Item = TypeVar("Item")
 WeightedMicroBatch = list[tuple[Any, float]]
 
@@ -90,10 +92,6 @@ def margin_weights(margins: Sequence[float], scheme: str) -> list[float]:
         mean = sum(margins) / len(margins) if margins else 0.0
         return [margin / mean for margin in margins] if mean > 0 else [1.0] * len(margins)
     raise ValueError(f"train.margin_weighting {scheme!r} is unknown; use none or linear")
-
-
-def ceil_div(numerator: int, denominator: int) -> int:
-    return -(-numerator // denominator)
 
 
 def token_fingerprint(records: Sequence[Sequence[Sequence[int]]]) -> str:

@@ -223,13 +223,16 @@ class DeepSpeedPolicy:
             torch.save(rng_states(), partial / f"rng_rank{self.rank}.pt")
             maybe_kill(f"checkpoint:{Path(directory).parent.parent.name}/{Path(directory).name}")  # kill tests
 
-    def load(self, directory: str) -> dict[str, Any]:
-        """Restore what `save` wrote; returns the client state."""
+    def load(self, directory: str, trainer: str, description: str) -> dict[str, Any]:
+        """Restore what `save` wrote; returns the client state. Refuses a checkpoint whose client state names another
+        trainer than `trainer` (`description` says what was expected: "an SFT checkpoint")."""
         if not (Path(directory) / _ENGINE_TAG).is_dir():
             raise ValueError(f"{directory} is not a learner checkpoint (no {_ENGINE_TAG}/ inside)")
         _, client_state = self.engine.load_checkpoint(
             directory, tag=_ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
+        if client_state.get("trainer") != trainer:
+            raise ValueError(f"{directory} is not {description} (it was written by {client_state.get('trainer')})")
         set_rng_states(torch.load(Path(directory) / f"rng_rank{self.rank}.pt", weights_only=True))
         return client_state
 

@@ -29,7 +29,6 @@ from tqdm import tqdm
 from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
-    ceil_div,
     margin_weights,
     pad_batch,
     rank_micro_batches,
@@ -44,6 +43,7 @@ from policy.losses import LOSSES, LossSettings
 from policy.optimization import OptimizationSpec, learning_rate_at
 from policy.prepared_references import PreparedReferences
 from policy.weight_sync import SyncSpec
+from rlhf_loop.common.arithmetic import ceil_div
 from rlhf_loop.common.records import Pair
 
 
@@ -267,9 +267,7 @@ class DPOLearner:
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore a checkpoint; the next begin_iteration of the same iteration continues from its step."""
-        state = self._policy.load(directory)
-        if state.get("trainer") != "dpo":
-            raise ValueError(f"{directory} is not a DPO learner checkpoint (it was written by {state.get('trainer')})")
+        state = self._policy.load(directory, "dpo", "a DPO learner checkpoint")
         self._iteration = state["iteration"]
         self._step = state["step"]
         self._data_fingerprint = state["data"]

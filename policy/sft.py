@@ -137,9 +137,7 @@ class SFTLearner:
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore a checkpoint; call begin with the same examples next."""
-        state = self._policy.load(directory)
-        if state.get("trainer") != "sft":
-            raise ValueError(f"{directory} is not an SFT checkpoint (it was written by {state.get('trainer')})")
+        state = self._policy.load(directory, "sft", "an SFT checkpoint")
         self._step = state["step"]
         self._data_fingerprint = state["data"]
 

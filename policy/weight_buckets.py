@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_loop.common.arithmetic import ceil_div
+
 ALIGN_BYTES = 64  # every tensor starts at a multiple of this: any dtype's view is aligned (and GPU copies stay fast)
 
 
@@ -87,4 +89,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _aligned(offset: int) -> int:
-    return -(-offset // ALIGN_BYTES) * ALIGN_BYTES
+    return ceil_div(offset, ALIGN_BYTES) * ALIGN_BYTES

@@ -16,7 +16,7 @@ from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import check_finite, describe, regroup, ungroup
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
+from rlhf_loop.common.hf_models import load_tokenizer
 
 
 class SequenceRewardModel:
@@ -32,21 +32,8 @@ class SequenceRewardModel:
         self.device = torch.device(device)
         self.check_files(cfg, key)
         self.tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, f"{key}.model_path")
-        try:
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model_path,
-                dtype=torch_dtype(cfg.dtype, device),
-                trust_remote_code=cfg.trust_remote_code,
-                output_loading_info=True,
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{key}.model_path {cfg.model_path!r}: cannot load it as a sequence classifier "
-                            f"({str(e).strip().splitlines()[0]})") from None
-        untrained = sorted(loading["missing_keys"])
-        if untrained:
-            raise UserError(f"{key}.model_path {cfg.model_path!r} has no trained score head (weights missing from "
-                            f"the checkpoint: {', '.join(untrained[:3])}); point it at a trained reward model")
-        self.model = model.to(self.device).eval()
+        self.model = hf.load_model(AutoModelForSequenceClassification, cfg, device, key, "a sequence classifier",
+                                   "has no trained score head", "reward model")
         self.pad_id = hf.pad_token_id(self.model.config, self.tokenizer, cfg.model_path)
         self.model.config.pad_token_id = self.pad_id
 

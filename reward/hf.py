@@ -16,6 +16,7 @@ import torch
 
 from rlhf_loop.common.chat import assistant_turn, chat_token_ids
 from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.hf_models import torch_dtype
 from rlhf_loop.common.records import Messages
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,23 @@ def read_model_config(path: str, trust_remote_code: bool, key: str) -> dict[str,
         raise UserError(f"{key}.model_path {path!r} ships custom modeling code (auto_map in config.json); "
                         f"set {key}.trust_remote_code=true if you trust that code")
     return config
+
+
+def load_model(model_class: Any, cfg: Any, device: str, key: str, loaded_as: str, untrained: str, trained: str):
+    """cfg.model_path as `model_class` (an AutoModel class), in eval mode on `device`. A checkpoint that does not load
+    as `loaded_as` ("a sequence classifier"), or lacks weights the class needs (`untrained`: "has no trained score
+    head"), is refused at start-up naming `key` and asking for a trained `trained` ("reward model")."""
+    try:
+        model, loading = model_class.from_pretrained(cfg.model_path, dtype=torch_dtype(cfg.dtype, device),
+                                                     trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{key}.model_path {cfg.model_path!r}: cannot load it as {loaded_as} ({_first_line(e)})") \
+            from None
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise UserError(f"{key}.model_path {cfg.model_path!r} {untrained} (weights missing from the checkpoint: "
+                        f"{', '.join(missing[:3])}); point it at a trained {trained}")
+    return model.to(torch.device(device)).eval()
 
 
 def pad_token_id(model_config: Any, tokenizer: Any, path: str) -> int:

@@ -25,7 +25,7 @@ from reward.config import RewardConfig
 from reward.groups import check_finite
 from rlhf_loop.common.chat import chat_token_ids
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
+from rlhf_loop.common.hf_models import load_tokenizer
 from rlhf_loop.common.records import Messages
 
 NEUTRAL = 0.5  # the score of a lone response: nothing to compare it with
@@ -55,18 +55,8 @@ class PairwiseJudge:
                             f"{{response_b}} ({e!r}); write literal braces as {{{{ and }}}}") from None
         self.answer_ids = [self._single_token(t, key) for t in (cfg.pairwise.token_a, cfg.pairwise.token_b)]
         self.template_tokens = len(self._render("", "", ""))
-        try:
-            model, loading = AutoModelForCausalLM.from_pretrained(
-                cfg.model_path, dtype=torch_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
-                output_loading_info=True,
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{key}.model_path {cfg.model_path!r}: cannot load it as a causal LM judge "
-                            f"({str(e).strip().splitlines()[0]})") from None
-        if loading["missing_keys"]:
-            raise UserError(f"{key}.model_path {cfg.model_path!r}: weights missing from the checkpoint "
-                            f"({', '.join(sorted(loading['missing_keys'])[:3])}); it is not a trained judge")
-        self.model = model.to(self.device).eval()
+        self.model = hf.load_model(AutoModelForCausalLM, cfg, device, key, "a causal LM judge",
+                                   "is not a trained judge", "judge")
         self.pad_id = hf.pad_token_id(self.model.config, self.tokenizer, cfg.model_path)
 
     def _single_token(self, text: str, key: str) -> int:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from rlhf_loop.common import records
 from rlhf_loop.driver import stages
+from rlhf_loop.common.arithmetic import ceil_div
 from rlhf_loop.common.background import in_background
 from rlhf_loop.driver.data import PromptSet, iteration_prompts
 from rlhf_loop.driver.pairs import PairSelection
@@ -58,7 +59,7 @@ def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardMod
     version = run.cfg.policy_version(iteration)
     sampling = stages.sampling_of(run, iteration)
     size = run.cfg.reward.shard_size
-    of_shards = -(-len(prompts) // size)
+    of_shards = ceil_div(len(prompts), size)
     scoring: list[Future[list[Scored]]] = []
 
     def generate(shard: Sequence[Prompt]) -> list[Rollout]:

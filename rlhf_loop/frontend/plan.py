@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.losses import LOSSES
+from rlhf_loop.common.arithmetic import ceil_div
 from rlhf_loop.config import RunConfig, to_yaml
 from rlhf_loop.cluster.placement import COLOCATED, CPU_SHARE, Layout, colocation_problems, describe_layout, role_layout
 from rlhf_loop.frontend.sizing import (
@@ -101,8 +102,8 @@ def plan_report(cfg: RunConfig) -> PlanReport:
         prompts_per_iteration=prompts,
         responses_per_iteration=None if prompts is None else prompts * cfg.rollout.samples_per_prompt,
         max_steps_per_iteration=(None if prompts is None or not train.enabled
-                                 else train.epochs * math.ceil(prompts * cfg.pairs.per_prompt
-                                                               / train.global_batch_size)),
+                                 else train.epochs * ceil_div(prompts * cfg.pairs.per_prompt,
+                                                                train.global_batch_size)),
         pair_source=pair_source(cfg),
         training=training_summary(cfg),
         models=models,
