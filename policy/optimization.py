@@ -63,6 +63,11 @@ def learning_rate_at(step: int, total_steps: int, spec: OptimizationSpec) -> flo
 
     A pure function of the step, so resuming needs no scheduler state. Warmup ramps up to the peak over the first
     ceil(warmup_ratio * total_steps) steps (the first step already moves); the decay reaches 0 after the last step.
+
+    Not `transformers.get_scheduler`: after warmup its linear, cosine and constant_with_warmup schedules give these
+    same rates (tests/policy/test_optimization.py compares them), but its warmup starts at 0, so the first optimizer
+    step would not move the weights (a wasted step in every short DPO iteration), and its scheduler is state that a
+    checkpoint would have to carry, where this function of the step resumes exactly with nothing saved.
     """
     warmup_steps = math.ceil(spec.warmup_ratio * total_steps)
     if step < warmup_steps:
