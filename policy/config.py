@@ -1,6 +1,7 @@
 """Configuration of what holds the policy: the model, the rollout engines, the DPO learner and the SFT warm start.
 
-Every default lives here; YAML files override them (see `rlhf_loop/config.py`).
+Every default lives here; YAML files override them (see `rlhf_loop/config.py`). Each dataclass checks its own values
+(`problems()`); `rlhf_loop.config.RunConfig.problems` gathers them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
+
+from policy.losses import LOSSES, LossSettings
+from rlhf_loop.common.hf_models import DTYPE_NAMES
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def failed(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that do not hold."""
+    return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -20,6 +31,10 @@ class PolicyConfig:
     @property
     def tokenizer_source(self) -> str:
         return self.tokenizer_path or self.model_path
+
+    def problems(self) -> list[str]:
+        return failed([(self.dtype in DTYPE_NAMES,
+                        f"policy.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")])
 
 
 @dataclass
@@ -59,6 +74,28 @@ class RolloutConfig:
     def weight_sync_bucket_bytes(self) -> int:
         return self.weight_sync_bucket_mb << 20
 
+    def problems(self) -> list[str]:
+        return failed([
+            (self.samples_per_prompt >= 2,
+             f"rollout.samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt}"),
+            (self.engine in ("vllm", "hf"), f"rollout.engine must be vllm or hf, got {self.engine!r}"),
+            (self.num_engines >= 1, f"rollout.num_engines must be >= 1, got {self.num_engines}"),
+            (self.weight_sync in ("collective", "object_store"),
+             f"rollout.weight_sync must be collective or object_store, got {self.weight_sync!r}"),
+            (self.weight_sync_bucket_mb >= 1,
+             f"rollout.weight_sync_bucket_mb must be >= 1, got {self.weight_sync_bucket_mb}"),
+            (self.weight_sync_timeout_s > 0,
+             f"rollout.weight_sync_timeout_s must be > 0, got {self.weight_sync_timeout_s}"),
+            (self.shard_size >= 1, f"rollout.shard_size must be >= 1, got {self.shard_size}"),
+            (self.max_staleness in (0, 1),
+             f"rollout.max_staleness must be 0 (on-policy) or 1 (sample one update behind), got {self.max_staleness}"),
+            (self.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"rollout.temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}"),
+            (self.gpus_per_engine > 0, f"rollout.gpus_per_engine must be > 0, got {self.gpus_per_engine}"),
+            (self.call_timeout_s > 0, f"rollout.call_timeout_s must be > 0, got {self.call_timeout_s}"),
+        ])
+
 
 @dataclass
 class LoRAConfig:
@@ -77,6 +114,15 @@ class LoRAConfig:
         targets = "all-linear" if list(self.target_modules) == ["all-linear"] else list(self.target_modules)
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
                           task_type="CAUSAL_LM")
+
+    def problems(self) -> list[str]:
+        return failed([
+            (self.r >= 1, f"train.lora.r must be >= 1, got {self.r}"),
+            (self.alpha > 0, f"train.lora.alpha must be > 0, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"train.lora.dropout must be in [0, 1), got {self.dropout}"),
+            (len(self.target_modules) >= 1, "train.lora.target_modules is empty; name the modules to adapt "
+                                            "(e.g. [q_proj, v_proj]) or use [all-linear]"),
+        ])
 
 
 @dataclass
@@ -120,6 +166,30 @@ class TrainConfig:
         """Pairs per optimizer step, over all learner workers."""
         return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
 
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha)
+
+    def problems(self) -> list[str]:
+        return failed([
+            (self.loss_type in LOSSES, f"train.loss_type {self.loss_type!r} is unknown; use one of {sorted(LOSSES)}"),
+            (self.reference in ("initial", "previous"),
+             f"train.reference must be initial or previous, got {self.reference!r}"),
+            (self.beta > 0, f"train.beta must be > 0, got {self.beta}"),
+            (0 <= self.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (self.label_smoothing == 0 or self.loss_type not in LOSSES or LOSSES[self.loss_type].label_smoothing,
+             f"train.label_smoothing has no meaning for loss_type {self.loss_type}; set it to 0 or use a logistic "
+             "loss (sigmoid, sigmoid_norm, simpo, rpo)"),
+            (self.simpo_gamma >= 0, f"train.simpo_gamma must be >= 0, got {self.simpo_gamma}"),
+            (self.rpo_alpha >= 0, f"train.rpo_alpha must be >= 0, got {self.rpo_alpha}"),
+            (self.margin_weighting in ("none", "linear"),
+             f"train.margin_weighting must be none or linear, got {self.margin_weighting!r}"),
+            (self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}"),
+            (self.gradient_accumulation_steps >= 1,
+             f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"),
+            (self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}"),
+            (self.gpus_per_worker > 0, f"train.gpus_per_worker must be > 0, got {self.gpus_per_worker}"),
+        ]) + self.lora.problems() + training_problems(self, "train")
+
 
 @dataclass
 class SFTConfig:
@@ -138,3 +208,23 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     call_timeout_s: float = 7200.0  # save_steps steps (or a checkpoint or export) taking longer: hung, stop
+
+    def problems(self) -> list[str]:
+        dataset_given = not self.enabled or self.dataset is not None
+        return (failed([(dataset_given, "sft.enabled is true but sft.dataset is not set")])
+                + training_problems(self, "sft"))
+
+
+def training_problems(cfg: TrainConfig | SFTConfig, key: str) -> list[str]:
+    """The checks DPO training and the SFT warm start share: the schedule, batches, lengths, checkpoints."""
+    return failed([
+        (cfg.lr_schedule in LR_SCHEDULES,
+         f"{key}.lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}"),
+        (0 <= cfg.warmup_ratio < 1, f"{key}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
+        (cfg.micro_batch_size >= 1, f"{key}.micro_batch_size must be >= 1, got {cfg.micro_batch_size}"),
+        (cfg.epochs >= 1, f"{key}.epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.save_steps >= 1, f"{key}.save_steps must be >= 1, got {cfg.save_steps}"),
+        (cfg.max_prompt_length < cfg.max_length,
+         f"{key}.max_prompt_length ({cfg.max_prompt_length}) must be < {key}.max_length ({cfg.max_length})"),
+        (cfg.call_timeout_s > 0, f"{key}.call_timeout_s must be > 0, got {cfg.call_timeout_s}"),
+    ])

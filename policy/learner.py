@@ -39,7 +39,7 @@ from policy.batching import (
 from policy.config import PolicyConfig, TrainConfig
 from policy.deepspeed_policy import DeepSpeedPolicy, load_reference, same_path
 from policy.learner_protocol import TrainStats
-from policy.losses import LOSSES, LossSettings
+from policy.losses import LOSSES
 from policy.optimization import OptimizationSpec, learning_rate_at
 from policy.prepared_references import PreparedReferences
 from policy.weight_sync import SyncSpec
@@ -77,7 +77,7 @@ class DPOLearner:
         self._train = train
         self._seed = seed
         self._loss = LOSSES[train.loss_type]
-        self._loss_settings = LossSettings.from_train(train)
+        self._loss_settings = train.loss_settings()
         self._policy = DeepSpeedPolicy(policy, OptimizationSpec.from_train(train), device, seed, rank, world_size,
                                     train.lora)
         self._reference_dir = policy.model_path

@@ -6,7 +6,7 @@ policy-vs-reference log-ratio
 summed over response tokens, or averaged over them when the loss says so (`average_log_probs`); a reference-free
 loss (SimPO) scores the policy's own log-probability instead, and then no reference model is needed at all.
 
-torch is imported inside the functions: `rlhf_loop.config` imports this registry to validate configs, and config
+torch is imported inside the functions: `policy.config` imports this registry to validate configs, and config
 code must import fast.
 """
 
@@ -19,22 +19,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from policy.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss hyperparameters of `train`."""
+    """The loss hyperparameters of `train` (TrainConfig.loss_settings)."""
 
     beta: float
     label_smoothing: float = 0.0  # the logistic losses: assumed probability that a preference label is flipped
     simpo_gamma: float = 0.0  # simpo: target reward margin
     rpo_alpha: float = 0.0  # rpo: weight of the chosen response's negative log-likelihood
-
-    @classmethod
-    def from_train(cls, train: TrainConfig) -> LossSettings:
-        return cls(train.beta, train.label_smoothing, train.simpo_gamma, train.rpo_alpha)
-
 
 @dataclass(frozen=True)
 class LossFn:
