@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 @dataclass(frozen=True)
 class LossSettings:
     """The loss hyperparameters of `train` (TrainConfig.loss_settings)."""

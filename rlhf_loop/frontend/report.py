@@ -5,29 +5,59 @@ response lengths, evaluation curves and stage times, a metrics table with a row 
 sample pairs per iteration. Every text that comes from the run is HTML-escaped: responses are model output.
 The report is built in a temporary directory inside the run directory and renamed into place, so a reader never
 sees a half-written one; running the command again replaces it.
+
+Read top to bottom: write_report; the run as recorded (`read_run`: only the units its manifest records as finished,
+so a run still going or stopped gives what it has so far, and a recorded file that is missing or unreadable is left
+out with a note for the page, never an exception); the figures (`make_plots`, each figure a function of plain
+numbers keyed by iteration, drawn on matplotlib's Agg canvas without pyplot: no display, no global figure state);
+the page.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import itertools
+import json
+import math
 import os
+import re
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-from rlhf_loop.frontend import report_plots
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+
+from rlhf_loop.common import records
+from rlhf_loop.common.files import atomic_write_bytes, atomic_write_text, read_jsonl
 from rlhf_loop.common.records import Pair, Response
-from rlhf_loop.frontend.report_data import RunData, read_run
-from rlhf_loop.common.files import atomic_write_bytes, atomic_write_text
-from rlhf_loop.driver.stages import STAGE_TIMES
+from rlhf_loop.driver.stages import EVAL_INITIAL, STAGE_TIMES
+from rlhf_loop.rundir.manifest import Manifest, RunDir
 
 REPORT_DIR = "report"
 MAX_TEXT_CHARS = 2000  # longer prompts and responses are cut, so a run of long answers keeps a readable page
 EVAL_CURVES = ("eval/gold_mean", "eval/reward_mean", "eval/win_rate_vs_initial")
+
+
+_ITERATION_UNIT = re.compile(r"iter_(\d+)/")
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError)  # a file gone, cut short, or not of the record's shape
+
+Record = TypeVar("Record")
+
+
+DPI = 100
+WIDTH = 7.5  # inches: two figures side by side fit a laptop screen at DPI
+CHOSEN, REJECTED = "tab:green", "tab:red"
+BOX_ROOM = 1.0  # x-axis room beside the outer boxes, in iterations: a lone iteration's box does not fill the plot
 
 
 @dataclass(frozen=True)
@@ -71,6 +101,138 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+# ---- the run, as recorded ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainChunk:
+    """One checkpointed chunk of DPO steps, as the manifest recorded it."""
+
+    iteration: int
+    global_step: int  # optimizer steps over the whole run at the chunk's end
+    stats: dict[str, float]  # loss, reward_accuracy, margin, chosen_reward, rejected_reward, learning_rate, steps
+
+
+@dataclass
+class IterationData:
+    iteration: int
+    finished: bool
+    scores: list[float] = field(default_factory=list)  # every scored response of the recorded score shards
+    response_tokens: list[int] = field(default_factory=list)  # their lengths, in the same order
+    score_shards: int = 0
+    score_shards_total: int | None = None
+    pairs: list[Pair] | None = None  # None: the pairs unit is not recorded (or its file is unreadable)
+    train_chunks: list[TrainChunk] = field(default_factory=list)
+    eval_metrics: dict[str, float] | None = None
+    metrics: dict[str, float] | None = None  # iter_NNN/metrics.json: only once the iteration is finished
+
+
+@dataclass
+class RunData:
+    root: Path
+    config_text: str
+    iterations_planned: int | None
+    initial_eval: dict[str, float] | None
+    iterations: list[IterationData]
+    notes: list[str]  # what is missing or unreadable, for the page
+
+    @property
+    def finished(self) -> list[IterationData]:
+        return [data for data in self.iterations if data.finished]
+
+
+def read_run(root: str | Path) -> RunData:
+    """Everything the report shows; a directory that is not a run raises the usual one-line UserError."""
+    run_dir = RunDir.existing(root)
+    units = Manifest.load(run_dir).units
+    notes: list[str] = []
+    config_text, planned = _read_config(run_dir, notes)
+    numbers = sorted({int(match.group(1)) for unit in units if (match := _ITERATION_UNIT.match(unit))})
+    iterations = []
+    step_offset = 0
+    for number in numbers:
+        data = _read_iteration(run_dir, units, number, step_offset, notes)
+        step_offset = data.train_chunks[-1].global_step if data.train_chunks else step_offset
+        iterations.append(data)
+        if not data.finished:
+            notes.append(f"iteration {number} is not finished (the run is still going, or was stopped): "
+                         + _missing_parts(data))
+    if planned is not None and len(numbers) < planned:
+        first = (numbers[-1] if numbers else 0) + 1
+        notes.append(f"iterations {first} to {planned} of {planned} have not started" if first < planned
+                     else f"iteration {planned} of {planned} has not started")
+    initial_eval = units.get(EVAL_INITIAL, {}).get("metrics")
+    if initial_eval is None and numbers:
+        notes.append("no evaluation of pi_0 (eval_initial) recorded: curves start at iteration 1")
+    return RunData(run_dir.root, config_text, planned, initial_eval, iterations, notes)
+
+
+def _read_config(run_dir: RunDir, notes: list[str]) -> tuple[str, int | None]:
+    try:
+        text = run_dir.config_path.read_text(encoding="utf-8")
+        planned = OmegaConf.create(text).get("iterations")
+    except Exception as e:  # noqa: BLE001 - any YAML error: the report still shows what the manifest has
+        notes.append(f"config.yaml could not be read ({type(e).__name__}: {e}); the planned iteration count is unknown")
+        return "", None
+    return text, planned if isinstance(planned, int) else None
+
+
+def _read_iteration(run_dir: RunDir, units: dict[str, dict[str, Any]], iteration: int, step_offset: int,
+                    notes: list[str]) -> IterationData:
+    prefix = f"iter_{iteration:03d}/"
+    data = IterationData(iteration, finished=prefix + "done" in units)
+
+    shard_units = sorted(unit for unit in units if unit.startswith(prefix + "scores/"))
+    data.score_shards = len(shard_units)
+    data.score_shards_total = units[shard_units[0]].get("of_shards") if shard_units else None
+    for unit in shard_units:
+        for scored in _unit_records(run_dir, units, unit, records.scored_from_json, notes) or []:
+            data.scores += scored.scores
+            data.response_tokens += [len(response.token_ids) for response in scored.rollout.responses]
+
+    if prefix + "pairs" in units:
+        data.pairs = _unit_records(run_dir, units, prefix + "pairs", records.pair_from_json, notes)
+
+    for unit in sorted(unit for unit in units if unit.startswith(prefix + "train/step_")):
+        info = units[unit]
+        stats = {key: value for key, value in info.items() if isinstance(value, (int, float))}
+        step = int(unit.rsplit("_", 1)[1])
+        data.train_chunks.append(TrainChunk(iteration, step_offset + step, stats))
+
+    data.eval_metrics = units.get(prefix + "eval", {}).get("metrics")
+    if data.finished:
+        path = run_dir.iteration(iteration) / "metrics.json"
+        try:
+            data.metrics = json.loads(path.read_text(encoding="utf-8"))
+        except _UNREADABLE as e:
+            notes.append(f"{path.relative_to(run_dir.root)} could not be read ({e}); iteration {iteration} is "
+                         f"missing from the metrics table and the stage times")
+    return data
+
+
+def _unit_records(run_dir: RunDir, units: dict[str, dict[str, Any]], unit: str,
+                  decode: Callable[[dict], Record], notes: list[str]) -> list[Record] | None:
+    """The records of the one JSONL file a finished unit wrote, or None (noted) when it cannot be read."""
+    try:
+        (entry,) = units[unit]["files"]
+        return [decode(row) for row in read_jsonl(run_dir.root / entry["path"])]
+    except _UNREADABLE as e:
+        notes.append(f"{unit}: its file could not be read ({type(e).__name__}: {e}); left out")
+        return None
+
+
+def _missing_parts(data: IterationData) -> str:
+    parts = []
+    if data.score_shards_total is None:
+        parts.append("no score shard yet")
+    elif data.score_shards < data.score_shards_total:
+        parts.append(f"{data.score_shards} of {data.score_shards_total} score shards")
+    parts.append("no pairs yet" if data.pairs is None else f"{len(data.pairs)} pairs")
+    steps = sum(chunk.stats.get("steps", 0) for chunk in data.train_chunks)
+    parts.append(f"{steps} DPO steps so far" if data.train_chunks else "no DPO steps yet")
+    parts.append("evaluated" if data.eval_metrics is not None else "not evaluated yet")
+    return ", ".join(parts) + "; its metrics row and stage times will appear once it finishes"
+
+
 # ---- figures -------------------------------------------------------------------------------------------------------
 
 def make_plots(run: RunData) -> list[Plot]:
@@ -86,37 +248,224 @@ def make_plots(run: RunData) -> list[Plot]:
     return [
         Plot("reward_distribution", "Reward distribution per iteration",
              "Every response of the recorded score shards, scored by the run's reward model.",
-             report_plots.reward_distribution({data.iteration: data.scores for data in run.iterations if data.scores}),
+             reward_distribution({data.iteration: data.scores for data in run.iterations if data.scores}),
              "No score shard recorded yet (an offline DPO run samples nothing)."),
         Plot("chosen_vs_rejected", "Chosen vs rejected reward",
              "The reward-model scores of the pairs DPO trained on (iter_NNN/pairs.jsonl).",
-             report_plots.chosen_vs_rejected({i: [p.chosen_score for p in ps] for i, ps in pairs.items()},
-                                             {i: [p.rejected_score for p in ps] for i, ps in pairs.items()}),
+             chosen_vs_rejected({i: [p.chosen_score for p in ps] for i, ps in pairs.items()},
+                                {i: [p.rejected_score for p in ps] for i, ps in pairs.items()}),
              "No pairs with scores recorded yet (a preference dataset's pairs may have none)."),
         Plot("dpo_training", "DPO training",
              "Loss, reward accuracy and implicit rewards (beta * log-ratio to the reference) averaged over each "
              "checkpointed chunk of train.save_steps steps; dotted lines separate iterations.",
-             report_plots.dpo_training(chunks), "No training chunk recorded yet."),
+             dpo_training(chunks), "No training chunk recorded yet."),
         Plot("kl_to_reference", "KL to the reference",
              "kl/ref: E[log pi - log ref] on the evaluation samples of each iteration's trained policy.",
-             report_plots.kl_to_reference({i: m.get("kl/ref") for i, m in evaluations.items()}),
+             kl_to_reference({i: m.get("kl/ref") for i, m in evaluations.items()}),
              "No iteration has been evaluated yet."),
         Plot("response_length", "Response length",
              "Mean tokens per response. Iteration t's rollouts come from the policy before t trains, its "
              "evaluation from the policy after; a rising length with a flat gold score suggests length hacking.",
-             report_plots.response_length(rollout_tokens,
-                                          {i: m.get("eval/response_tokens_mean") for i, m in evaluations.items()}),
+             response_length(rollout_tokens, {i: m.get("eval/response_tokens_mean") for i, m in evaluations.items()}),
              "No scored responses or evaluations recorded yet."),
         Plot("evaluation", "Gold and evaluation curves",
              "On the held-out evaluation prompts; iteration 0 is pi_0. The gold score is shown when the task has "
              "a gold rule (eval.gold_reward); the win rate is judged by the reward model.",
-             report_plots.evaluation_curves({name: {i: m.get(name) for i, m in evaluations.items()}
-                                             for name in EVAL_CURVES}),
+             evaluation_curves({name: {i: m.get(name) for i, m in evaluations.items()} for name in EVAL_CURVES}),
              "No evaluation recorded yet."),
         Plot("stage_times", "Time per stage",
              "Seconds per finished iteration; 'other' is the rest of time/iteration_s (pairs, export).",
-             report_plots.stage_times(times, stage_keys), "No iteration has finished yet."),
+             stage_times(times, stage_keys), "No iteration has finished yet."),
     ]
+
+
+# Each figure below takes plain numbers keyed by iteration and knows nothing of run directories; iterations with no
+# data are simply absent from its input. None: nothing to draw.
+
+def _figure(height: float = 3.6) -> Figure:
+    figure = Figure(figsize=(WIDTH, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _iteration_axis(axes, iterations) -> None:
+    """Whole-number ticks, and half an iteration of room each side (a single point would get ticks at +-0.04)."""
+    axes.set_xlabel("iteration")
+    axes.set_xlim(min(iterations) - 0.5, max(iterations) + 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axes.grid(True, alpha=0.3)
+
+
+def _finite(values: dict[int, float]) -> dict[int, float]:
+    return {key: value for key, value in sorted(values.items()) if value is not None and math.isfinite(value)}
+
+
+def _finite_lists(values: dict[int, Sequence[float]]) -> dict[int, list[float]]:
+    """NaN scores (e.g. an offline run's pairs from a dataset without scores) are dropped, then empty iterations."""
+    values = {key: [value for value in group if math.isfinite(value)] for key, group in values.items()}
+    return {key: group for key, group in values.items() if group}
+
+
+def reward_distribution(scores: dict[int, Sequence[float]]) -> bytes | None:
+    """One box per iteration over every scored response (whiskers 5-95%, the triangle is the mean)."""
+    scores = _finite_lists(scores)
+    if not scores:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    iterations = sorted(scores)
+    axes.boxplot([scores[i] for i in iterations], positions=iterations, widths=0.5, whis=(5, 95), showmeans=True,
+                 showfliers=False, tick_labels=[f"{i}\n(n={len(scores[i])})" for i in iterations])
+    axes.set_xlim(iterations[0] - BOX_ROOM, iterations[-1] + BOX_ROOM)
+    axes.set_ylabel("reward")
+    axes.set_title("Reward of every sampled response")
+    axes.set_xlabel("iteration")
+    axes.grid(True, axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def chosen_vs_rejected(chosen: dict[int, Sequence[float]], rejected: dict[int, Sequence[float]]) -> bytes | None:
+    """The reward-model scores of each iteration's chosen and rejected responses, side by side, means joined."""
+    chosen, rejected = _finite_lists(chosen), _finite_lists(rejected)
+    iterations = sorted(chosen.keys() & rejected.keys())
+    if not iterations:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    for offset, values, colour in ((-0.18, chosen, CHOSEN), (0.18, rejected, REJECTED)):
+        positions = [i + offset for i in iterations]
+        boxes = axes.boxplot([values[i] for i in iterations], positions=positions, widths=0.3, whis=(5, 95),
+                             showfliers=False, patch_artist=True, manage_ticks=False)
+        for box in boxes["boxes"]:
+            box.set(facecolor=colour, alpha=0.35, edgecolor=colour)
+        for median in boxes["medians"]:
+            median.set(color=colour)
+        axes.plot(positions, [sum(values[i]) / len(values[i]) for i in iterations], "o-", color=colour, markersize=4)
+    axes.set_xticks(iterations, [f"{i}\n({len(chosen[i])} pairs)" for i in iterations])
+    axes.set_xlim(iterations[0] - BOX_ROOM, iterations[-1] + BOX_ROOM)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("reward")
+    axes.set_title("Chosen vs rejected reward (boxes 25-75%, whiskers 5-95%, dots the means)")
+    axes.legend(handles=[Patch(color=CHOSEN, alpha=0.5, label="chosen"),
+                         Patch(color=REJECTED, alpha=0.5, label="rejected")],
+                loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: boxes fill the axes
+    axes.grid(True, axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def dpo_training(chunks: Sequence[dict[str, float]]) -> bytes | None:
+    """Per training chunk: loss, reward accuracy and the implicit rewards, against the run's global step.
+
+    Each chunk has `iteration`, `global_step` (at its end), `steps` and the learner's averaged statistics."""
+    if not chunks:
+        return None
+    figure = _figure(height=6.6)
+    loss, accuracy, rewards = figure.subplots(3, 1, sharex=True)
+    steps = [chunk["global_step"] for chunk in chunks]
+    loss.plot(steps, [chunk.get("loss", math.nan) for chunk in chunks], "o-", markersize=3)
+    loss.set_ylabel("DPO loss")
+    accuracy.plot(steps, [chunk.get("reward_accuracy", math.nan) for chunk in chunks], "o-", markersize=3)
+    accuracy.set_ylabel("reward accuracy")
+    accuracy.set_ylim(-0.05, 1.05)
+    for key, style, colour in (("margin", "o-", "tab:blue"), ("chosen_reward", "--", CHOSEN),
+                               ("rejected_reward", "--", REJECTED)):
+        rewards.plot(steps, [chunk.get(key, math.nan) for chunk in chunks], style, color=colour, markersize=3,
+                     label=key.replace("_", " "))
+    rewards.axhline(0.0, color="grey", linewidth=0.8)
+    rewards.set_ylabel("implicit reward")
+    rewards.legend(loc="best", fontsize="small")
+    starts = {}
+    for chunk in chunks:
+        starts.setdefault(chunk["iteration"], chunk["global_step"] - chunk["steps"])
+    for axes in (loss, accuracy, rewards):
+        axes.grid(True, alpha=0.3)
+        for start in list(starts.values())[1:]:
+            axes.axvline(start, color="grey", linestyle=":", linewidth=1)
+    loss.set_xlim(left=min(starts.values()))  # from the first iteration's start, where its label goes
+    for iteration, start in starts.items():
+        loss.annotate(f"iter {iteration}", (start, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                      textcoords="offset points", va="top", fontsize="small", color="grey")
+    rewards.set_xlabel("optimizer step (over the whole run)")
+    rewards.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss.set_title("DPO training, one point per checkpointed chunk")
+    return _png(figure)
+
+
+def kl_to_reference(kl: dict[int, float]) -> bytes | None:
+    kl = _finite(kl)
+    if not kl:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.plot(list(kl), list(kl.values()), "o-")
+    axes.set_ylabel("KL to reference (nats)")
+    axes.set_title("KL(policy || reference) on fresh evaluation samples")
+    _iteration_axis(axes, kl)
+    return _png(figure)
+
+
+def response_length(rollout: dict[int, float], evaluation: dict[int, float]) -> bytes | None:
+    rollout, evaluation = _finite(rollout), _finite(evaluation)
+    if not rollout and not evaluation:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    if rollout:
+        axes.plot(list(rollout), list(rollout.values()), "o-", label="rollouts (sampled before the iteration trains)")
+    if evaluation:
+        axes.plot(list(evaluation), list(evaluation.values()), "s-", label="evaluation (after it trains; 0 = pi_0)")
+    axes.set_ylabel("mean response tokens")
+    axes.set_title("Response length")
+    axes.legend(loc="best", fontsize="small")
+    _iteration_axis(axes, [*rollout, *evaluation])
+    return _png(figure)
+
+
+def evaluation_curves(curves: dict[str, dict[int, float]]) -> bytes | None:
+    """One panel per evaluation metric (gold, reward, win rate), iteration 0 being pi_0."""
+    curves = {name: _finite(values) for name, values in curves.items()}
+    curves = {name: values for name, values in curves.items() if values}
+    if not curves:
+        return None
+    figure = _figure()
+    panels = figure.subplots(1, len(curves), sharex=True, squeeze=False)[0]
+    for index, (axes, (name, values)) in enumerate(zip(panels, curves.items(), strict=True), start=1):
+        axes.plot(list(values), list(values.values()), "o-", color=f"C{index}")
+        if name.endswith("win_rate_vs_initial"):
+            axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        axes.set_title(name, fontsize="medium")
+        _iteration_axis(axes, [iteration for values in curves.values() for iteration in values])
+    figure.suptitle("Held-out evaluation")
+    return _png(figure)
+
+
+def stage_times(times: dict[int, dict[str, float]], stages: Sequence[tuple[str, str]]) -> bytes | None:
+    """Stacked seconds per iteration: `stages` are (metric key, label) pairs; `time/iteration_s` beyond their sum
+    (pairs, export, bookkeeping) is stacked on top as "other"."""
+    if not times:
+        return None
+    figure = _figure()
+    axes = figure.add_subplot()
+    iterations = sorted(times)
+    bottom = [0.0] * len(iterations)
+    for key, label in stages:
+        heights = [times[i].get(key, 0.0) for i in iterations]
+        axes.bar(iterations, heights, bottom=bottom, label=label, width=0.6)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    other = [max(times[i].get("time/iteration_s", 0.0) - b, 0.0) for i, b in zip(iterations, bottom, strict=True)]
+    if any(other):
+        axes.bar(iterations, other, bottom=bottom, label="other", width=0.6, color="lightgrey")
+    axes.set_ylabel("seconds")
+    axes.set_title("Time per stage (summed over every process, resumed ones included)")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    _iteration_axis(axes, iterations)
+    return _png(figure)
 
 
 # ---- the page ------------------------------------------------------------------------------------------------------

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.common import records
-from rlhf_loop.frontend import report_plots
+from rlhf_loop.frontend import report
 from rlhf_loop.driver import stages
 from rlhf_loop.frontend.cli import main
 from rlhf_loop.config import load_config, to_yaml
 from rlhf_loop.driver.metrics import Tracker, pair_metrics, reward_metrics
 from rlhf_loop.driver.pairs import select_pairs
 from rlhf_loop.common.records import Prompt, Response, Rollout, Scored
-from rlhf_loop.frontend.report import write_report
-from rlhf_loop.frontend.report_data import read_run
+from rlhf_loop.frontend.report import read_run, write_report
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import atomic_write_jsonl, atomic_write_text
 
@@ -245,8 +244,8 @@ def test_cli(tmp_path, capsys):
 
 def test_plots_skip_unscored_pairs_and_empty_inputs():
     nan = float("nan")
-    assert report_plots.chosen_vs_rejected({1: [nan, nan]}, {1: [nan, nan]}) is None  # offline pairs without scores
-    assert report_plots.chosen_vs_rejected({1: [nan, 1.0], 2: [nan]}, {1: [0.5, nan], 2: [nan]}).startswith(b"\x89PNG")
-    assert report_plots.reward_distribution({}) is None
-    assert report_plots.kl_to_reference({1: nan, 2: None}) is None
-    assert report_plots.stage_times({}, [("time/train_s", "train")]) is None
+    assert report.chosen_vs_rejected({1: [nan, nan]}, {1: [nan, nan]}) is None  # offline pairs without scores
+    assert report.chosen_vs_rejected({1: [nan, 1.0], 2: [nan]}, {1: [0.5, nan], 2: [nan]}).startswith(b"\x89PNG")
+    assert report.reward_distribution({}) is None
+    assert report.kl_to_reference({1: nan, 2: None}) is None
+    assert report.stage_times({}, [("time/train_s", "train")]) is None
