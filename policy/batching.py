@@ -1,50 +1,23 @@
-"""Training data as the learners consume it: truncation, right-padded batches, response log-probabilities, a
-deterministic batch order, and each rank's share of a global batch."""
+"""Training data as the learners consume it: response log-probabilities, a deterministic batch order, and each rank's
+share of a global batch (cutting and padding are rlhf_loop.common.sequences', shared with the reward models)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from rlhf_loop.common.arithmetic import ceil_div
+from rlhf_loop.common.sequences import PairBatch
 
 Item = TypeVar("Item")
 WeightedMicroBatch = list[tuple[Any, float]]
 
 
-def truncate(prompt: Sequence[int], response: Sequence[int], max_prompt_length: int, max_length: int):
-    """Keep the end of the prompt (the turn being answered) and the start of the response."""
-    prompt = list(prompt[-max_prompt_length:])
-    return prompt, list(response[: max_length - len(prompt)])
-
-
-@dataclass(frozen=True)
-class PaddedBatch:
-    input_ids: torch.Tensor  # [batch, length], right-padded
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor  # 1 on response tokens: the ones whose log-probability counts
-
-
-def pad_batch(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device) -> PaddedBatch:
-    """(prompt, response) token lists as one right-padded batch."""
-    length = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, (prompt, response) in enumerate(sequences):
-        tokens = prompt + response
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, : len(tokens)] = 1
-        response_mask[row, len(prompt) : len(tokens)] = 1
-    return PaddedBatch(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
-
-
-def response_log_probs(model: Callable[..., Any], batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def response_log_probs(model: Callable[..., Any], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of its response tokens, and how many there are."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     targets = batch.input_ids[:, 1:]

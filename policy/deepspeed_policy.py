@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from policy.weight_buckets import Bucket, plan_buckets
 from policy.weight_sources import WeightSource, weight_sources
 from policy.weight_sync import SyncSpec, send
 from rlhf_loop.common.faults import maybe_kill
+from rlhf_loop.common.files import atomic_directory
 from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.common.network import free_port
 
@@ -216,9 +216,16 @@ class DeepSpeedPolicy:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
+    def _atomic_directory(self, directory: str) -> contextlib.AbstractContextManager[Path]:
+        """`directory` written by every rank into a staging directory, which rank 0 fsyncs and renames into place
+        once all are done (so a checkpoint or export is on disk before the manifest records it)."""
+        import torch.distributed as dist
+
+        return atomic_directory(directory, barrier=dist.barrier, owner=self.rank == 0)
+
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         """Weights, optimizer state, `client_state` and every rank's RNG states, written atomically."""
-        with atomic_directory(directory, self.rank) as partial:
+        with self._atomic_directory(directory) as partial:
             self.engine.save_checkpoint(str(partial), tag=_ENGINE_TAG, client_state=client_state, save_latest=False)
             torch.save(rng_states(), partial / f"rng_rank{self.rank}.pt")
             maybe_kill(f"checkpoint:{Path(directory).parent.parent.name}/{Path(directory).name}")  # kill tests
@@ -291,7 +298,7 @@ class DeepSpeedPolicy:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one small shard per save: the bar would only be noise
-        with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
+        with self.full_parameters(), self._atomic_directory(directory) as partial:
             if self.rank == 0:
                 if self.lora:
                     merged = {source.name: source.value().cpu() for source in weight_sources(self.module, True)}
@@ -302,7 +309,7 @@ class DeepSpeedPolicy:
 
     def export_adapter(self, directory: str) -> None:
         """The LoRA adapter alone in peft's format (adapter_config.json, adapter_model.safetensors), atomically."""
-        with self.full_parameters(), atomic_directory(directory, self.rank) as partial:
+        with self.full_parameters(), self._atomic_directory(directory) as partial:
             if self.rank == 0:
                 self.module.save_pretrained(partial)
 
@@ -373,24 +380,3 @@ def deepspeed_config(spec: OptimizationSpec, dtype: torch.dtype, hidden_size: in
     }
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: str, rank: int) -> Iterator[Path]:
-    """Every rank writes into `.<name>.partial` beside `directory`; once all are done, rank 0 renames it into
-    place, so a reader never sees a half-written directory under the final name."""
-    import torch.distributed as dist
-
-    final = Path(directory)
-    partial = final.with_name(f".{final.name}.partial")
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
-        partial.mkdir(parents=True)
-    dist.barrier()
-    yield partial
-    dist.barrier()
-    if rank == 0:
-        replaced = final.with_name(f".{final.name}.replaced")
-        if final.exists():
-            os.replace(final, replaced)
-        os.replace(partial, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-    dist.barrier()

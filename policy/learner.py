@@ -30,13 +30,12 @@ from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
     margin_weights,
-    pad_batch,
     rank_micro_batches,
     response_log_probs,
     token_fingerprint,
-    truncate,
 )
 from policy.config import PolicyConfig, TrainConfig
+from rlhf_loop.common.sequences import PromptHead, cut_pair, pad_pairs
 from policy.deepspeed_policy import DeepSpeedPolicy, load_reference, same_path
 from policy.learner_protocol import TrainStats
 from policy.losses import LOSSES
@@ -89,6 +88,7 @@ class DPOLearner:
         self._pairs: list[TokenizedPair] = []
         self._schedule: list[list[int]] = []
         self._prepared: PreparedReferences[TokenizedPair] | None = None  # from prepare_pairs, for begin_iteration
+        self._prompt_head: PromptHead | None = None  # what a cut prompt keeps; from the tokenizer, when first needed
 
     # --- iterations -----------------------------------------------------------------------------------------------
 
@@ -158,10 +158,17 @@ class DPOLearner:
             self._reference_dir = reference_dir
 
     def _tokenize(self, pair: Pair) -> TokenizedPair:
-        limits = (self._train.max_prompt_length, self._train.max_length)
-        prompt, chosen = truncate(pair.prompt_token_ids, pair.chosen.token_ids, *limits)
-        _, rejected = truncate(pair.prompt_token_ids, pair.rejected.token_ids, *limits)
+        prompt, chosen = self._cut(pair.prompt_token_ids, pair.chosen.token_ids)
+        _, rejected = self._cut(pair.prompt_token_ids, pair.rejected.token_ids)
         return TokenizedPair(prompt, chosen, rejected)
+
+    def _cut(self, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
+        """To train.max_prompt_length and train.max_length, keeping the prompt's BOS and system turn (the driver
+        counts the cuts: pairs/truncated_prompt, pairs/truncated_response)."""
+        if self._prompt_head is None:
+            self._prompt_head = PromptHead.of(self._policy.tokenizer)
+        return cut_pair(prompt, response, self._train.max_prompt_length, self._train.max_length,
+                        self._prompt_head.length(prompt))
 
     def _reference_log_probs(self, pairs: Sequence[TokenizedPair]) -> list[tuple[float, float]]:
         """Per pair, the reference's summed log-probabilities of chosen and rejected. Each rank computes its share
@@ -200,7 +207,7 @@ class DPOLearner:
     def _log_probs(self, model, pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities and token counts of the chosen responses, then of the rejected ones."""
         sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        return response_log_probs(model, pad_batch(sequences, self._policy.pad_token_id, self._policy.device))
+        return response_log_probs(model, pad_pairs(sequences, self._policy.pad_token_id, self._policy.device))
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Run up to `max_steps` optimizer steps, stopping at the end of the iteration."""
@@ -303,12 +310,10 @@ class DPOLearner:
         """Per sample: sum over response tokens of log pi - log ref (a KL estimate when responses come from pi).
         Sequences are truncated as in training. A learner that keeps no reference loads it for this and drops it."""
         train = self._train
-        sequences = [
-            truncate(prompt, response, train.max_prompt_length, train.max_length)
-            for prompt, response in zip(prompt_token_ids, response_token_ids, strict=True)
-        ]
+        sequences = [self._cut(prompt, response)
+                     for prompt, response in zip(prompt_token_ids, response_token_ids, strict=True)]
         chunk = 2 * train.micro_batch_size
-        batches = [pad_batch(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device)
+        batches = [pad_pairs(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device)
                    for start in range(0, len(sequences), chunk)]
         self._policy.engine.eval()
         policy_log_probs = [response_log_probs(self._policy.engine, batch)[0] for batch in batches]

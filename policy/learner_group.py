@@ -29,7 +29,7 @@ from policy.learner import DPOLearner
 from policy.learner_protocol import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
 from policy.weight_sync import SyncSpec, host_store
-from rlhf_loop.common.actor_calls import placement, wait
+from rlhf_loop.common.actor_calls import placement, wait, wait_ranks
 from rlhf_loop.common.network import free_port
 from rlhf_loop.common.records import Messages, Pair
 
@@ -136,6 +136,7 @@ class LearnerGroup:
         )
         self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
         self._sync_address: tuple[str, int] | None = None
+        self._preparing: list[list[ray.ObjectRef]] = []  # prepare_pairs calls not waited for yet, one ref a rank
 
     def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
@@ -146,10 +147,9 @@ class LearnerGroup:
         """DPOLearner.prepare_pairs on every rank, not waited for: it returns at once, and each rank runs it before
         whatever is called after it (an actor runs its calls in the order they were made). The ranks compute
         together, so no other thread may call the group meanwhile (the loop calls it from the scoring thread while
-        its own thread only generates); a failure shows at the next call waited for."""
+        its own thread only generates); a failure comes back at the next call, naming the rank."""
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
-        for actor in self._actors:
-            actor.prepare_pairs.remote(iteration, pairs_ref, reference_dir)
+        self._preparing.append([actor.prepare_pairs.remote(iteration, pairs_ref, reference_dir) for actor in self._actors])
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Every rank reports the same all-reduced averages; rank 0's are returned."""
@@ -205,6 +205,13 @@ class LearnerGroup:
             ray.kill(actor)
 
     def _wait(self, refs, stage: str):
-        """A dead rank is not restarted (its process group would need every rank anew): the run stops with one
-        line, and `resume` reloads the last checkpoint."""
+        """`refs`' results, after the prepare_pairs calls made before them. A rank that fails stops the wait at
+        once, named (the other ranks would wait for it in their next collective). A dead rank is not restarted (its
+        process group would need every rank anew): the run stops with one line, and `resume` reloads the last
+        checkpoint."""
+        preparing, self._preparing = self._preparing, []
+        for prepared in preparing:
+            wait_ranks(prepared, self._timeout_s, "learner", "prepare_pairs", "train.call_timeout_s")
+        if isinstance(refs, list):
+            return wait_ranks(refs, self._timeout_s, "learner", stage, "train.call_timeout_s")
         return wait(refs, self._timeout_s, "learner", stage, "train.call_timeout_s")

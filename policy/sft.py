@@ -21,13 +21,12 @@ from tqdm import tqdm
 from policy.batching import (
     WeightedMicroBatch,
     batch_schedule,
-    pad_batch,
     rank_micro_batches,
     response_log_probs,
     token_fingerprint,
-    truncate,
 )
 from policy.config import PolicyConfig, SFTConfig
+from rlhf_loop.common.sequences import PromptHead, cut_pair, pad_pairs
 from policy.deepspeed_policy import DeepSpeedPolicy
 from policy.optimization import OptimizationSpec, learning_rate_at
 from rlhf_loop.common.chat import prompt_and_last_turn
@@ -76,15 +75,20 @@ class SFTLearner:
         self._schedule: list[list[int]] = []
         self._step = 0
         self._data_fingerprint: str | None = None
+        self._prompt_head: PromptHead | None = None  # what a cut prompt keeps; from the tokenizer, when first needed
+
+    def _cut(self, example: SFTExample) -> tuple[list[int], list[int]]:
+        """To sft.max_prompt_length and sft.max_length, keeping the prompt's BOS and system turn."""
+        if self._prompt_head is None:
+            self._prompt_head = PromptHead.of(self._policy.tokenizer)
+        return cut_pair(example.prompt_token_ids, example.response_token_ids, self._sft.max_prompt_length,
+                        self._sft.max_length, self._prompt_head.length(example.prompt_token_ids))
 
     def begin(self, examples: Sequence[SFTExample | Messages]) -> int:
         """Take the training examples (token ids, or conversations to render); returns the number of optimizer
         steps. After load_checkpoint, continues from the checkpoint's step (the examples must be the same)."""
         sft = self._sft
-        truncated = [
-            SFTExample(*truncate(e.prompt_token_ids, e.response_token_ids, sft.max_prompt_length, sft.max_length))
-            for e in to_examples(self._policy.tokenizer, examples)
-        ]
+        truncated = [SFTExample(*self._cut(e)) for e in to_examples(self._policy.tokenizer, examples)]
         data_fingerprint = token_fingerprint([[e.prompt_token_ids, e.response_token_ids] for e in truncated])
         if self._data_fingerprint not in (None, data_fingerprint):
             raise ValueError("the SFT checkpoint was trained on other examples; resume with the original dataset")
@@ -119,7 +123,7 @@ class SFTLearner:
         summed_nll = []
 
         def loss_of(micro_batch: WeightedMicroBatch) -> torch.Tensor:
-            padded = pad_batch(
+            padded = pad_pairs(
                 [(e.prompt_token_ids, e.response_token_ids) for e, _ in micro_batch],
                 self._policy.pad_token_id,
                 self._policy.device,
@@ -152,12 +156,11 @@ class SFTLearner:
         """Mean negative log-likelihood per response token of `examples` under the current weights."""
         sft = self._sft
         examples = to_examples(self._policy.tokenizer, examples)
-        sequences = [truncate(e.prompt_token_ids, e.response_token_ids, sft.max_prompt_length, sft.max_length)
-                     for e in examples]
+        sequences = [self._cut(e) for e in examples]
         self._policy.engine.eval()
         total_log_prob, total_tokens = 0.0, 0
         for start in range(0, len(sequences), sft.micro_batch_size):
-            padded = pad_batch(sequences[start : start + sft.micro_batch_size], self._policy.pad_token_id,
+            padded = pad_pairs(sequences[start : start + sft.micro_batch_size], self._policy.pad_token_id,
                                self._policy.device)
             log_probs, lengths = response_log_probs(self._policy.engine, padded)
             total_log_prob += log_probs.sum().item()

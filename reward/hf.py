@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from rlhf_loop.common.chat import assistant_turn, chat_token_ids
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.hf_models import torch_dtype
+from rlhf_loop.common.sequences import PaddedBatch, cut_prompt, padded_batches  # noqa: F401 (the reward kinds' batches)
 from rlhf_loop.common.records import Messages
 
 log = logging.getLogger(__name__)
@@ -73,46 +72,9 @@ def render(tokenizer: Any, messages: Messages, response: str) -> list[int]:
 
 
 def truncate_left(token_ids: list[int], max_length: int, bos_token_id: int | None) -> list[int]:
-    """Keep the last max_length tokens, and a leading BOS: the prompt is cut first and the end always survives."""
-    if len(token_ids) <= max_length:
-        return token_ids
-    if bos_token_id is not None and token_ids[0] == bos_token_id:
-        return [token_ids[0], *token_ids[len(token_ids) - max_length + 1:]]
-    return token_ids[len(token_ids) - max_length:]
-
-
-@dataclass(frozen=True)
-class PaddedBatch:
-    indices: list[int]  # positions of these rows in the caller's list of sequences
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_positions: torch.Tensor  # index of each row's last real token
-
-
-def padded_batches(
-    sequences: Sequence[list[int]], batch_size: int, pad_id: int, device: torch.device | str
-) -> Iterator[PaddedBatch]:
-    """Right-padded batches of similar length (longest first), so padding is small and the order deterministic.
-
-    Right padding keeps every real token at the position it has when scored alone: with causal attention the
-    pads after it cannot change it, so a score does not depend on what else is in the batch.
-    """
-    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        width = len(sequences[indices[0]])
-        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            ids = sequences[index]
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, :len(ids)] = 1
-        yield PaddedBatch(
-            indices=indices,
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            last_positions=(attention_mask.sum(dim=1) - 1).to(device),
-        )
+    """The last max_length tokens of a scored conversation, and a leading BOS: the prompt is cut first and the
+    response's end, which the score reads, always survives."""
+    return cut_prompt(token_ids, max_length, head=int(bool(token_ids) and token_ids[0] == bos_token_id))
 
 
 def _first_line(error: Exception) -> str:

@@ -69,7 +69,7 @@ def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = 
                 metrics = {**reward_metrics(sample.scored, selection.pairs), **prompt_metrics(sample.prompt_set)}
             else:
                 selection, metrics = stages.dataset_pairs(run, tokenizer, iteration), {}
-            metrics.update(pair_metrics(selection))
+            metrics.update(pair_metrics(selection, cfg.train if learner is not None else None))
             stages.export_pairs(run, selection.pairs, iteration)
 
             if learner is not None:

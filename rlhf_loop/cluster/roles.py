@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,9 +91,10 @@ def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
     started = {}
     if colocate and "rollout" in roles:
         started["rollout"] = timed(roles.pop("rollout"))
-    with ThreadPoolExecutor(max_workers=len(roles) or 1, thread_name_prefix="start") as pool:
-        futures = {role: pool.submit(timed, start) for role, start in roles.items()}
-        started |= {role: future.result() for role, future in futures.items()}
+    # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so a run refused
+    # while its actors start would wait in their `ray.get` (after Ray stopped) until call_timeout_s, spinning a core.
+    futures = {role: in_background(timed, start, name=f"start-{role}") for role, start in roles.items()}
+    started |= {role: future.result() for role, future in futures.items()}
     return Started({role: actor for role, (actor, _) in started.items()},
                    {role: seconds for role, (_, seconds) in started.items()}, layout)
 

@@ -36,6 +36,12 @@ class ActorRestarting(ActorDied):
     """An actor that died is being restarted by Ray; calls made meanwhile fail with this."""
 
 
+def timed_out(role: str, stage: str, timeout_s: float, timeout_key: str) -> ActorTimeout:
+    return ActorTimeout(f"the {role} did not answer within {timeout_s:g} s during {stage}; it may be hung. "
+                        f"Finished work is kept: raise {timeout_key} if the work is only slow, then "
+                        f"`rlhf-loop resume RUN_DIR`")
+
+
 def wait(refs: Any, timeout_s: float, role: str, stage: str, timeout_key: str) -> Any:
     """`ray.get(refs)` within `timeout_s`. A UserError raised in the actor comes back as itself; a timeout or a dead
     actor becomes one line naming the role, the stage and what to do."""
@@ -44,9 +50,7 @@ def wait(refs: Any, timeout_s: float, role: str, stage: str, timeout_key: str) -
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise ActorTimeout(f"the {role} did not answer within {timeout_s:g} s during {stage}; it may be hung. "
-                           f"Finished work is kept: raise {timeout_key} if the work is only slow, then "
-                           f"`rlhf-loop resume RUN_DIR`") from None
+        raise timed_out(role, stage, timeout_s, timeout_key) from None
     except ray.exceptions.ActorUnavailableError:
         raise ActorRestarting(f"the {role} is restarting during {stage}") from None
     except ray.exceptions.RayActorError as e:
@@ -57,6 +61,35 @@ def wait(refs: Any, timeout_s: float, role: str, stage: str, timeout_key: str) -
         if isinstance(e.cause, UserError):
             raise e.cause from None
         raise
+
+
+class RankFailed(RuntimeError):
+    """One rank of a group failed with an error that is not the user's; the message names the rank."""
+
+
+def wait_ranks(refs: list[Any], timeout_s: float, role: str, stage: str, timeout_key: str) -> list[Any]:
+    """Every rank's result (`refs` in rank order), but the first rank that fails stops the wait at once, named:
+    the other ranks of a collective would otherwise wait for it, and the driver with them, until `timeout_s`."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+        if not ready:
+            raise timed_out(f"{role} rank {rank_of[pending[0]]}", stage, timeout_s, timeout_key)
+        rank = rank_of[ready[0]]
+        try:
+            wait(ready[0], max(deadline - time.monotonic(), 0.1), f"{role} rank {rank}", stage, timeout_key)
+        except UserError as e:
+            if f"{role} rank {rank}" in str(e):
+                raise
+            raise type(e)(f"{role} rank {rank}: {e}") from None
+        except ray.exceptions.RayTaskError as e:
+            cause = str(e.cause if e.cause is not None else e).strip().splitlines() or [type(e).__name__]
+            raise RankFailed(f"{role} rank {rank} failed during {stage}: {cause[-1][:300]}") from e
+    return ray.get(list(refs))
 
 
 def wait_restarted(call: Callable[[], Any], timeout_s: float, role: str, timeout_key: str) -> Any:

@@ -1,13 +1,16 @@
-"""Files written so that a crash leaves either the old file or the new one: temp file, fsync, rename, fsync of the
-directory. Every artifact of a run is written through here; read_jsonl and checksums are their counterparts."""
+"""Files and directories written so that a crash leaves either the old one or the new one: temp file (or staging
+directory), fsync of everything in it, rename, fsync of the parent directory. Every artifact of a run is written
+through here; read_jsonl and checksums are their counterparts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,55 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under `root` (and `root`) on disk: a rename makes a tree visible under its final
+    name, but only an fsync makes its files' contents and its directory entries survive a power or node loss. Files
+    other processes wrote are flushed too: fsync works on the file, whichever descriptor it comes through."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
+
+
+@contextmanager
+def atomic_directory(destination: str | os.PathLike, barrier: Callable[[], None] = lambda: None,
+                     owner: bool = True) -> Iterator[Path]:
+    """A staging directory `.NAME.partial` beside `destination` to write into; when the block succeeds, its whole
+    tree is fsynced and it is renamed onto `destination` (an old one is renamed aside first and then deleted: a
+    directory cannot be renamed over a non-empty one), and the parent is fsynced. Readers see the old tree or the
+    new one, never a mix; after a crash, at most a leftover `.NAME.partial`, cleared by the next write.
+
+    Several processes (a learner's ranks) may write one directory: each passes `barrier` (all of them wait there)
+    and only `owner` (rank 0) creates, fsyncs and renames; the others only write into it."""
+    final = Path(destination)
+    partial = final.with_name(f".{final.name}.partial")
+    if owner:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
+        partial.mkdir(parents=True)
+    barrier()
+    try:
+        yield partial
+        barrier()
+        if owner:
+            fsync_tree(partial)
+            replaced = final.with_name(f".{final.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            if final.exists():
+                os.replace(final, replaced)
+            os.replace(partial, final)
+            fsync_dir(final.parent)
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException:
+        if owner:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    barrier()
 
 
 # The mode open() would give a new file under this process's umask (read once, at import, while single-threaded).

@@ -13,12 +13,9 @@ would be trained on it twice.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from rlhf_loop.common.chat import assistant_turn
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Pair, pair_from_json
 from rlhf_loop.rundir.manifest import Manifest, RunDir
-from rlhf_loop.common.files import read_jsonl
+from rlhf_loop.common.files import atomic_directory, read_jsonl
 
 EXPORT_FORMATS = ("disk", "parquet")
 SPLITS = ("train", "test")
@@ -74,26 +71,10 @@ def export_iteration(run_dir: str, iteration: int, to: str) -> None:
     destination = Path(to)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise UserError(f"{destination} already exists and is not empty; pick a new --to directory")
-    with staged_directory(destination) as staging:
+    with atomic_directory(destination) as staging:
         shutil.copytree(policy, staging / "policy")
         dataset = preference_dataset(pairs)
         dataset.save_to_disk(str(staging / "pairs"), num_shards=shard_count(dataset))
-
-
-@contextmanager
-def staged_directory(destination: Path) -> Iterator[Path]:
-    """A temporary sibling of `destination`, renamed onto it only when the block succeeds: readers see the whole
-    result or nothing. An existing `destination` is replaced."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex}.tmp"
-    staging.mkdir()  # not mkdtemp: its 0700 mode would stay on the result
-    try:
-        yield staging
-        if destination.is_dir() and any(destination.iterdir()):
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- the loop's per-iteration DPO dataset ---------------------------------------------------------------------------
@@ -114,7 +95,7 @@ def write_preference_dataset(pairs: Sequence[Pair], out: Path, format: str, test
     train, test = split_indices(len(dataset), test_fraction, seed)
     splits = DatasetDict({"train": dataset.select(train), "test": dataset.select(test)})
     out = Path(out)
-    with staged_directory(out) as staging:
+    with atomic_directory(out) as staging:
         if format == "disk":
             splits.save_to_disk(str(staging), num_shards={name: shard_count(split) for name, split in splits.items()})
         else:

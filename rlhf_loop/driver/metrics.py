@@ -15,6 +15,7 @@ from rlhf_loop.driver.pairs import PairSelection
 from rlhf_loop.common.records import Pair, Scored
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import atomic_write_jsonl
+from rlhf_loop.common.sequences import count_cuts
 
 
 def reward_metrics(scored: Sequence[Scored], pairs: Sequence[Pair]) -> dict[str, float]:
@@ -40,13 +41,20 @@ def prompt_metrics(prompt_set: PromptSet) -> dict[str, float]:
     return {"prompts/count": len(prompt_set.prompts), "prompts/skipped_too_long": prompt_set.skipped_too_long}
 
 
-def pair_metrics(selection: PairSelection) -> dict[str, float]:
-    return {
+def pair_metrics(selection: PairSelection, train=None) -> dict[str, float]:
+    """`train` (TrainConfig, when a learner trains on the pairs): how many pairs its lengths cut, counted by the
+    rules the learner cuts by (rlhf_loop.common.sequences)."""
+    metrics = {
         "pairs/count": len(selection.pairs),
         "pairs/dropped": sum(selection.dropped.values()),
         "pairs/flat_prompts": selection.flat_prompts,
         **{f"pairs/dropped_{reason}": count for reason, count in selection.dropped.items()},
     }
+    if train is not None:
+        cuts = count_cuts([(p.prompt_token_ids, p.chosen.token_ids, p.rejected.token_ids) for p in selection.pairs],
+                          train.max_prompt_length, train.max_length)
+        metrics |= {"pairs/truncated_prompt": cuts.prompts, "pairs/truncated_response": cuts.responses}
+    return metrics
 
 
 class Tracker:

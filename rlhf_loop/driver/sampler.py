@@ -73,6 +73,9 @@ def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardMod
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as scorer:
         def score_what_is_ready(generated: list[Rollout]) -> None:
+            failed = next((future for future in scoring if future.done() and future.exception()), None)
+            if failed is not None:  # a scoring error stops the run now, not once every shard is generated
+                raise failed.exception()
             while len(scoring) < of_shards and min((len(scoring) + 1) * size, len(prompts)) <= len(generated):
                 index = len(scoring)
                 scoring.append(scorer.submit(score, generated[index * size:(index + 1) * size], index))

@@ -303,10 +303,15 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
     directory = run.run_dir.iteration(iteration) / "policy"
     if run.manifest.done(unit):
         problem = run.manifest.verify_unit(unit)
-        if problem is not None:  # the learner has moved on since: the export cannot be made again from it
-            raise UserError(f"{problem}; the exported policy of iteration {iteration} cannot be rebuilt from a later "
-                            f"learner state: restore the file, or start the run again in a new --run-dir")
-        return directory
+        if problem is None:
+            return directory
+        final = final_checkpoint(run, iteration)
+        if final is None:  # the learner has moved on since: the export cannot be made again from it
+            raise UserError(f"{problem}; the exported policy of iteration {iteration} cannot be rebuilt: its final "
+                            f"checkpoint is gone, damaged or followed by later training: restore the file, or start "
+                            f"the run again in a new --run-dir")
+        run.manifest.drop([unit], f"{problem}; rebuilding it from {final.relative_to(run.run_dir.root)}")
+        learner.load_checkpoint(str(final))
     run.enter(unit)
     start = time.perf_counter()
     learner.export_hf(str(directory))
@@ -318,6 +323,17 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
     run.manifest.record(unit, tree=directory, path=str(directory.relative_to(run.run_dir.root)),
                         seconds=time.perf_counter() - start, **extra)
     return directory
+
+
+def final_checkpoint(run: Run, iteration: int) -> Path | None:
+    """The checkpoint that ended `iteration`'s training, when it is intact and no training came after it: the
+    learner state its exported policy was made from."""
+    units = sorted(unit for unit in run.manifest.units if "train/step_" in unit)
+    if not units or not units[-1].startswith(run.unit(iteration, "train/step_")):
+        return None
+    if run.manifest.verify_unit(units[-1]) is not None:
+        return None
+    return run.run_dir.root / run.manifest.info(units[-1])["checkpoint"]
 
 
 def sync_weights(learner: Learner, rollout: RolloutGroup) -> float:

@@ -115,6 +115,7 @@ def plan_report(cfg: RunConfig) -> PlanReport:
     report.problems += local_gpu_problems(cfg, report)
     report.problems += export_problems(cfg)
     report.warnings += gpu_warnings(cfg, device, report) + memory_warnings(report) + data_warnings(cfg)
+    report.warnings += truncation_warnings(cfg)
     return report
 
 
@@ -271,6 +272,29 @@ def data_warnings(cfg: RunConfig) -> list[str]:
         return ["train.enabled is false and pairs.export_format is none: the pairs stay as pairs.jsonl in the run "
                 "directory only; set pairs.export_format to disk or parquet for a DPO dataset"]
     return []
+
+
+def truncation_warnings(cfg: RunConfig) -> list[str]:
+    """Where the configured lengths let DPO cut what was sampled: a prompt data.max_prompt_tokens lets in but
+    train.max_prompt_length cuts (its BOS, system turn and end are kept), or a prompt plus a full response over
+    train.max_length (the response loses its end, EOS included). Each run counts them: pairs/truncated_prompt and
+    pairs/truncated_response."""
+    if not cfg.train.enabled:
+        return []
+    train, warnings = cfg.train, []
+    longest_prompt = cfg.data.max_prompt_tokens
+    if longest_prompt > train.max_prompt_length:
+        warnings.append(f"prompts of up to {longest_prompt} tokens (data.max_prompt_tokens) are cut to "
+                        f"train.max_prompt_length {train.max_prompt_length} for DPO (BOS, system turn and the last "
+                        f"turn kept); raise train.max_prompt_length to keep them whole")
+    if cfg.online:
+        longest = min(longest_prompt, train.max_prompt_length) + cfg.rollout.max_tokens
+        if longest > train.max_length:
+            warnings.append(f"a prompt of {min(longest_prompt, train.max_prompt_length)} tokens and a response of "
+                            f"rollout.max_tokens {cfg.rollout.max_tokens} make {longest}, over train.max_length "
+                            f"{train.max_length}: long responses lose their end (EOS included) in DPO; raise "
+                            f"train.max_length or lower rollout.max_tokens")
+    return warnings
 
 
 def export_problems(cfg: RunConfig) -> list[str]:

@@ -4,6 +4,7 @@ start-up (`rlhf-loop run` starts Ray and the actors beside them, and stops them 
 from __future__ import annotations
 
 from rlhf_loop.config import RunConfig
+from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.hf_models import load_tokenizer
 
@@ -19,12 +20,14 @@ def ensure_inputs(cfg: RunConfig) -> None:
 
 def preflight(cfg: RunConfig) -> None:
     ensure_inputs(cfg)
-    from rlhf_loop.frontend.plan import plan_report
+    from rlhf_loop.frontend.plan import plan_report, truncation_warnings
 
     # Resources first: a GPU request the cluster cannot meet would leave Ray waiting forever, with no error.
-    problems = plan_report(cfg).problems
-    if problems:
-        raise UserError(f"{problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
+    report = plan_report(cfg)
+    if report.problems:
+        raise UserError(f"{report.problems[0]} (`rlhf-loop plan CONFIG` shows the whole plan)")
+    for warning in truncation_warnings(cfg):  # the run goes on, cutting: said once, counted every iteration
+        say(f"rlhf-loop: warning: {warning}")
     check_model(cfg.policy.model_path, "policy.model_path", cfg.policy.trust_remote_code)
     if cfg.online:
         from reward.registry import check_model_files

@@ -22,9 +22,7 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from rlhf_loop.common import records
-from rlhf_loop.common.files import atomic_write_bytes, atomic_write_text, read_jsonl
+from rlhf_loop.common.files import atomic_directory, atomic_write_bytes, atomic_write_text, read_jsonl
 from rlhf_loop.common.records import Pair, Response
 from rlhf_loop.driver.stages import EVAL_INITIAL, STAGE_TIMES
 from rlhf_loop.rundir.manifest import Manifest, RunDir
@@ -74,31 +72,16 @@ def write_report(root: str | os.PathLike) -> Path:
     run = read_run(root)
     plots = make_plots(run)
     target = run.root / REPORT_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run.root))
-    try:
+    with atomic_directory(target) as staging:  # readers see one report or the other, never a mix
         for plot in plots:
             if plot.png is not None:
                 atomic_write_bytes(staging / f"{plot.name}.png", plot.png)
         atomic_write_text(staging / "index.html", render_page(run, plots))
-        # temporary files are private (0600, 0700); a report is for sharing, e.g. from a web server's directory
+        # a report is for sharing, e.g. from a web server's directory
         staging.chmod(0o755)
         for path in staging.iterdir():
             path.chmod(0o644)
-        _swap_in(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # only still there when something failed
     return target / "index.html"
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """A directory cannot be renamed over a non-empty one: the old report is renamed aside, the new one renamed in,
-    and the old one deleted, so a reader sees one report or the other (or, between the two renames, none), never a
-    mix of both."""
-    retired = staging.with_name(staging.name + "-old")
-    if target.exists():
-        os.rename(target, retired)
-    os.rename(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 # ---- the run, as recorded ------------------------------------------------------------------------------------------

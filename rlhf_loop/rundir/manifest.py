@@ -197,7 +197,11 @@ class Manifest:
         written, are checksummed so resume can trust them."""
         paths = list(files)
         if tree is not None:
-            paths += sorted(path for path in Path(tree).rglob("*") if path.is_file())
+            tree_files = sorted(path for path in Path(tree).rglob("*") if path.is_file())
+            if not tree_files:  # it would "verify" for ever, and a resume would trust nothing
+                raise UserError(f"{tree} holds no files after {unit} wrote it: on a cluster, the run directory must "
+                                f"be one shared filesystem that every node mounts at the same path (docs/cluster.md)")
+            paths += tree_files
             info["tree"] = str(Path(tree).relative_to(self.run_dir.root))
         entry = dict(info)
         entry["files"] = [

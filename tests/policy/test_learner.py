@@ -16,10 +16,11 @@ from learner_fixtures import (  # noqa: F401 (restore_environment is an autouse 
     train_config,
 )
 
-from policy.batching import batch_schedule, margin_weights, rank_micro_batches, truncate
+from policy.batching import batch_schedule, margin_weights, rank_micro_batches
 from policy.config import LoRAConfig
 from policy.learner import DPOLearner
 from policy.optimization import OptimizationSpec, learning_rate_at
+from rlhf_loop.common.sequences import PromptHead, cut_prompt
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -72,11 +73,6 @@ def test_margin_weights_keep_a_mean_of_one():
     assert margin_weights([], "linear") == []
 
 
-def test_truncation_keeps_prompt_end_and_response_start():
-    prompt, response = truncate(list(range(10)), list(range(100, 110)), max_prompt_length=4, max_length=7)
-    assert prompt == [6, 7, 8, 9] and response == [100, 101, 102]
-
-
 def test_dropout_is_disabled(tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -105,11 +101,17 @@ def response_log_prob(model, prompt: list[int], response: list[int]) -> float:
     return sum(log_probs[len(prompt) + i - 1, token].item() for i, token in enumerate(response))
 
 
-def independent_stats(policy, reference, pairs, train) -> dict[str, float]:
+def cut_as_the_learner_does(prompt: list[int], train, tokenizer) -> list[int]:
+    """The prompt cut to train.max_prompt_length, BOS and system turn kept (rlhf_loop.common.sequences, tested
+    there)."""
+    return cut_prompt(prompt, train.max_prompt_length, PromptHead.of(tokenizer).length(prompt))
+
+
+def independent_stats(policy, reference, pairs, train, tokenizer) -> dict[str, float]:
     """Loss and rewards of a batch, in plain Python math per pair."""
     losses, chosen_rewards, rejected_rewards = [], [], []
     for pair in pairs:
-        prompt = pair.prompt_token_ids[-train.max_prompt_length :]
+        prompt = cut_as_the_learner_does(pair.prompt_token_ids, train, tokenizer)
         ratios, lengths = [], []
         for response in (pair.chosen.token_ids, pair.rejected.token_ids):
             response = response[: train.max_length - len(prompt)]
@@ -160,7 +162,7 @@ def test_training_lowers_the_loss_and_reports_what_an_independent_computation_fi
     learner.export_hf(str(tmp_path / "policy"))
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
-    expected = independent_stats(policy, reference, pairs, train)
+    expected = independent_stats(policy, reference, pairs, train, tiny_tokenizer)
     kl = learner.log_ratios([p.prompt_token_ids for p in pairs], [p.chosen.token_ids for p in pairs])
     assert train.beta * sum(kl) / len(kl) == pytest.approx(expected["chosen_reward"], rel=1e-4)
 
@@ -391,7 +393,7 @@ def test_the_menu_losses_train_and_report_what_an_independent_computation_finds(
     weights = [m * len(margins) / sum(margins) for m in margins] if train.margin_weighting == "linear" else [1.0] * 4
     losses = []
     for pair, weight in zip(pairs, weights):
-        prompt = pair.prompt_token_ids[-train.max_prompt_length :]
+        prompt = cut_as_the_learner_does(pair.prompt_token_ids, train, tiny_tokenizer)
         responses = [r[: train.max_length - len(prompt)] for r in (pair.chosen.token_ids, pair.rejected.token_ids)]
         policy_log_probs = [response_log_prob(policy, prompt, r) for r in responses]
         ratios = [p - response_log_prob(reference, prompt, r) for p, r in zip(policy_log_probs, responses)]

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from policy.batching import pad_batch, response_log_probs
+from policy.batching import response_log_probs
+from rlhf_loop.common.sequences import pad_pairs
 from policy.losses import LOSSES, LossSettings
 
 
@@ -220,7 +221,7 @@ def test_simpo_matches_trl_cpo_trainer(tiny_tokenizer, tiny_policy_dir, tmp_path
         return ids[:prompt_length], ids[prompt_length:]
 
     sequences = [split(row, "chosen") for row in tokenized] + [split(row, "rejected") for row in tokenized]
-    batch = pad_batch(sequences, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    batch = pad_pairs(sequences, tiny_tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         policy_log_probs, lengths = response_log_probs(policy, batch)
     losses, _, _ = LOSSES["simpo"].pair_losses(policy_log_probs, None, lengths, LossSettings(beta, simpo_gamma=gamma))
@@ -233,7 +234,7 @@ def pair_log_probs(tokenized: list[dict], policy, reference, tokenizer):
     rejected; and the response lengths."""
     sequences = [(row["prompt_ids"], row["chosen_ids"]) for row in tokenized]
     sequences += [(row["prompt_ids"], row["rejected_ids"]) for row in tokenized]
-    batch = pad_batch(sequences, tokenizer.pad_token_id, torch.device("cpu"))
+    batch = pad_pairs(sequences, tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         policy_log_probs, lengths = response_log_probs(policy, batch)
         reference_log_probs, _ = response_log_probs(reference, batch)

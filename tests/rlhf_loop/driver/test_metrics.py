@@ -47,6 +47,18 @@ def test_pair_metrics_count_flat_prompts_beside_dropped_pairs():
     assert metrics["pairs/count"] == 2 and metrics["pairs/dropped_tie"] == 2 and metrics["pairs/flat_prompts"] == 1
 
 
+def test_pair_metrics_count_the_pairs_the_learner_s_lengths_cut():
+    from types import SimpleNamespace
+
+    items = [scored(0, [0.0, 2.0, 1.0, 3.0])]  # responses of 1, 2, 3 and 4 tokens after a 1-token prompt
+    selection = select_pairs(items, "max_min", 0.0, seed=0)
+    assert "pairs/truncated_response" not in pair_metrics(selection)  # no learner: nothing is cut
+    cut = pair_metrics(selection, SimpleNamespace(max_prompt_length=1, max_length=4))
+    fits = pair_metrics(selection, SimpleNamespace(max_prompt_length=1, max_length=5))
+    assert (cut["pairs/truncated_prompt"], cut["pairs/truncated_response"]) == (0, 1)
+    assert (fits["pairs/truncated_prompt"], fits["pairs/truncated_response"]) == (0, 0)
+
+
 def test_tracker_writes_metrics_jsonl_and_an_offline_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = RunDir.create(tmp_path / "run", overwrite=False)

@@ -86,6 +86,24 @@ def test_a_shard_is_scored_while_the_next_one_generates(run_dir):
     assert [s.rollout.prompt.index for s in scored] == [0, 1, 2, 3]
 
 
+def test_a_scoring_error_stops_the_run_before_the_rest_is_generated(run_dir):
+    class FailsFirstShard(LengthReward):
+        def score(self, queries):
+            raise RuntimeError("the reward model ran out of memory")
+
+    class WaitsForTheFailure(FakeRollout):
+        def generate(self, prompts, sampling):
+            if prompts[0].index >= 2:  # shard 0 is being scored (and fails) meanwhile
+                time.sleep(0.3)
+            return super().generate(prompts, sampling)
+
+    engine = WaitsForTheFailure()
+    cfg = make_config(rollout={"shard_size": 2}, reward={"shard_size": 2})
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        generate_and_score(new_run(run_dir, cfg), engine, FailsFirstShard(), [prompt(i) for i in range(12)], 1)
+    assert len(engine.calls) < 6  # stopped at a shard boundary after the failure, not after all six shards
+
+
 def test_policy_versions_follow_max_staleness():
     on_policy, stale = make_config(), make_config(rollout={"max_staleness": 1})
     assert [on_policy.policy_version(i) for i in (1, 2, 3)] == [0, 1, 2]

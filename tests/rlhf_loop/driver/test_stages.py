@@ -134,7 +134,7 @@ class FakeLearner:
 
     def export_hf(self, directory):
         self.calls.append(("export_hf", directory))
-        Path(directory).mkdir(parents=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)  # the real one replaces an earlier export
         (Path(directory) / "config.json").write_text("{}")
 
     def log_ratios(self, prompt_token_ids, response_token_ids):
@@ -356,6 +356,38 @@ def test_a_damaged_export_cannot_be_redone_and_says_so(run_dir):
     with pytest.raises(UserError, match=r"config\.json.*iteration 2"):
         stages.export_policy(new_run(run_dir), learner, 2)
     assert [c[0] for c in learner.calls] == ["export_hf"]
+
+
+def test_a_damaged_export_is_rebuilt_from_the_iteration_s_final_checkpoint(run_dir):
+    learner = FakeLearner()
+    run = new_run(run_dir)
+    checkpoint = run_dir.root / "iter_002" / "learner" / "step_000004"
+    learner.step, learner.iteration = 4, 2
+    learner.save_checkpoint(str(checkpoint))
+    run.manifest.record("iter_002/train/step_000004", tree=checkpoint,
+                        checkpoint=str(checkpoint.relative_to(run_dir.root)))
+    directory = stages.export_policy(run, learner, 2)
+    (directory / "config.json").write_text("{ }")
+    learner.step = 7  # whatever the learner holds now, the export is made from the checkpoint
+    assert stages.export_policy(new_run(run_dir), learner, 2) == directory
+    assert [c[0] for c in learner.calls] == ["save_checkpoint", "export_hf", "load_checkpoint", "export_hf"]
+    assert learner.step == 4 and new_run(run_dir).manifest.verify_unit("iter_002/export") is None
+
+    later = new_run(run_dir)  # once the next iteration has trained, the checkpoint is not the export's state
+    learner.save_checkpoint(str(run_dir.root / "iter_003" / "learner" / "step_000002"))
+    later.manifest.record("iter_003/train/step_000002", tree=run_dir.root / "iter_003" / "learner" / "step_000002",
+                          checkpoint="iter_003/learner/step_000002")
+    (directory / "config.json").write_text("{ }")
+    with pytest.raises(UserError, match="cannot be rebuilt"):
+        stages.export_policy(new_run(run_dir), learner, 2)
+
+
+def test_a_tree_with_no_files_is_never_recorded(run_dir):
+    empty = run_dir.root / "iter_001" / "policy"
+    empty.mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no files.*shared filesystem"):
+        new_run(run_dir).manifest.record("iter_001/export", tree=empty)
+    assert not new_run(run_dir).manifest.done("iter_001/export")
 
 
 def test_sync_pushes_the_learners_weights_once(run_dir):

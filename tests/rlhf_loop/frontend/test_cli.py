@@ -176,3 +176,73 @@ def test_the_toy_models_are_built_before_the_actors_that_load_them_start(config,
     monkeypatch.setattr(loop, "run", lambda cfg, run_dir, early_actors=None: None)
     assert main(["run", config(), "toy_task.enabled=true", "--run-dir", str(tmp_path / "r")]) == 0
     assert order.index("toy assets") < order.index("actors")
+
+
+# A refusal that comes while the actors start (the check is slower than Ray here, as it is on a busy machine): the
+# wrapper holds the config check back until the actors' start has begun, plus a delay that puts the refusal in each
+# phase of it (reserving the placement groups, creating the actors, waiting in `ray.get` for them to load models).
+LATE_REFUSAL = """
+import sys, threading, time
+from rlhf_loop.cluster import roles
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.frontend import cli, preflight
+
+launching = threading.Event()
+real_launch = roles.launch
+
+def launch(*args):
+    launching.set()
+    return real_launch(*args)
+
+def late_refusal(cfg):
+    launching.wait(120)
+    time.sleep(float(sys.argv[1]))
+    raise UserError("refused while the actors start")
+
+roles.launch = launch
+preflight.preflight = late_refusal
+sys.exit(cli.main(sys.argv[2:]))
+"""
+LATE_REFUSAL_DELAYS_S = (1.0, 6.0, 8.0)  # the old code hung from about 6 s on (measured)
+# How long a refused run may take from its start to its exit: Ray's start and stop (about 8 s on the 2-core machine, 17-20 s beside the burner,
+# see docs/reliability.md) plus the delay, with a wide margin for the shared, busy machine. The old hang lasted
+# call_timeout_s (an hour): any bound in minutes tells the two apart.
+REFUSAL_BOUND_S = 60.0
+
+
+@pytest.mark.integration
+def test_a_late_refusal_ends_the_process_within_seconds_beside_a_cpu_burner(config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    path = config("cluster: {num_cpus: 2}\nrollout: {call_timeout_s: 3600}\n")
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    seconds = []
+    try:
+        for attempt, delay in enumerate(LATE_REFUSAL_DELAYS_S):
+            began = time.monotonic()
+            process = subprocess.Popen(
+                [sys.executable, "-c", LATE_REFUSAL, str(delay), "run", path, "--run-dir", str(tmp_path / f"r{attempt}")],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            try:
+                _, err = process.communicate(timeout=REFUSAL_BOUND_S)
+            except subprocess.TimeoutExpired:
+                _, err = "", ""
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+            seconds.append(time.monotonic() - began)
+            assert seconds[-1] < REFUSAL_BOUND_S, f"refused after {delay} s, still running at {seconds[-1]:.0f} s"
+            assert process.returncode == 2, (process.returncode, err[-2000:])
+            assert err.strip() == "rlhf-loop: error: refused while the actors start", err[-2000:]
+            assert not (tmp_path / f"r{attempt}").exists()
+    finally:
+        os.killpg(burner.pid, signal.SIGKILL)
+        burner.wait(timeout=30)
+    print("late refusals: delay, seconds to exit:", list(zip(LATE_REFUSAL_DELAYS_S, [round(s, 1) for s in seconds])))

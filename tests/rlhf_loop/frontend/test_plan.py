@@ -255,3 +255,13 @@ def test_shared_gpus_warn_that_the_nccl_weight_sync_needs_gpus_of_its_own(config
     fallback = plan_report(config(*shares, "rollout.weight_sync=object_store"))
     assert not [w for w in fallback.warnings if "rollout.weight_sync" in w]
     assert not [w for w in plan_report(config("device=cuda")).warnings if "rollout.weight_sync" in w]
+
+
+def test_lengths_that_must_cut_are_warned_of_and_ones_that_fit_are_not(config):
+    assert not [w for w in plan_report(config()).warnings if "train.max_" in w]
+    warnings = plan_report(config("data.max_prompt_tokens=1000", "train.max_prompt_length=800",
+                                  "rollout.max_tokens=2048", "train.max_length=2048")).warnings
+    prompt_cut, response_cut = (next(w for w in warnings if key in w)
+                                for key in ("train.max_prompt_length 800", "train.max_length 2048"))
+    assert "prompts of up to 1000 tokens" in prompt_cut
+    assert "make 2848, over train.max_length 2048" in response_cut
