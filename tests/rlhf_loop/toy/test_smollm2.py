@@ -228,3 +228,13 @@ def test_weight_sync_gives_the_engine_the_learners_greedy_tokens(ray_local, smal
     finally:
         rollout.shutdown()
         learner.shutdown()
+
+
+def test_the_demo_config_plans_before_the_model_is_built(tmp_path):
+    from rlhf_loop.config import load_config
+    from rlhf_loop.frontend.plan import plan_report
+
+    unbuilt = f"smollm2.dir={tmp_path / 'smollm2'}"
+    assert plan_report(load_config(REPO / "configs" / "smollm2.yaml", [unbuilt])).problems == []
+    problems = plan_report(load_config(REPO / "configs" / "smollm2.yaml", [unbuilt, "smollm2.enabled=false"])).problems
+    assert any("policy.model_path" in problem for problem in problems)
