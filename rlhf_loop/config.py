@@ -20,6 +20,7 @@ from reward.config import RewardConfig, reward_config_problems
 from rlhf_loop.common.config_files import structured_config, yaml_layers
 from rlhf_loop.common.errors import ConfigError
 from rlhf_loop.toy.assets import ToyTaskConfig
+from rlhf_loop.toy.smollm2 import SmolLM2Config
 
 
 @dataclass
@@ -176,6 +177,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     toy_task: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # builds the bundled toy task's assets (demo)
+    smollm2: SmolLM2Config = field(default_factory=SmolLM2Config)  # converts SmolLM2-135M-Instruct (demo-real)
 
     @property
     def online(self) -> bool:

@@ -4,6 +4,7 @@ through here; read_jsonl and checksums are their counterparts."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -71,6 +72,18 @@ def atomic_directory(destination: str | os.PathLike, barrier: Callable[[], None]
             shutil.rmtree(partial, ignore_errors=True)
         raise
     barrier()
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an advisory lock on the file `path` (created if missing): processes that build one cache serialise here,
+    one builds and the others wait and then find it built."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # The mode open() would give a new file under this process's umask (read once, at import, while single-threaded).

@@ -150,7 +150,7 @@ def path_problems(cfg: RunConfig) -> list[str]:
     if cfg.online:
         paths += [(f"data.prompts[{i}]", source) for i, source in enumerate(cfg.data.prompts)]
         paths += reward_paths(cfg.reward, "reward")
-    built_later = cfg.toy_task.dir if cfg.toy_task.enabled else None
+    built_later = tuple(section.dir for section in (cfg.toy_task, cfg.smollm2) if section.enabled)
     return [f"{key} {value!r} does not exist; fix the path (a hub id is written owner/name)"
             for key, value in paths
             if value is not None and looks_local(value) and not Path(value).expanduser().exists()

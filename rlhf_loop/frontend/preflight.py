@@ -10,12 +10,16 @@ from rlhf_loop.common.hf_models import load_tokenizer
 
 
 def ensure_inputs(cfg: RunConfig) -> None:
-    """Build what the config names but nobody has made yet: the toy task's models and data (once per cache). The
-    actors load them, so this comes before they start."""
+    """Build what the config names but nobody has made yet: the toy task's models and data, the converted
+    SmolLM2 model (once per cache). The actors load them, so this comes before they start."""
     if cfg.toy_task.enabled:
         from rlhf_loop.toy.assets import ensure_toy_assets
 
         ensure_toy_assets(cfg.toy_task)
+    if cfg.smollm2.enabled:
+        from rlhf_loop.toy.smollm2 import ensure_smollm2
+
+        ensure_smollm2(cfg.smollm2)
 
 
 def preflight(cfg: RunConfig) -> None:

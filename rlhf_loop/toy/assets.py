@@ -5,22 +5,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf_loop.common.console import say
-from rlhf_loop.common.files import atomic_write_jsonl
+from rlhf_loop.common.files import atomic_directory, atomic_write_jsonl, exclusive_lock
 from rlhf_loop.toy.task import (
     AnswerNoise,
     make_preference_pairs,
@@ -124,17 +120,12 @@ def ensure_toy_assets(cfg: ToyTaskConfig) -> ToyAssets:
         return assets
     directory = Path(cfg.dir)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(directory.parent / f".{directory.name}.lock"):
+    with exclusive_lock(directory.parent / f".{directory.name}.lock"):
         if _built_key(assets.stamp) == key:
             return assets
-        for pattern in (f".{directory.name}.build-*", f".{directory.name}.old-*"):
-            for leftover in directory.parent.glob(pattern):
-                shutil.rmtree(leftover)  # left by an interrupted build; we hold the lock, so nobody is using it
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other directory
         say(f"rlhf-loop: building the toy task's assets into {cfg.dir} (once; a few minutes on a CPU)")
-        _build_in_child_process(cfg, staging)
-        _replace_directory(staging, directory)
+        with atomic_directory(directory) as staging:  # a crash never leaves a half-built cache
+            _build_in_child_process(cfg, staging)
     for problem in calibration_problems(assets):
         say(f"rlhf-loop: warning: the toy assets in {cfg.dir} are off their calibration: {problem}; results will "
             f"differ from the README's (rebuild with another toy_task.seed, or report it)")
@@ -221,16 +212,6 @@ def _built_key(stamp: Path) -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 _CHILD_BUILD = (
     "import json, sys; from rlhf_loop.toy.assets import ToyTaskConfig, build_toy_assets; "
     "build_toy_assets(ToyTaskConfig(**json.loads(sys.argv[2])), sys.argv[1])"
@@ -243,18 +224,4 @@ def _build_in_child_process(cfg: ToyTaskConfig, staging: Path) -> None:
     # thrash (an SFT step took 20x longer with two).
     environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     if subprocess.run(command, env=environment).returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"building the toy task assets for {cfg.dir} failed; see the error above")
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Put `staging` at `directory`: the old cache is moved aside first, since a rename cannot overwrite a
-    non-empty directory."""
-    if directory.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        directory.rename(retired / directory.name)
-        staging.rename(directory)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(directory)
-
