@@ -13,7 +13,7 @@ from policy.config import RolloutConfig
 from policy.rollout_protocol import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
 from policy.weight_buckets import plan_buckets
-from policy.weight_sync import host_store, send
+from policy.weight_sync import SyncGroup, host_store
 from rlhf_loop.common.actor_calls import ActorDied
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,6 +115,7 @@ class ThreadLearner:
     def __init__(self, named):
         self.named = dict(named)
         self.store = host_store()
+        self.group = None  # rank 0's place in the sync group, as LearnerActor keeps it
         self.broadcasts = 0
 
     def weight_sync_address(self):
@@ -126,7 +127,11 @@ class ThreadLearner:
 
         def run():
             try:
-                send(spec, self.store, plan, ([self.named[s.name] for s in b.slots] for b in plan), torch.device("cpu"))
+                if self.group is None or self.group.spec.session != spec.session:
+                    if self.group is not None:
+                        self.group.shutdown()
+                    self.group = SyncGroup(spec, 0, torch.device("cpu"), self.store)
+                self.group.send(spec.sync, plan, ([self.named[s.name] for s in b.slots] for b in plan))
             except Exception as error:  # noqa: BLE001 - re-raised in wait_for_broadcast
                 errors.append(error)
 
