@@ -29,14 +29,21 @@ def pairs_for(prompts, tokenizer) -> list[Pair]:
 
 
 @pytest.mark.integration  # starts Ray actors
-@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks"), [
-    ("vllm", False, "collective", 0), ("hf", False, "collective", 0), ("vllm", True, "collective", 0),
-    ("vllm", False, "object_store", 0),
-    ("hf", False, "collective", 2),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends it
+@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks", "dtype"), [
+    ("vllm", False, "collective", 0, "auto"), ("hf", False, "collective", 0, "auto"),
+    ("vllm", True, "collective", 0, "auto"), ("vllm", False, "object_store", 0, "auto"),
+    ("hf", False, "collective", 2, "auto"),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends
+    # bf16 end to end (DeepSpeed's bf16 path, the merge in bf16, bf16 buckets): the HF engine runs the learner's
+    # own forward code, so its greedy tokens must still match exactly
+    ("hf", True, "collective", 0, "bfloat16"),
 ])
-def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, ray_local, policy_config,
-                                                     prompts, tiny_tokenizer):
+def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, dtype, ray_local,
+                                                     policy_config, prompts, tiny_tokenizer):
+    from dataclasses import replace
+
     from policy.learner_group import LearnerGroup
+
+    policy_config = replace(policy_config, dtype=dtype)
     from policy.rollout_group import RolloutGroup
 
     layout = dict(num_workers=zero3_ranks, zero_stage=3, micro_batch_size=2) if zero3_ranks else {}
