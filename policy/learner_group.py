@@ -219,7 +219,7 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         """Rank 0 leaves the sync group (if it is still alive), then the ranks go."""
-        ray.wait([self._actors[0].release_weight_sync.remote()], timeout=30)
+        ray.wait([self._actors[0].release_weight_sync.remote()], timeout=5)  # a busy or dead actor is killed anyway
         for actor in self._actors:
             ray.kill(actor)
 

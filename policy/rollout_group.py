@@ -266,7 +266,7 @@ class RolloutGroup:
     def shutdown(self) -> None:
         """Each engine leaves the sync group (a dead one has nothing to release), then the actors go."""
         ray.wait([actor.release_weight_sync.remote() for actor in self.actors], num_returns=len(self.actors),
-                 timeout=30)
+                 timeout=5)  # a busy or dead engine is killed anyway
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
