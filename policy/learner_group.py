@@ -66,13 +66,6 @@ class SFTActor:
     def load_checkpoint(self, directory: str) -> None:
         self._wait(self._actor.load_checkpoint.remote(directory), "load_checkpoint")
 
-    def offload_states(self) -> None:
-        """cluster.colocate: every rank's optimizer state to host memory, its allocator cache emptied."""
-        self._wait([actor.offload_states.remote() for actor in self._actors], "offload")
-
-    def reload_states(self) -> None:
-        self._wait([actor.reload_states.remote() for actor in self._actors], "reload")
-
     def export_hf(self, directory: str) -> None:
         self._wait(self._actor.export_hf.remote(directory), "export_hf")
 
@@ -198,6 +191,13 @@ class LearnerGroup:
 
     def wait_for_broadcast(self, refs: list[ray.ObjectRef]) -> None:
         self._wait(refs, "sync")
+
+    def offload_states(self) -> None:
+        """cluster.colocate: every rank's optimizer state to host memory, its allocator cache emptied."""
+        self._wait([actor.offload_states.remote() for actor in self._actors], "offload")
+
+    def reload_states(self) -> None:
+        self._wait([actor.reload_states.remote() for actor in self._actors], "reload")
 
     def export_hf(self, directory: str) -> None:
         self._wait([actor.export_hf.remote(directory) for actor in self._actors], "export")

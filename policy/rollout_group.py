@@ -28,10 +28,10 @@ from typing import Any
 import ray
 import torch
 
+from policy.colocation import ColocationSchedule, OffloadingLearner
 from policy.config import PolicyConfig, RolloutConfig
 from policy.learner_protocol import Learner
 from policy.rollout_protocol import RolloutEngine, Sampling
-from policy.colocation import ColocationSchedule, OffloadingLearner
 from policy.weight_sync import SyncSpec
 from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
 from rlhf_loop.common.console import say

@@ -49,6 +49,24 @@ def test_colocated_engines_sleep_for_the_block_and_wake_even_when_it_fails():
     assert calls[-2:] == ["sleep x2", "wake_up x2"]
 
 
+def test_colocated_engines_wake_their_weights_for_the_sync_and_their_kv_cache_before_generating():
+    from types import SimpleNamespace
+
+    group, calls = recorded_group(sleeps=True)
+    group._schedule = None
+    learner = SimpleNamespace(reload_states=lambda: calls.append("reload_states"),
+                              offload_states=lambda: calls.append("offload_states"))
+    with group.asleep(learner):
+        calls.append("train")
+    calls.append("sync")
+    group._call_each = lambda method, arguments: calls.append(f"{method} {arguments[0]}") or []
+    group.generate(["a prompt"], SAMPLING)
+    group.generate(["a prompt"], SAMPLING)
+    assert calls == ["sleep x2", "reload_states", "train", "offload_states", "wake_up x2", "sync",
+                     "wake_up (['kv_cache'],)", f"generate (['a prompt'], {SAMPLING!r})",
+                     f"generate (['a prompt'], {SAMPLING!r})"]
+
+
 def test_engines_of_their_own_never_sleep():
     group, calls = recorded_group(sleeps=False)
     with group.asleep():
