@@ -96,7 +96,13 @@ class SyncGroup:
         group = self._live()
         if self.rank == 0:
             raise ValueError("rank 0 sends; ranks 1.. receive")
-        plan: list[Bucket] = pickle.loads(self._store.get(f"plan/{sync}"))
+        try:
+            plan: list[Bucket] = pickle.loads(self._store.get(f"plan/{sync}"))
+        except dist.DistStoreError:
+            raise WeightSyncTimeout(
+                f"weight sync {self.spec.session}: {self.spec.rank_names[0]} did not start sync {sync} within "
+                f"{self.spec.timeout_s:g} s ({self.spec.rank_names[self.rank]} waited); check that role's log, or "
+                f"raise {self.spec.timeout_key}") from None
 
         def post(bucket: Bucket):
             buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)

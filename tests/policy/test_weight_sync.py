@@ -160,3 +160,20 @@ def test_a_shut_down_group_refuses_to_send():
     group.shutdown()  # twice is harmless: the learner and its policy may both release it
     with pytest.raises(RuntimeError, match="weight sync group alone was shut down"):
         group.send(0, [], [])
+
+
+def test_a_sender_that_never_starts_the_sync_is_one_line_naming_it():
+    store = host_store("127.0.0.1")
+    spec = SyncSpec("127.0.0.1", store.port, "silent", ("learner rank 0", "rollout engine 0"), 1.0)
+    groups = {}
+    sender = threading.Thread(target=lambda: groups.setdefault(0, SyncGroup(spec, 0, CPU, store)))
+    sender.start()
+    receiver = SyncGroup(spec, 1, CPU)
+    sender.join(timeout=30)
+    try:
+        with pytest.raises(WeightSyncTimeout, match="learner rank 0 did not start sync 0 within 1 s") as error:
+            next(receiver.receive(0))
+        assert "\n" not in str(error.value)
+    finally:
+        receiver.shutdown()
+        groups[0].shutdown()
