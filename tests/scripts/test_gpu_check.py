@@ -51,4 +51,5 @@ def test_the_dry_mode_runs_every_check_on_cpu(tmp_path):
         zero0, zero3 = learners[f"learner {dtype} zero0"], learners[f"learner {dtype} zero3"]
         assert zero3["losses"] == pytest.approx(zero0["losses"], rel=1e-4)
     assert report["checks"]["weight sync broadcast"]["bytes_per_sync"] > 0
+    assert report["checks"]["hf engine"]["same_seeds_same_samples"] is True  # on CPU it must repeat
     assert "7 of 7 checks passed" in result.stdout
