@@ -19,7 +19,7 @@ from policy.config import LoRAConfig, PolicyConfig
 from policy.optimization import OptimizationSpec, parameter_groups
 from policy.weight_buckets import Bucket, plan_buckets
 from policy.weight_sources import WeightSource, weight_sources
-from policy.weight_sync import SyncSpec, send
+from policy.weight_sync import SyncGroup
 from rlhf_loop.common.faults import maybe_kill
 from rlhf_loop.common.files import atomic_directory
 from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
@@ -180,6 +180,23 @@ class DeepSpeedPolicy:
     def zero3(self) -> bool:
         return self.spec.zero_stage == 3
 
+    def offload_states(self) -> None:
+        """cluster.colocate, after training: the optimizer state to host memory (DeepSpeed's offload_states, which
+        its ZeRO 1-3 optimizers implement) and the allocator's cached blocks back to the device, so that the
+        colocated engine can wake. Nothing to do off CUDA."""
+        if self.device.type != "cuda":
+            return
+        if self.spec.zero_stage >= 1:
+            from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+            self.engine.offload_states(include=[OffloadStateTypeEnum.optim_states])
+        torch.cuda.empty_cache()
+
+    def reload_states(self) -> None:
+        """Before training: the optimizer state back on the GPU."""
+        if self.device.type == "cuda" and self.spec.zero_stage >= 1:
+            self.engine.reload_states()
+
     # --- training -------------------------------------------------------------------------------------------------
 
     def optimizer_step(
@@ -262,14 +279,15 @@ class DeepSpeedPolicy:
                 return []
             return [(source.name, source.value().cpu().clone()) for source in weight_sources(self.module, self.lora)]
 
-    def broadcast_weights(self, spec: SyncSpec, store, bucket_bytes: int) -> None:
-        """Rank 0 sends the weights to the engines over the sync's process group, bucket by bucket (`store`: its
-        TCPStore); under ZeRO-3 every rank must call it, since each bucket is gathered from all ranks first."""
+    def broadcast_weights(self, group: SyncGroup | None, sync: int, bucket_bytes: int) -> None:
+        """Rank 0 sends the weights to the engines as sync number `sync` of its sync `group`, bucket by bucket;
+        under ZeRO-3 every rank must call it (group None but on rank 0), since each bucket is gathered from all
+        ranks first."""
         sources = weight_sources(self.module, self.lora)
         plan = plan_buckets([(source.name, source.shape, source.dtype) for source in sources], bucket_bytes)
         buckets = self._gathered_buckets(plan, sources)
         if self.rank == 0:
-            send(spec, store, plan, buckets, self.device)
+            group.send(sync, plan, buckets)
         else:
             for _ in buckets:  # only the gathers
                 pass

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout_protocol import Sampling
-from policy.weight_sync import SyncSpec, receive
+from policy.weight_sync import SyncGroup, SyncSpec
 from rlhf_loop.common.hf_models import load_tokenizer, torch_dtype
 from rlhf_loop.common.records import Prompt, Response, Rollout
 from rlhf_loop.common.seeds import derived_seed
@@ -36,6 +36,7 @@ class HFEngine:
         ).to(self.device)
         self.model.eval()
         self.eos_token_ids = _eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+        self._sync_group: SyncGroup | None = None  # joined at the first sync, kept for the run
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         return [Rollout(prompt=prompt, responses=self._sample(prompt, sampling)) for prompt in prompts]
@@ -48,12 +49,21 @@ class HFEngine:
 
     @torch.no_grad()
     def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
-        """Join the learner's broadcast as rank `first_rank`, copying each weight in as it arrives."""
+        """Take part in the learner's broadcast as rank `first_rank` of the group `spec.session` (joined once),
+        copying each weight in as it arrives."""
+        if self._sync_group is None or self._sync_group.spec.session != spec.session:
+            self.release_weight_sync()
+            self._sync_group = SyncGroup(spec, first_rank, self.device)
         params = dict(self.model.named_parameters())
-        for name, tensor in receive(spec, first_rank, self.device):
+        for name, tensor in self._sync_group.receive(spec.sync):
             if name not in params:
                 raise ValueError(f"the learner sent {name!r}, which the policy does not have")
             params[name].copy_(tensor)
+
+    def release_weight_sync(self) -> None:
+        if self._sync_group is not None:
+            self._sync_group.shutdown()
+            self._sync_group = None
 
     @torch.inference_mode()
     def _sample(self, prompt: Prompt, sampling: Sampling) -> list[Response]:

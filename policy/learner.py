@@ -41,7 +41,7 @@ from policy.learner_protocol import TrainStats
 from policy.losses import LOSSES
 from policy.optimization import OptimizationSpec, learning_rate_at
 from policy.prepared_references import PreparedReferences
-from policy.weight_sync import SyncSpec
+from policy.weight_sync import SyncGroup
 from rlhf_loop.common.arithmetic import ceil_div
 from rlhf_loop.common.records import Pair
 
@@ -286,10 +286,17 @@ class DPOLearner:
         under ZeRO-3 every rank must call it (the gather is collective) and the others get []."""
         return self._policy.named_weights()
 
-    def broadcast_weights(self, spec: SyncSpec, store, bucket_bytes: int) -> None:
-        """Send the weights to the rollout engines over the collective described by `spec` (`store`: rank 0's
-        TCPStore, None on the other ranks); under ZeRO-3 every rank must call it."""
-        self._policy.broadcast_weights(spec, store, bucket_bytes)
+    def broadcast_weights(self, group: SyncGroup | None, sync: int, bucket_bytes: int) -> None:
+        """Send the weights to the rollout engines as sync number `sync` of `group` (rank 0's place in the sync
+        group, None on the other ranks); under ZeRO-3 every rank must call it."""
+        self._policy.broadcast_weights(group, sync, bucket_bytes)
+
+    def offload_states(self) -> None:
+        """cluster.colocate: training state off the GPU while the colocated engines generate (every rank)."""
+        self._policy.offload_states()
+
+    def reload_states(self) -> None:
+        self._policy.reload_states()
 
     def export_hf(self, directory: str) -> None:
         """HF format, written atomically by rank 0; every rank must call it (it synchronises the ranks). With LoRA,

@@ -28,7 +28,7 @@ from policy.config import PolicyConfig, SFTConfig, TrainConfig
 from policy.learner import DPOLearner
 from policy.learner_protocol import TrainStats
 from policy.sft import SFTExample, SFTLearner, SFTStats
-from policy.weight_sync import SyncSpec, host_store
+from policy.weight_sync import SyncGroup, SyncSpec, host_store
 from rlhf_loop.common.actor_calls import placement, wait, wait_ranks
 from rlhf_loop.common.network import free_port
 from rlhf_loop.common.records import Messages, Pair
@@ -84,6 +84,7 @@ class LearnerActor(DPOLearner):
 
     def __init__(self):  # the learner itself is built by `start`
         self._sync_store = None  # rank 0's TCPStore for the collective weight sync, started at the first sync
+        self._sync_group: SyncGroup | None = None  # rank 0's place in the run's sync group (one per set of members)
 
     def weight_sync_address(self) -> tuple[str, int]:
         """Rank 0: where the weight-sync store listens (this node's address, a free port)."""
@@ -92,7 +93,16 @@ class LearnerActor(DPOLearner):
         return ray.util.get_node_ip_address(), self._sync_store.port
 
     def send_weights(self, spec: SyncSpec, bucket_bytes: int) -> None:
-        self.broadcast_weights(spec, self._sync_store, bucket_bytes)
+        """Every rank (ZeRO-3 gathers on all); rank 0 joins the group `spec.session` at its first sync and sends."""
+        if self._sync_store is not None and (self._sync_group is None or self._sync_group.spec.session != spec.session):
+            self.release_weight_sync()
+            self._sync_group = SyncGroup(spec, 0, self._policy.device, self._sync_store)
+        self.broadcast_weights(self._sync_group, spec.sync, bucket_bytes)
+
+    def release_weight_sync(self) -> None:
+        if self._sync_group is not None:
+            self._sync_group.shutdown()
+            self._sync_group = None
 
     def placement(self) -> dict[str, Any]:
         return placement()
@@ -182,6 +192,13 @@ class LearnerGroup:
     def wait_for_broadcast(self, refs: list[ray.ObjectRef]) -> None:
         self._wait(refs, "sync")
 
+    def offload_states(self) -> None:
+        """cluster.colocate: every rank's optimizer state to host memory, its allocator cache emptied."""
+        self._wait([actor.offload_states.remote() for actor in self._actors], "offload")
+
+    def reload_states(self) -> None:
+        self._wait([actor.reload_states.remote() for actor in self._actors], "reload")
+
     def export_hf(self, directory: str) -> None:
         self._wait([actor.export_hf.remote(directory) for actor in self._actors], "export")
 
@@ -201,6 +218,8 @@ class LearnerGroup:
         return self._wait([actor.placement.remote() for actor in self._actors], "placement")
 
     def shutdown(self) -> None:
+        """Rank 0 leaves the sync group (if it is still alive), then the ranks go."""
+        ray.wait([self._actors[0].release_weight_sync.remote()], timeout=5)  # a busy or dead actor is killed anyway
         for actor in self._actors:
             ray.kill(actor)
 

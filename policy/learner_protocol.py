@@ -72,6 +72,15 @@ class Learner(Protocol):
 
     def wait_for_broadcast(self, handles: list[Any]) -> None: ...
 
+    def offload_states(self) -> None:
+        """cluster.colocate: the optimizer state to host memory and the allocator's cache emptied, while the
+        colocated engines generate (`policy.colocation`)."""
+        ...
+
+    def reload_states(self) -> None:
+        """The optimizer state back on the device, before training."""
+        ...
+
     def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
         """Per sample: sum over response tokens of log pi - log ref."""
         ...

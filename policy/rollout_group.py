@@ -7,9 +7,11 @@ engine died and was restarted halfway: Ray restarts a dead engine (up to `max_re
 the weights again and has it redo its chunk.
 
 Weights reach the engines in one of two ways (`rollout.weight_sync`). `collective` (default): learner rank 0
-broadcasts them, bucket by bucket, over a process group formed for each sync with every engine's workers
-(`policy.weight_sync`); an engine restarted after a crash rejoins with a sync of its own from the learner. That
-learner has not trained since the last sync as long as the loop runs its stages one after another, as it does.
+broadcasts them, bucket by bucket, over one process group with every engine's workers, formed at the first sync and
+kept (`policy.weight_sync`; vLLM's workers receive through its weight-transfer API, `policy.vllm_weight_transfer`);
+an engine restarted after a crash gets a sync of its own from the learner in a new group, and the next sync of all
+engines forms the group anew. That learner has not trained since the last sync as long as the loop runs its stages
+one after another, as it does.
 `object_store`: the learner puts one full copy in Ray's object store and every engine loads it; a restarted engine
 loads the same copy again.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import ray
 import torch
 
+from policy.colocation import ColocationSchedule, OffloadingLearner
 from policy.config import PolicyConfig, RolloutConfig
 from policy.learner_protocol import Learner
 from policy.rollout_protocol import RolloutEngine, Sampling
@@ -76,11 +79,14 @@ class EngineActor:
         """Free the GPU for the colocated learner: weights to host memory, KV cache dropped (vLLM sleep level 1)."""
         self.engine.sleep()
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self.engine.wake_up(tags)
 
     def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
         self.engine.receive_weights(spec, first_rank)
+
+    def release_weight_sync(self) -> None:
+        self.engine.release_weight_sync()
 
     def placement(self) -> dict[str, Any]:
         return placement()
@@ -133,15 +139,21 @@ class RolloutGroup:
         self._sync_timeout_s = rollout.weight_sync_timeout_s
         # vLLM on CUDA runs one worker per tensor-parallel GPU, and each joins the broadcast
         self._workers = rollout.tensor_parallel_size if device == "cuda" and rollout.engine == "vllm" else 1
-        self._syncs = 0
-        self._session = uuid.uuid4().hex[:8]  # sync names stay unique on a learner store that outlives this group
+        # collective: one sync group while the members stay the same; a restarted engine makes the next group
+        self._session = uuid.uuid4().hex[:8]  # group names stay unique on a learner store that outlives this object
+        self._groups = 0
+        self._members: tuple[int, ...] | None = None  # the engines in the current group
+        self._syncs_in_group = 0
         self._weights_ref: ray.ObjectRef | None = None  # object_store: the last synced weights, for a restart
         self._learner: Learner | None = None  # collective: where a restarted engine gets the weights again
         self._weights_dir: Path | None = None  # ... or their export, once the learner has moved past them
+        self._schedule: ColocationSchedule | None = None  # sleeps: set at the first `asleep`
         self._wait([actor.ready.remote() for actor in self.actors], "start-up")
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         """K responses per prompt, in prompt order; each engine takes one contiguous chunk of the prompts."""
+        if self._schedule is not None:
+            self._schedule.before_generating()
         chunks = [chunk for chunk in contiguous_chunks(prompts, len(self.actors)) if chunk]
         parts = self._call_each("generate", [(chunk, sampling) for chunk in chunks])
         return [rollout for part in parts for rollout in part]
@@ -172,10 +184,14 @@ class RolloutGroup:
         """Learner rank 0 sends, the engines `indices` receive, all at once. Ranks: 0 the learner, then each
         engine's workers in turn. A rank that does not come is named by the learner's error."""
         host, port = learner.weight_sync_address()
-        self._syncs += 1
+        indices = tuple(indices)
+        if indices != self._members:
+            self._groups, self._members, self._syncs_in_group = self._groups + 1, indices, 0
         names = ["learner rank 0"] + [f"rollout engine {index}" + (f" worker {worker}" if self._workers > 1 else "")
                                       for index in indices for worker in range(self._workers)]
-        spec = SyncSpec(host, port, f"sync-{self._syncs}-{self._session}", tuple(names), self._sync_timeout_s)
+        spec = SyncSpec(host, port, f"group-{self._groups}-{self._session}", tuple(names), self._sync_timeout_s,
+                        sync=self._syncs_in_group)
+        self._syncs_in_group += 1
         sending = learner.start_weight_broadcast(spec, self._bucket_bytes)
         receiving = [self.actors[index].receive_weights.remote(spec, 1 + position * self._workers)
                      for position, index in enumerate(indices)]
@@ -190,16 +206,22 @@ class RolloutGroup:
         return [[rollout.responses[0].token_ids for rollout in rollouts] for rollouts in per_engine]
 
     @contextmanager
-    def asleep(self) -> Iterator[None]:
-        """Colocated engines (`sleeps`) free their GPUs for the block and take them back after; others do nothing."""
+    def asleep(self, learner: OffloadingLearner | None = None) -> Iterator[None]:
+        """Colocated engines (`sleeps`) free their GPUs for the block, in the order of `ColocationSchedule`: the
+        learner's state comes back for the block and leaves after it, then the engines' weights wake (for the sync)
+        and their KV cache at the next generate. Engines of their own do nothing."""
         if not self.sleeps:
             yield
             return
-        self._call_each("sleep", [()] * len(self.actors))
-        try:
+        self._schedule = ColocationSchedule(self, learner or _StatesStay())
+        with self._schedule.training():
             yield
-        finally:
-            self._call_each("wake_up", [()] * len(self.actors))
+
+    def sleep(self) -> None:
+        self._call_each("sleep", [()] * len(self.actors))
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        self._call_each("wake_up", [(tags,)] * len(self.actors))
 
     def placement(self) -> list[dict[str, Any]]:
         """Where each engine runs (node id, address, pid)."""
@@ -229,6 +251,7 @@ class RolloutGroup:
         actor = self.actors[index]
         # Ray rebuilds the engine from the initial policy; the weights go in again.
         wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")
+        self._members = None  # the new process is in no sync group: the next sync forms one
         if self._learner is not None:
             self._broadcast(self._learner, [index])
         elif self._weights_dir is not None:
@@ -241,9 +264,22 @@ class RolloutGroup:
         return wait(refs, self.timeout_s, role, stage, "rollout.call_timeout_s")
 
     def shutdown(self) -> None:
+        """Each engine leaves the sync group (a dead one has nothing to release), then the actors go."""
+        ray.wait([actor.release_weight_sync.remote() for actor in self.actors], num_returns=len(self.actors),
+                 timeout=5)  # a busy or dead engine is killed anyway
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+class _StatesStay:
+    """A learner whose state stays where it is (no learner given to `asleep`)."""
+
+    def reload_states(self) -> None:
+        pass
+
+    def offload_states(self) -> None:
+        pass
 
 
 def exported_weights(directory: Path) -> NamedTensors:

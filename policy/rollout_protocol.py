@@ -38,5 +38,9 @@ class RolloutEngine(Protocol):
 
     def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
         """Load new weights as the learner broadcasts them (`policy.weight_sync`): the engine's workers take ranks
-        first_rank, first_rank + 1, ... of the sync's process group."""
+        first_rank, first_rank + 1, ... of the group `spec.session`, joined at its first sync and kept."""
+        ...
+
+    def release_weight_sync(self) -> None:
+        """Leave the sync group now (the end of the run)."""
         ...

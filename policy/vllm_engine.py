@@ -23,7 +23,8 @@ from vllm.outputs import CompletionOutput
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout_protocol import Sampling
-from policy.weight_sync import SyncSpec, receive
+from policy.vllm_weight_transfer import BACKEND, init_info, register
+from policy.weight_sync import SyncSpec
 from rlhf_loop.common.hf_models import dtype_name
 from rlhf_loop.common.records import Prompt, Response, Rollout
 from rlhf_loop.common.seeds import derived_seed
@@ -55,6 +56,8 @@ class VLLMEngine:
         # process those arguments go through vLLM's msgpack utility channel, which does not rebuild tensors; in
         # process they reach the worker as they are (and with tensor parallelism, its executor pickles them).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        register()  # rollout.weight_sync collective: the workers receive through vLLM's weight-transfer API
+        self._sync_session: str | None = None  # the sync group the workers have joined
         self.llm = LLM(
             model=policy.model_path,
             tokenizer=policy.tokenizer_source,
@@ -62,6 +65,7 @@ class VLLMEngine:
             dtype=dtype_name(policy.dtype, device),
             max_model_len=max_model_len,
             seed=seed,
+            weight_transfer_config={"backend": BACKEND},
             **(_cpu_options(rollout) if device == "cpu" else _cuda_options(rollout, sleep_mode)),
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -95,14 +99,28 @@ class VLLMEngine:
         GPU; `wake_up` brings both back (then weights can be synced in as usual)."""
         self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """`tags`: "weights" and/or "kv_cache" (all when None); the colocation schedule wakes them one at a time."""
+        self.llm.wake_up(tags=list(tags) if tags is not None else None)
 
     def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
-        """Join the learner's broadcast: each of this engine's workers (tensor-parallel GPUs) takes rank
-        first_rank + its rank within the engine and loads the weights as they arrive."""
-        self.llm.collective_rpc(_receive_in_worker, args=(spec, first_rank))
+        """Take part in the learner's broadcast through vLLM's weight-transfer calls: the workers (tensor-parallel
+        GPUs) join the group `spec.session` once, as ranks first_rank, first_rank + 1, ..., and load each sync's
+        weights as they arrive."""
+        if self._sync_session != spec.session:
+            self._sync_session = None
+            self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info(spec, first_rank),))
+            self._sync_session = spec.session
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", args=({"sync": spec.sync},))
+        self.llm.collective_rpc("finish_weight_update")
         self._forget_cached_prefixes()
+
+    def release_weight_sync(self) -> None:
+        """Leave the sync group (at the end of the run): its sockets or communicators go now."""
+        if self._sync_session is not None:
+            self.llm.collective_rpc("shutdown_weight_transfer_engine")
+            self._sync_session = None
 
     def _forget_cached_prefixes(self) -> None:
         if self.device == "cuda":
@@ -117,17 +135,6 @@ class VLLMEngine:
             token_ids=token_ids,
             finish_reason=completion.finish_reason,
         )
-
-
-def _receive_in_worker(worker, spec: SyncSpec, first_rank: int) -> None:
-    """Runs inside a vLLM worker, where the model lives. One reload_weights over the whole stream: the reload defers
-    each layer's post-load processing (the CPU kernels' repacking, fused q/k/v) until all of that layer's weights
-    have come, so a layer split across two buckets still ends up whole; separate reloads per bucket would not."""
-    weights = receive(spec, first_rank + worker.rank, worker.device)
-    worker.reload_weights(weights_iterator=weights)
-    unread = sum(1 for _ in weights)  # the broadcast must run to its end on every rank, or the others would stall
-    if unread:
-        raise RuntimeError(f"vLLM's load_weights left {unread} weights of the broadcast unread")
 
 
 def _cpu_options(rollout: RolloutConfig) -> dict:

@@ -1,22 +1,26 @@
 """Weight sync over a collective: learner rank 0 broadcasts the policy, bucket by bucket, to every engine worker.
 
-    store = host_store()                                   # learner rank 0, once: a TCPStore on a free port
-    spec = SyncSpec(host, store.port, "sync-3", ("learner rank 0", "rollout engine 0", ...), timeout_s=600)
-    send(spec, store, plan, buckets)                        # rank 0: plan from plan_buckets, then each bucket's tensors
-    for name, tensor in receive(spec, rank, device): ...    # every other rank, at the same time: a stream of weights
+    store = host_store()                                     # learner rank 0, once: a TCPStore on a free port
+    spec = SyncSpec(host, store.port, "run-1a2b-0", ("learner rank 0", "rollout engine 0", ...), timeout_s=600)
+    group = SyncGroup(spec, rank, device, store)             # every rank, once per run: check in, form the group
+    group.send(spec.sync, plan, buckets)                     # rank 0, each sync: the plan, then each bucket
+    for name, tensor in group.receive(spec.sync): ...       # every other rank, at the same time
+    group.shutdown()                                         # every rank, at the end (or when the members change)
 
-Each sync builds its own process group (gloo for CPU tensors, NCCL for CUDA tensors: the same calls) over a
-PrefixStore of the learner's store, named by the sync's session, and drops it afterwards. It never touches the
-default process group, so DeepSpeed's (learner) and vLLM's (engine) stay as they are; and an engine restarted since
-the last sync simply joins the next one. Before the group forms, every rank checks in on the store; a rank missing
-after `timeout_s` becomes one line naming it, on every rank that came.
+One process group serves every sync of a run (gloo for CPU tensors, NCCL for CUDA tensors: the same calls), formed
+over a PrefixStore of the learner's store named by `session`, and shut down explicitly; the set-up is paid once.
+When the members change (an engine restarted), the driver names a new session and every rank forms the new group.
+It never touches the default process group, so DeepSpeed's (learner) and vLLM's (engine) stay as they are. Before the
+group forms, every rank checks in on the store; a rank missing after `timeout_s` becomes one line naming it, on every
+rank that came. On the engines, vLLM's weight-transfer API drives the receiving side
+(`policy.vllm_weight_transfer`).
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -32,73 +36,126 @@ class WeightSyncTimeout(UserError):
 
 @dataclass(frozen=True)
 class SyncSpec:
-    """What every rank needs to join one sync; rank r is `rank_names[r]`, rank 0 is the sender."""
+    """What every rank needs to join the group and take part in one sync; rank r is `rank_names[r]`, rank 0 sends."""
 
     host: str  # learner rank 0's address, where its TCPStore listens
     port: int
-    session: str  # unique per sync: the store prefix of this sync's keys
+    session: str  # names the group: one per run and set of members (the store prefix of its keys)
     rank_names: tuple[str, ...]
     timeout_s: float
     timeout_key: str = "rollout.weight_sync_timeout_s"
+    sync: int = 0  # numbers the syncs within the group (the store key of each sync's plan)
 
     @property
     def world_size(self) -> int:
         return len(self.rank_names)
 
+    def next_sync(self, sync: int) -> SyncSpec:
+        return replace(self, sync=sync)
+
 
 def host_store(host: str = "0.0.0.0") -> dist.TCPStore:
-    """The store every sync meets on, hosted by the sender on a free port (`store.port`)."""
+    """The store every group meets on, hosted by the sender on a free port (`store.port`)."""
     return dist.TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
 
 
-def send(spec: SyncSpec, store: dist.Store, plan: Sequence[Bucket], buckets: Iterable[Sequence[torch.Tensor]],
-         device: torch.device) -> None:
-    """Rank 0: publish the plan, wait for every rank, then broadcast each bucket's tensors (in plan order)."""
-    session = dist.PrefixStore(spec.session, store)
-    session.set("plan", pickle.dumps(list(plan)))
-    group = _join(spec, session, 0, device)
-    # The next bucket is gathered and flattened while the previous one is on the wire.
-    pending = None
-    for bucket, tensors in zip(plan, buckets, strict=True):
-        buffer = pack_bucket(bucket, tensors, device)
+class SyncGroup:
+    """One rank's place in the run's sync group: joined once, used for every sync, shut down explicitly."""
+
+    def __init__(self, spec: SyncSpec, rank: int, device: torch.device, store: dist.Store | None = None):
+        """Rank 0 passes its own `store`; the other ranks connect to it. Returns once every rank has checked in."""
+        if not 0 <= rank < spec.world_size:
+            raise ValueError(f"a rank of this sync group is in 0..{spec.world_size - 1}, got {rank}")
+        self.spec, self.rank, self.device = spec, rank, torch.device(device)
+        if store is None:
+            store = _connect(spec, rank)
+        self._store = dist.PrefixStore(spec.session, store)
+        self._group: dist.ProcessGroup | None = _join(spec, self._store, rank, self.device)
+
+    def send(self, sync: int, plan: Sequence[Bucket], buckets: Iterable[Sequence[torch.Tensor]]) -> None:
+        """Rank 0: publish the plan of sync number `sync`, then broadcast each bucket's tensors (in plan order)."""
+        group = self._live()
+        self._store.set(f"plan/{sync}", pickle.dumps(list(plan)))
+        if sync > 0:
+            self._store.delete_key(f"plan/{sync - 1}")  # every rank finished that sync before this one began
+        # The next bucket is gathered and flattened while the previous one is on the wire.
+        pending = None
+        for bucket, tensors in zip(plan, buckets, strict=True):
+            buffer = pack_bucket(bucket, tensors, self.device)
+            if pending is not None:
+                self._finish(*pending)
+            pending = (group.broadcast([buffer], _from_rank_0()), buffer)
         if pending is not None:
-            _finish(spec, *pending)
-        pending = (group.broadcast([buffer], _from_rank_0()), buffer)
-    if pending is not None:
-        _finish(spec, *pending)
+            self._finish(*pending)
+        self._settle()
+
+    def receive(self, sync: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Ranks 1..n: the (HF name, tensor) stream of sync number `sync`, one bucket at a time. The next bucket is
+        already on its way while the caller loads this one; each arrives in a buffer of its own (the loader may hold
+        on to a bucket's tensors until their layer is complete)."""
+        group = self._live()
+        if self.rank == 0:
+            raise ValueError("rank 0 sends; ranks 1.. receive")
+        try:
+            plan: list[Bucket] = pickle.loads(self._store.get(f"plan/{sync}"))
+        except dist.DistStoreError:
+            raise WeightSyncTimeout(
+                f"weight sync {self.spec.session}: {self.spec.rank_names[0]} did not start sync {sync} within "
+                f"{self.spec.timeout_s:g} s ({self.spec.rank_names[self.rank]} waited); check that role's log, or "
+                f"raise {self.spec.timeout_key}") from None
+
+        def post(bucket: Bucket):
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+            return group.broadcast([buffer], _from_rank_0()), buffer
+
+        pending = post(plan[0]) if plan else None
+        for index, bucket in enumerate(plan):
+            work, buffer = pending
+            self._finish(work, buffer)
+            pending = post(plan[index + 1]) if index + 1 < len(plan) else None
+            if pending is None:
+                self._settle()
+            yield from unpack_bucket(bucket, buffer)
+
+    def shutdown(self) -> None:
+        """Release the group's resources (communicators, sockets) now, not whenever garbage collection gets to it."""
+        if self._group is not None:
+            self._group.shutdown()
+            self._group = None
+
+    def _live(self) -> dist.ProcessGroup:
+        if self._group is None:
+            raise RuntimeError(f"weight sync group {self.spec.session} was shut down")
+        return self._group
+
+    def _finish(self, work, buffer: torch.Tensor) -> None:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise WeightSyncTimeout(
+                f"weight sync {self.spec.session}: a broadcast of {buffer.numel()} bytes failed ({first_line[:160]}); "
+                f"a rank died or stalled, or raise {self.spec.timeout_key}") from None
+
+    def _settle(self) -> None:
+        """On NCCL, wait() only orders the current stream after the broadcast: the last bucket must have landed
+        before its buffer is read or freed (and before the engine generates from the weights)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
 
-def receive(spec: SyncSpec, rank: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Ranks 1..n: the (HF name, tensor) stream rank 0 sends, one bucket at a time. The next bucket is already on its
-    way while the caller loads this one; each arrives in a buffer of its own (the loader may hold on to a bucket's
-    tensors until their layer is complete)."""
-    if not 0 < rank < spec.world_size:
-        raise ValueError(f"a receiving rank is in 1..{spec.world_size - 1}, got {rank}")
+def _connect(spec: SyncSpec, rank: int) -> dist.TCPStore:
     try:
-        store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.timeout_s))
+        return dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=spec.timeout_s))
     except dist.DistError as error:
         raise WeightSyncTimeout(
             f"weight sync {spec.session}: {spec.rank_names[rank]} could not reach learner rank 0's store at "
             f"{spec.host}:{spec.port} ({type(error).__name__}); check that the nodes can reach each other on that "
             f"address, or raise {spec.timeout_key}") from None
-    session = dist.PrefixStore(spec.session, store)
-    group = _join(spec, session, rank, device)
-    plan: list[Bucket] = pickle.loads(session.get("plan"))
-
-    def post(bucket: Bucket):
-        buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        return group.broadcast([buffer], _from_rank_0()), buffer
-
-    pending = post(plan[0]) if plan else None
-    for index, bucket in enumerate(plan):
-        work, buffer = pending
-        _finish(spec, work, buffer)
-        pending = post(plan[index + 1]) if index + 1 < len(plan) else None
-        yield from unpack_bucket(bucket, buffer)
 
 
 def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) -> dist.ProcessGroup:
-    """Check in, wait until every rank has, and form this sync's process group."""
+    """Check in, wait until every rank has, and form the group."""
     session.set(f"arrived/{rank}", "1")
     keys = [f"arrived/{other}" for other in range(spec.world_size)]
     try:
@@ -110,6 +167,8 @@ def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) 
             f"({spec.rank_names[rank]} waited); check that role's log, or raise {spec.timeout_key}") from None
     timeout = timedelta(seconds=spec.timeout_s)
     if device.type == "cuda":
+        # A group of its own beside DeepSpeed's default one, on a store of our choosing: torch offers no public
+        # constructor for that (new_group needs the default group, which vLLM's side does not share).
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         return dist.ProcessGroupNCCL(session, rank, spec.world_size, options)
@@ -120,12 +179,3 @@ def _from_rank_0() -> dist.BroadcastOptions:
     options = dist.BroadcastOptions()
     options.rootRank = 0
     return options
-
-
-def _finish(spec: SyncSpec, work, buffer: torch.Tensor) -> None:
-    try:
-        work.wait()
-    except RuntimeError as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise WeightSyncTimeout(f"weight sync {spec.session}: a broadcast of {buffer.numel()} bytes failed "
-                                f"({first_line[:160]}); a rank died or stalled, or raise {spec.timeout_key}") from None

@@ -79,7 +79,7 @@ def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = 
 
                 # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ------------------------
                 reference = stages.reference_policy(run, initial_policy, iteration)
-                with stages.engines_asleep(rollout):  # colocated engines give the learner their GPUs meanwhile
+                with stages.engines_asleep(rollout, learner):  # colocated engines give the learner their GPUs meanwhile
                     train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
                 metrics.update({f"dpo/{key}": value for key, value in train_metrics.items()})
                 stages.export_policy(run, learner, iteration)

@@ -60,6 +60,14 @@ class Layout:
     slots: dict[str, list[ActorSlot]]  # role -> one slot per actor (rank order)
 
 
+def engines_start_first(cfg: RunConfig, device: str) -> bool:
+    """Whether the rollout engines start before the other roles: wherever they may share a GPU (colocated, or any
+    role holding a fraction of one, which Ray may pack onto one device), since vLLM sizes its KV cache from the
+    memory it finds free while it profiles, and must not find the learner's or the reward model's allocations there."""
+    gpus = role_gpus(cfg, device)
+    return "rollout" in gpus and (cfg.cluster.colocate or any(0 < share < 1 for share in gpus.values()))
+
+
 def role_gpus(cfg: RunConfig, device: str) -> dict[str, float]:
     """The GPUs each actor of each started role reserves: none on CPU; the reward only when it runs a network."""
     from reward.registry import uses_accelerator

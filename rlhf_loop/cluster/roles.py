@@ -17,7 +17,7 @@ from policy.config import PolicyConfig
 from rlhf_loop.common.background import in_background
 from rlhf_loop.config import RunConfig
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.cluster.placement import Layout, ActorSlot, role_layout, unplaceable
+from rlhf_loop.cluster.placement import Layout, ActorSlot, engines_start_first, role_layout, unplaceable
 from rlhf_loop.common.files import atomic_write_json
 
 if TYPE_CHECKING:  # they import Ray
@@ -66,8 +66,8 @@ def launch_early(cfg: RunConfig, device: str) -> Future[Started] | None:
 
 def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
     """Every role's placement group reserved, then the roles' actors started at once: each spends its start-up
-    loading models, so together they take as long as the slowest, not the sum. Colocated engines start before the
-    learner: vLLM sizes its share of the GPU from the memory free when it starts."""
+    loading models, so together they take as long as the slowest, not the sum. Engines that may share a GPU start
+    before the others (`engines_start_first`): vLLM sizes its share of the GPU from the memory free when it starts."""
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
     from reward.actor import RewardScorer
@@ -89,7 +89,7 @@ def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
         return start(), time.perf_counter() - began
 
     started = {}
-    if colocate and "rollout" in roles:
+    if engines_start_first(cfg, device):
         started["rollout"] = timed(roles.pop("rollout"))
     # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so a run refused
     # while its actors start would wait in their `ray.get` (after Ray stopped) until call_timeout_s, spinning a core.

@@ -211,9 +211,10 @@ def train(run: Run, learner: Learner, pairs: Sequence[Pair], iteration: int, ref
     return chunk_means(run, unit_prefix)
 
 
-def engines_asleep(rollout: RolloutGroup | None) -> AbstractContextManager:
-    """Engines colocated with the learner (cluster.colocate) free their GPUs for the block; others stay as they are."""
-    return rollout.asleep() if rollout is not None else nullcontext()
+def engines_asleep(rollout: RolloutGroup | None, learner: Learner) -> AbstractContextManager:
+    """Engines colocated with the learner (cluster.colocate) free their GPUs for the block, while the learner's
+    training state is on them (policy.colocation); others stay as they are."""
+    return rollout.asleep(learner) if rollout is not None else nullcontext()
 
 
 def sft_warm_start(run: Run, device: str) -> PolicyConfig:

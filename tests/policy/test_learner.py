@@ -468,3 +468,48 @@ def test_lora_trains_adapters_and_hands_out_merged_weights(tiny_tokenizer, tiny_
     resumed.begin_iteration(1, pairs, reference_dir=None)
     assert resumed.train_steps(10) == last
     assert_same_weights(resumed.named_weights(), weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16 on CPU: DeepSpeed's bf16 path and the LoRA merge, with tolerances that fit the dtype
+# ---------------------------------------------------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits: a relative error of 2**-8 per rounding; a few roundings in a merge
+BF16_TOLERANCE = dict(rtol=2**-6, atol=2**-6)
+
+
+@pytest.mark.integration  # DeepSpeed
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_trains_through_deepspeeds_bf16_path_and_follows_fp32(tiny_tokenizer, tiny_policy_dir, lora):
+    pairs = make_pairs(tiny_tokenizer, 12)  # three steps of 4
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        train = train_config(learning_rate=1e-2 if lora else 1e-3, lora=LoRAConfig(enabled=lora))
+        learner = DPOLearner(replace(policy_config(tiny_policy_dir), dtype=dtype), train, device="cpu", seed=0)
+        learner.begin_iteration(1, pairs, reference_dir=None)
+        losses = [learner.train_steps(1).loss for _ in range(3)]
+        runs[dtype] = (learner, losses, learner.named_weights())
+    learner, bf16_losses, bf16_weights = runs["bfloat16"]
+    _, fp32_losses, fp32_weights = runs["float32"]
+    assert learner._policy.engine.bfloat16_enabled()
+    assert all(math.isfinite(loss) for loss in bf16_losses), (bf16_losses, fp32_losses)
+    assert bf16_losses[-1] < bf16_losses[0], "bf16 training did not lower the loss"
+    assert bf16_losses == pytest.approx(fp32_losses, abs=0.02)  # the same run, up to bf16 rounding
+    assert {tensor.dtype for _, tensor in bf16_weights} == {torch.bfloat16}
+    assert [name for name, _ in bf16_weights] == [name for name, _ in fp32_weights]
+    moved = sum(not torch.equal(a.float(), b) for (_, a), (_, b) in zip(bf16_weights, fp32_weights))
+    assert moved > 0
+    for (name, a), (_, b) in zip(bf16_weights, fp32_weights):
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.02, msg=name)  # three steps apart in rounding
+    if lora:  # the merge (W + scale B A) done beside W in bf16 matches peft's own merge of the same adapters
+        merged = dict(bf16_weights)
+        reference = learner._policy.module.merge_and_unload().state_dict()
+        assert set(merged) <= set(reference)
+        assert any(".q_proj." in name for name in merged)  # the adapted layers are among them
+        for name, tensor in merged.items():
+            torch.testing.assert_close(tensor, reference[name].cpu(), **BF16_TOLERANCE, msg=name)
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.bfloat16).state_dict()
+        delta = max((merged[name].float() - base[name].float()).abs().max().item() for name in merged)
+        assert delta > 4 * BF16_TOLERANCE["atol"], "the adapters moved too little for the merge check to fail"

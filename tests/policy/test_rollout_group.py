@@ -13,7 +13,7 @@ from policy.config import RolloutConfig
 from policy.rollout_protocol import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
 from policy.weight_buckets import plan_buckets
-from policy.weight_sync import host_store, send
+from policy.weight_sync import SyncGroup, host_store
 from rlhf_loop.common.actor_calls import ActorDied
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,6 +47,24 @@ def test_colocated_engines_sleep_for_the_block_and_wake_even_when_it_fails():
     with pytest.raises(RuntimeError), group.asleep():
         raise RuntimeError("a learner rank died")
     assert calls[-2:] == ["sleep x2", "wake_up x2"]
+
+
+def test_colocated_engines_wake_their_weights_for_the_sync_and_their_kv_cache_before_generating():
+    from types import SimpleNamespace
+
+    group, calls = recorded_group(sleeps=True)
+    group._schedule = None
+    learner = SimpleNamespace(reload_states=lambda: calls.append("reload_states"),
+                              offload_states=lambda: calls.append("offload_states"))
+    with group.asleep(learner):
+        calls.append("train")
+    calls.append("sync")
+    group._call_each = lambda method, arguments: calls.append(f"{method} {arguments[0]}") or []
+    group.generate(["a prompt"], SAMPLING)
+    group.generate(["a prompt"], SAMPLING)
+    assert calls == ["sleep x2", "reload_states", "train", "offload_states", "wake_up x2", "sync",
+                     "wake_up (['kv_cache'],)", f"generate (['a prompt'], {SAMPLING!r})",
+                     f"generate (['a prompt'], {SAMPLING!r})"]
 
 
 def test_engines_of_their_own_never_sleep():
@@ -115,6 +133,7 @@ class ThreadLearner:
     def __init__(self, named):
         self.named = dict(named)
         self.store = host_store()
+        self.group = None  # rank 0's place in the sync group, as LearnerActor keeps it
         self.broadcasts = 0
 
     def weight_sync_address(self):
@@ -126,7 +145,11 @@ class ThreadLearner:
 
         def run():
             try:
-                send(spec, self.store, plan, ([self.named[s.name] for s in b.slots] for b in plan), torch.device("cpu"))
+                if self.group is None or self.group.spec.session != spec.session:
+                    if self.group is not None:
+                        self.group.shutdown()
+                    self.group = SyncGroup(spec, 0, torch.device("cpu"), self.store)
+                self.group.send(spec.sync, plan, ([self.named[s.name] for s in b.slots] for b in plan))
             except Exception as error:  # noqa: BLE001 - re-raised in wait_for_broadcast
                 errors.append(error)
 

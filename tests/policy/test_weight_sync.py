@@ -11,7 +11,7 @@ import torch
 
 from policy.config import LoRAConfig, RolloutConfig, TrainConfig
 from policy.weight_buckets import plan_buckets
-from policy.weight_sync import SyncSpec, WeightSyncTimeout, host_store, receive, send
+from policy.weight_sync import SyncGroup, SyncSpec, WeightSyncTimeout, host_store
 from rlhf_loop.common.records import Pair, Response
 from rlhf_loop.driver.stages import sync_weights
 
@@ -29,14 +29,21 @@ def pairs_for(prompts, tokenizer) -> list[Pair]:
 
 
 @pytest.mark.integration  # starts Ray actors
-@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks"), [
-    ("vllm", False, "collective", 0), ("hf", False, "collective", 0), ("vllm", True, "collective", 0),
-    ("vllm", False, "object_store", 0),
-    ("hf", False, "collective", 2),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends it
+@pytest.mark.parametrize(("engine", "lora", "weight_sync", "zero3_ranks", "dtype"), [
+    ("vllm", False, "collective", 0, "auto"), ("hf", False, "collective", 0, "auto"),
+    ("vllm", True, "collective", 0, "auto"), ("vllm", False, "object_store", 0, "auto"),
+    ("hf", False, "collective", 2, "auto"),  # two ZeRO-3 ranks: each bucket is gathered from both before rank 0 sends
+    # bf16 end to end (DeepSpeed's bf16 path, the merge in bf16, bf16 buckets): the HF engine runs the learner's
+    # own forward code, so its greedy tokens must still match exactly
+    ("hf", True, "collective", 0, "bfloat16"),
 ])
-def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, ray_local, policy_config,
-                                                     prompts, tiny_tokenizer):
+def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, zero3_ranks, dtype, ray_local,
+                                                     policy_config, prompts, tiny_tokenizer):
+    from dataclasses import replace
+
     from policy.learner_group import LearnerGroup
+
+    policy_config = replace(policy_config, dtype=dtype)
     from policy.rollout_group import RolloutGroup
 
     layout = dict(num_workers=zero3_ranks, zero_stage=3, micro_batch_size=2) if zero3_ranks else {}
@@ -69,9 +76,9 @@ def test_every_engine_matches_the_learner_after_sync(engine, lora, weight_sync, 
 # ---- the collective without Ray: every rank a thread ------------------------------------------------------------
 
 def run_sync(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, receivers: int, timeout_s: float = 30.0,
-             missing: int = 0) -> tuple[list[Exception], dict[int, list[tuple[str, torch.Tensor]]]]:
-    """Rank 0 sends `named` to ranks 1..receivers; the last `missing` of them never come. Errors of every rank,
-    and what each receiving rank got (copied)."""
+             missing: int = 0, syncs: int = 1) -> tuple[list[Exception], dict[int, list[tuple[str, torch.Tensor]]]]:
+    """Rank 0 sends `named` to ranks 1..receivers `syncs` times over one group; the last `missing` of them never
+    come. Errors of every rank, and what each receiving rank got in the last sync (copied)."""
     store = host_store("127.0.0.1")
     names = ("learner rank 0",) + tuple(f"rollout engine {i}" for i in range(receivers))
     spec = SyncSpec("127.0.0.1", store.port, "test", names, timeout_s)
@@ -81,13 +88,19 @@ def run_sync(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, receivers
     received: dict[int, list[tuple[str, torch.Tensor]]] = {}
 
     def rank(number: int) -> None:
+        group = None
         try:
-            if number == 0:
-                send(spec, store, plan, ([by_name[slot.name] for slot in bucket.slots] for bucket in plan), CPU)
-            else:
-                received[number] = [(name, tensor.clone()) for name, tensor in receive(spec, number, CPU)]
+            group = SyncGroup(spec, number, CPU, store if number == 0 else None)
+            for sync in range(syncs):
+                if number == 0:
+                    group.send(sync, plan, ([by_name[slot.name] for slot in bucket.slots] for bucket in plan))
+                else:
+                    received[number] = [(name, tensor.clone()) for name, tensor in group.receive(sync)]
         except Exception as error:  # noqa: BLE001 - every rank's error is the result here
             errors.append(error)
+        finally:
+            if group is not None:
+                group.shutdown()
 
     threads = [threading.Thread(target=rank, args=(number,)) for number in range(receivers + 1 - missing)]
     for thread in threads:
@@ -107,7 +120,7 @@ def test_two_receivers_get_every_tensor_bit_for_bit_across_dtypes():
         ("proj.weight", torch.randn(16, 16, generator=generator).to(torch.float16)),
         ("nan_and_neg_zero", torch.tensor([float("nan"), -0.0, float("inf")])),
     ]
-    errors, received = run_sync(named, bucket_bytes=4096, receivers=2)
+    errors, received = run_sync(named, bucket_bytes=4096, receivers=2, syncs=3)  # one group, three syncs
     assert errors == []
     for rank in (1, 2):
         assert [name for name, _ in received[rank]] == [name for name, _ in named]
@@ -136,5 +149,31 @@ def test_an_unreachable_learner_store_is_one_line_naming_the_receiver():
 
     spec = SyncSpec("127.0.0.1", free_port(), "test", ("learner rank 0", "rollout engine 0"), timeout_s=1.0)
     with pytest.raises(WeightSyncTimeout, match="rollout engine 0 could not reach learner rank 0's store") as error:
-        next(receive(spec, 1, CPU))
+        SyncGroup(spec, 1, CPU)
     assert "\n" not in str(error.value)
+
+
+def test_a_shut_down_group_refuses_to_send():
+    store = host_store("127.0.0.1")
+    group = SyncGroup(SyncSpec("127.0.0.1", store.port, "alone", ("learner rank 0",), 5.0), 0, CPU, store)
+    group.shutdown()
+    group.shutdown()  # twice is harmless: the learner and its policy may both release it
+    with pytest.raises(RuntimeError, match="weight sync group alone was shut down"):
+        group.send(0, [], [])
+
+
+def test_a_sender_that_never_starts_the_sync_is_one_line_naming_it():
+    store = host_store("127.0.0.1")
+    spec = SyncSpec("127.0.0.1", store.port, "silent", ("learner rank 0", "rollout engine 0"), 1.0)
+    groups = {}
+    sender = threading.Thread(target=lambda: groups.setdefault(0, SyncGroup(spec, 0, CPU, store)))
+    sender.start()
+    receiver = SyncGroup(spec, 1, CPU)
+    sender.join(timeout=30)
+    try:
+        with pytest.raises(WeightSyncTimeout, match="learner rank 0 did not start sync 0 within 1 s") as error:
+            next(receiver.receive(0))
+        assert "\n" not in str(error.value)
+    finally:
+        receiver.shutdown()
+        groups[0].shutdown()

@@ -7,7 +7,15 @@ import pytest
 
 from rlhf_loop.config import load_config
 from rlhf_loop.common.errors import ConfigError
-from rlhf_loop.cluster.placement import CPU_SHARE, LABEL_SHARE, Group, colocation_problems, role_layout, unplaceable
+from rlhf_loop.cluster.placement import (
+    CPU_SHARE,
+    LABEL_SHARE,
+    Group,
+    colocation_problems,
+    engines_start_first,
+    role_layout,
+    unplaceable,
+)
 
 
 @pytest.fixture
@@ -142,3 +150,15 @@ def test_plan_shows_the_groups_and_warns_when_colocated_roles_overfill_the_gpu(t
     assert "colocated pack on any node: 1 x {CPU 0.03, GPU 1}" in text
     assert "rollout: bundle(s) 0, 0.3333 GPU each" in text
     assert any(w.startswith("rollout, reward, learner share a GPU (cluster.colocate") for w in report.warnings)
+
+
+@pytest.mark.parametrize(("overrides", "device", "first"), [
+    ((), "cuda", False),  # a GPU per actor: nothing shared, every role starts at once
+    (("rollout.gpus_per_engine=0.5",), "cuda", True),
+    (("train.gpus_per_worker=0.4",), "cuda", True),
+    (("reward.num_gpus=0.2",), "cuda", True),
+    (("cluster.colocate=true", "rollout.weight_sync=object_store", "rollout.max_staleness=0"), "cuda", True),
+    (("rollout.gpus_per_engine=0.5",), "cpu", False),  # no GPU to share
+])
+def test_vllm_starts_first_wherever_it_may_share_a_gpu(config, overrides, device, first):
+    assert engines_start_first(config(*overrides), device) is first
