@@ -8,10 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import pytest
 from reward.config import RewardConfig
 from reward.server import running_server
 from rlhf_loop.common.files import read_jsonl
+from tests.cli_runs import rlhf_loop
 
 pytestmark = pytest.mark.integration
 
@@ -73,21 +70,6 @@ train: {{learning_rate: 2.0e-3, micro_batch_size: 2, gradient_accumulation_steps
 cluster: {{num_cpus: 2}}
 """)
     return path
-
-
-def rlhf_loop(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    # Its own process group, so whatever the driver leaves behind (Ray's processes) is cleaned up here.
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.frontend.cli", *args], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
 
 
 def fruity(response: str, bonus: int) -> float:

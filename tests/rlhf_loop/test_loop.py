@@ -8,18 +8,15 @@ twice; and actors killed mid-run are restarted within the run, with the same res
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_loop.common.faults import KILL_ACTOR_ENV, KILL_AT_ENV
 from rlhf_loop.common.files import read_jsonl
+from tests.cli_runs import rlhf_loop
 
 pytestmark = pytest.mark.integration
 
@@ -57,41 +54,6 @@ eval: {{prompts: {held_out}, num_prompts: 6, samples_per_prompt: 2}}
 cluster: {{num_cpus: 2}}
 """)
     return path
-
-
-RUN_TIMEOUT_S = 600  # a run here takes about a minute; ten means it hangs
-
-
-def rlhf_loop(*args: str, kill_at: str | None = None, kill_actors: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop(KILL_AT_ENV, None)
-    env.pop(KILL_ACTOR_ENV, None)
-    if kill_at:
-        env[KILL_AT_ENV] = kill_at
-    if kill_actors:
-        env[KILL_ACTOR_ENV] = kill_actors
-    # Its own process group, so whatever a killed driver leaves behind (Ray's processes) is cleaned up here.
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_loop.frontend.cli", *args], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(process.pid)  # before failing, so a hung run's Ray processes cannot stall the tests after it
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # a process outside the group still holds the pipe open
-            output = "(no output: the pipe stayed open)"
-        pytest.fail(f"rlhf-loop {' '.join(args)} did not finish in {RUN_TIMEOUT_S} s; its output ends:\n"
-                    f"{output[-3000:]}")
-    _kill_group(process.pid)
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def finished(run_dir: Path) -> dict:
