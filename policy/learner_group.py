@@ -129,6 +129,7 @@ class LearnerGroup:
         world_size = train.num_workers
         resources = learner_resources(device, train.gpus_per_worker)
         self._timeout_s = train.call_timeout_s
+        self._preparing: list[list[ray.ObjectRef]] = []  # prepare_pairs calls not waited for yet, one ref a rank
         self._actors = [ray.remote(LearnerActor).options(**{**resources, **where}).remote()
                         for where in placements or [{}] * world_size]
         master_addr, master_port = self._wait(self._actors[0].address.remote(), "start-up")
@@ -146,7 +147,6 @@ class LearnerGroup:
         )
         self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
         self._sync_address: tuple[str, int] | None = None
-        self._preparing: list[list[ray.ObjectRef]] = []  # prepare_pairs calls not waited for yet, one ref a rank
 
     def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
