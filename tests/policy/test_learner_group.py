@@ -133,7 +133,7 @@ def test_a_killed_learner_stops_the_run_with_one_line(ray_local, tiny_tokenizer,
         (rank_0,) = group.placement()
         assert rank_0["pid"] != os.getpid() and rank_0["node_id"]
         os.kill(rank_0["pid"], signal.SIGKILL)
-        with pytest.raises(ActorDied, match="learner died during train") as error:
+        with pytest.raises(ActorDied, match="learner rank 0 died during train") as error:
             group.train_steps(1)
         assert "\n" not in str(error.value) and "rlhf-loop resume" in str(error.value)
     finally:
