@@ -51,6 +51,8 @@ def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch,
     started = roles.Started({"rollout": StartedActor(11), "reward": StartedActor(12), "learner": StartedActor(13)},
                             {"rollout": 9.5, "reward": 4.25, "learner": 5.0}, role_layout(cfg, "cpu"))
     monkeypatch.setattr(roles, "launch", lambda *args: pytest.fail("the actors were started a second time"))
+    checked = []
+    monkeypatch.setattr(roles, "check_shared_storage", lambda *args: checked.append(args))
     caplog.set_level("INFO", logger="rlhf_loop.cluster.roles")
     early = in_background(lambda: started, name="test")
     rollout, reward, learner = roles.start_actors(run, cfg.policy, "cpu", early)
@@ -60,6 +62,7 @@ def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch,
                                                                               "learner": 5.0}
     assert placement["learner"]["actors"] == [{"address": "127.0.0.1", "node_id": "n0", "pid": 13, "bundle": 0}]
     assert "start-up: rollout 9.5 s, reward 4.2 s, learner 5.0 s; every actor ready" in caplog.text
+    assert checked == [(run_dir.root, placement, cfg.cluster.placement.timeout_s)]  # what placement.json records
 
 
 def test_the_time_since_launch_counts_from_the_process_start():
