@@ -147,7 +147,8 @@ class PlacementConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = None  # an existing Ray cluster ("auto" or host:port; else $RAY_ADDRESS); None: a local one
-    node_ip_address: str | None = None  # this machine's address in the cluster; None: loopback if the head is, else Ray's
+    node_ip_address: str | None = None  # this machine's address in the cluster; None: the Ray node's on this machine
+    connect_timeout_s: float = 10.0  # joining `address` (reaching it, then ray.init) ends within this, or one line
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
     max_actor_restarts: int = 3  # a dead rollout or reward actor is restarted this often, its work redone
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # which nodes each role uses
@@ -157,7 +158,9 @@ class ClusterConfig:
 
     def problems(self) -> list[str]:
         return failed([(self.max_actor_restarts >= 0,
-                        f"cluster.max_actor_restarts must be >= 0, got {self.max_actor_restarts}")]) \
+                         f"cluster.max_actor_restarts must be >= 0, got {self.max_actor_restarts}"),
+                        (self.connect_timeout_s > 0,
+                         f"cluster.connect_timeout_s must be > 0, got {self.connect_timeout_s}")]) \
             + self.placement.problems()
 
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rlhf_loop.common import console
+from rlhf_loop.common.background import in_background
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.network import is_loopback
-
-CONNECT_TIMEOUT_S = 10.0
-
 
 def resolve_device(device: str) -> str:
     """`auto` means CUDA when this machine has a GPU, else CPU."""
@@ -41,27 +46,60 @@ def start_ray(cluster_cfg) -> Path:
     import ray
 
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
-    node_ip = cluster_cfg.node_ip_address
+    init = functools.partial(
+        ray.init,
+        address=address,
+        num_cpus=cluster_cfg.num_cpus if address is None else None,
+        _node_ip_address=cluster_cfg.node_ip_address,
+        include_dashboard=False,
+        log_to_driver=not console.is_quiet(),
+        configure_logging=True,
+        logging_level="WARNING",
+    )
     if address is None:
         # A local throwaway cluster needs no token file in $HOME; a cluster we join keeps its own auth settings.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    elif address != "auto":
-        host = check_reachable(address)
-        node_ip = node_ip or ("127.0.0.1" if is_loopback(host) else None)  # the head is on loopback: so are we
+        context = init()  # in this thread: Ray ties the processes it starts to the thread that starts them
+    else:
+        context = join(address, init, cluster_cfg.connect_timeout_s)
+    return Path(context.address_info["session_dir"]) / "logs"
+
+
+def join(address: str, init: Callable[[], Any], timeout_s: float) -> Any:
+    """`init()` (ray.init against the running cluster at `address`) within `timeout_s` in all, or one line: Ray
+    itself retries a head that answers but does not serve it for minutes. The join runs in a daemon thread, so a
+    driver that gives up exits without waiting for it (joining starts no process here)."""
+    deadline = time.monotonic() + timeout_s
+    if threading.current_thread() is threading.main_thread():
+        # What ray.init does in the main thread only: SIGTERM ends the driver through its `finally` blocks
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    loopback = address != "auto" and is_loopback(check_reachable(address, timeout_s))
+    joining = in_background(functools.partial(_init_keeping_loopback, init) if loopback else init, name="ray-join")
     try:
-        context = ray.init(
-            address=address,
-            num_cpus=cluster_cfg.num_cpus if address is None else None,
-            _node_ip_address=node_ip,
-            include_dashboard=False,
-            log_to_driver=not console.is_quiet(),
-            configure_logging=True,
-            logging_level="WARNING",
-        )
+        return joining.result(timeout=max(deadline - time.monotonic(), 0.0))
+    except concurrent.futures.TimeoutError:
+        raise UserError(f"cannot join the Ray cluster at {address} within {timeout_s:g} s: something answers there, "
+                        f"but Ray did not connect; check that cluster.address is the Ray head's (what `ray start "
+                        f"--head` printed), or raise cluster.connect_timeout_s") from None
     except ConnectionError as e:  # address "auto" with no cluster running here, or a head that went away
         raise UserError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0][:160]}); start it with "
                         f"`ray start --head`, or unset cluster.address to start a local one") from None
-    return Path(context.address_info["session_dir"]) / "logs"
+
+
+def _init_keeping_loopback(init: Callable[[], Any]) -> Any:
+    """`init()` with a loopback head address kept as written. Ray replaces it by this host's interface address
+    before connecting (`resolve_ip_for_localhost`): right for a head of `ray start`, which ignores a loopback
+    --node-ip-address and listens on every interface, but a head whose node address really is 127.0.0.1 (as
+    `ray.cluster_utils.Cluster` starts one) listens on loopback alone, and the driver waited there for minutes.
+    Loopback reaches both; the driver then takes the address of the Ray node on this machine."""
+    from ray._private import services
+
+    rewrite = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        return init()
+    finally:
+        services.resolve_ip_for_localhost = rewrite
 
 
 def link_ray_logs(ray_logs: Path, log_dir: Path) -> None:
@@ -73,7 +111,7 @@ def link_ray_logs(ray_logs: Path, log_dir: Path) -> None:
     logging.getLogger(__name__).info("the actors' logs (Ray's): %s", link if link.exists() else ray_logs)
 
 
-def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+def check_reachable(address: str, timeout_s: float) -> str:
     """The host of a `host:port` (or ray://host:port) cluster address, once something answers there; otherwise one
     line instead of Ray's silent retries."""
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -1,6 +1,7 @@
 """The roles of a run as Ray actors: the rollout engines and the reward model (online runs) and the DPO learner
 (train.enabled). Every role's placement group is reserved first (`rlhf_loop.cluster.placement` lays them out), then the
-roles start at once, each actor on its bundle; where each ran and how long it took to start go to placement.json."""
+roles start at once, each actor on its bundle; where each ran and how long it took to start go to placement.json, and
+on more than one node every node must share the run directory (`rlhf_loop.cluster.shared_storage`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rlhf_loop.common.background import in_background
 from rlhf_loop.config import RunConfig
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.cluster.placement import Layout, ActorSlot, engines_start_first, role_layout, unplaceable
+from rlhf_loop.cluster.shared_storage import check_shared_storage
 from rlhf_loop.common.files import atomic_write_json
 
 if TYPE_CHECKING:  # they import Ray
@@ -47,10 +49,12 @@ def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Star
                                    for where, slot in zip(actor.placement(), started.layout.slots[role], strict=True)]}
                  for role, actor in started.actors.items()}
     atomic_write_json(run.run_dir.root / "placement.json", placement)
+    checked_s = check_shared_storage(run.run_dir.root, placement, run.cfg.cluster.placement.timeout_s)
     since_launch = seconds_since_launch()
     logging.getLogger(__name__).info(
-        "start-up: %s%s", ", ".join(f"{role} {info['startup_s']:.1f} s" for role, info in placement.items()),
-        "" if since_launch is None else f"; every actor ready {since_launch:.1f} s after launch")
+        "start-up: %s%s%s", ", ".join(f"{role} {info['startup_s']:.1f} s" for role, info in placement.items()),
+        "" if since_launch is None else f"; every actor ready {since_launch:.1f} s after launch",
+        "" if checked_s is None else f"; the run directory is shared by every node (checked in {checked_s:.2f} s)")
     return started.actors.get("rollout"), started.actors.get("reward"), started.actors.get("learner")
 
 

@@ -64,6 +64,7 @@ def test_overrides_merge_over_the_file(tmp_path):
     (MINIMAL + "train:\n  lora:\n    target_modules: []\n", "train.lora.target_modules is empty"),
     (MINIMAL.replace("model_path: some/rm\n", "model_path: some/rm\n  length_penalty: -0.1\n"),
      "reward.length_penalty must be >= 0"),
+    (MINIMAL + "cluster:\n  connect_timeout_s: 0\n", "cluster.connect_timeout_s must be > 0"),
 ])
 def test_bad_configs_fail_with_one_line_naming_key_and_file(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from rlhf_loop.cluster.placement import role_layout
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import read_jsonl
 from rlhf_loop.driver.stages import Run
+from tests.ray_nodes import ENV, NODE_TIMEOUT_S, kill_group, start_node, wait_listening
 
 class StartedActor:
     def __init__(self, pid: int):
@@ -51,6 +51,8 @@ def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch,
     started = roles.Started({"rollout": StartedActor(11), "reward": StartedActor(12), "learner": StartedActor(13)},
                             {"rollout": 9.5, "reward": 4.25, "learner": 5.0}, role_layout(cfg, "cpu"))
     monkeypatch.setattr(roles, "launch", lambda *args: pytest.fail("the actors were started a second time"))
+    checked = []
+    monkeypatch.setattr(roles, "check_shared_storage", lambda *args: checked.append(args))
     caplog.set_level("INFO", logger="rlhf_loop.cluster.roles")
     early = in_background(lambda: started, name="test")
     rollout, reward, learner = roles.start_actors(run, cfg.policy, "cpu", early)
@@ -60,6 +62,7 @@ def test_actors_started_early_are_waited_for_and_recorded(tmp_path, monkeypatch,
                                                                               "learner": 5.0}
     assert placement["learner"]["actors"] == [{"address": "127.0.0.1", "node_id": "n0", "pid": 13, "bundle": 0}]
     assert "start-up: rollout 9.5 s, reward 4.2 s, learner 5.0 s; every actor ready" in caplog.text
+    assert checked == [(run_dir.root, placement, cfg.cluster.placement.timeout_s)]  # what placement.json records
 
 
 def test_the_time_since_launch_counts_from_the_process_start():
@@ -75,12 +78,7 @@ def test_a_warm_start_makes_the_policy_so_its_actors_cannot_start_early(tmp_path
     assert roles.launch_early(small_config(tmp_path, "sft.enabled=true", "sft.dataset=d"), "cpu") is None
 
 
-BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 600  # a run here takes about two minutes; ten means it hangs
-NODE_TIMEOUT_S = 90
-# A throwaway cluster needs no token in $HOME; the driver that joins it must agree.
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-ENV.pop("RAY_ADDRESS", None)
 
 NODES_SCRIPT = """
 import json, sys, time, ray
@@ -95,25 +93,6 @@ print(json.dumps(nodes))
 """
 
 
-def start_node(temp_dir: Path, *args: str) -> subprocess.Popen:
-    """One `ray start --block` in its own process group; every Ray process of the node lives in that group."""
-    log = open(temp_dir.with_suffix(".log"), "w")
-    return subprocess.Popen(
-        [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--object-store-memory=200000000",
-         f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--min-worker-port=0", "--max-worker-port=0",
-         *args],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """(address, {"node_a": node id, "node_b": node id}) of a head and a worker node on loopback."""
@@ -123,7 +102,7 @@ def cluster():
     nodes = [start_node(root / "head", "--head", f"--port={port}", "--include-dashboard=false",
                         '--resources={"node_a": 1}')]
     try:
-        _wait_listening("127.0.0.1", port, NODE_TIMEOUT_S)
+        wait_listening("127.0.0.1", port, NODE_TIMEOUT_S)
         nodes.append(start_node(root / "worker", f"--address={address}", '--resources={"node_b": 1}'))
         listed = subprocess.run([sys.executable, "-c", NODES_SCRIPT, address, str(NODE_TIMEOUT_S)], env=ENV,
                                 capture_output=True, text=True, timeout=NODE_TIMEOUT_S + 60)
@@ -135,18 +114,6 @@ def cluster():
         for node in nodes:
             kill_group(node)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _wait_listening(host: str, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
 
 
 def rlhf_loop(*args: str) -> subprocess.CompletedProcess:
