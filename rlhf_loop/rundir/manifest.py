@@ -94,14 +94,14 @@ class RunDir:
             shutil.rmtree(root)
             say(f"rlhf-loop: --overwrite: deleted the previous run in {root}")
         root.mkdir(parents=True, exist_ok=True)
-        run_dir = RunDir(root)
+        run_dir = RunDir(root.absolute())  # the actors get paths in it: a relative one means another place on a node
         Manifest.load(run_dir)  # from here on the directory is recognisably a run's, and has its run id
         return run_dir
 
     @staticmethod
     def existing(root: str | os.PathLike) -> RunDir:
         root = Path(root)
-        run_dir = RunDir(root)
+        run_dir = RunDir(root.absolute())
         has_manifest = run_dir.manifest_path.is_file() or run_dir.previous_manifest_path.is_file()
         if not has_manifest or not run_dir.config_path.is_file():
             raise UserError(f"{root} is not a run directory (no manifest.json and config.yaml); "

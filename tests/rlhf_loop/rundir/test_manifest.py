@@ -369,3 +369,11 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     with open(tmp_path / "b.txt", "w") as plain:
         plain.write("x")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_relative_run_directory_is_made_absolute_for_the_actors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    created = RunDir.create("runs/a", overwrite=False)
+    assert created.root == tmp_path / "runs" / "a" and created.root.is_absolute()
+    atomic_write_text(created.config_path, "iterations: 1\n")
+    assert RunDir.existing("runs/a").root == created.root
