@@ -23,7 +23,7 @@ from vllm.outputs import CompletionOutput
 
 from policy.config import PolicyConfig, RolloutConfig
 from policy.rollout_protocol import Sampling
-from policy.vllm_weight_transfer import BACKEND, init_info, register
+from policy.vllm_weight_transfer import BACKEND, init_info, register, reprocess_tied_head
 from policy.weight_sync import SyncSpec
 from rlhf_loop.common.hf_models import dtype_name
 from rlhf_loop.common.records import Prompt, Response, Rollout
@@ -92,6 +92,7 @@ class VLLMEngine:
         # The worker's reload_weights runs the model's own load_weights (HF names -> fused vLLM parameters) and
         # then re-runs the post-load processing, which the CPU kernels need to repack weights.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.collective_rpc(_reprocess_tied_head)
         self._forget_cached_prefixes()
 
     def sleep(self) -> None:
@@ -177,3 +178,6 @@ def _sampling_params(sampling: Sampling, prompt: Prompt) -> SamplingParams:
         detokenize=False,
     )
 
+
+def _reprocess_tied_head(worker) -> None:  # runs in each vLLM worker, handed the worker
+    reprocess_tied_head(worker.get_model())

@@ -98,11 +98,22 @@ class CollectiveWeightTransferEngine(WeightTransferEngine[CollectiveInitInfo, Co
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        reprocess_tied_head(self.model)
 
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
+
+
+def reprocess_tied_head(model: torch.nn.Module) -> None:
+    """A head tied to the input embeddings shares their weight but receives none of its own in a reload, so vLLM's
+    reload never re-runs its post-load processing: on CPU its matmul would go on using the weight it packed at
+    start-up (SmolLM2's tied head gave tokens of neither the old nor the new policy). Redo it from the shared weight;
+    on CUDA the unquantized head has nothing to process."""
+    head = getattr(model, "lm_head", None)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def register() -> None:
