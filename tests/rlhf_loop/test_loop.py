@@ -151,7 +151,7 @@ def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(config, uninter
         result = rlhf_loop(*command, kill_at=point)
         if point.startswith("checkpoint:"):
             assert result.returncode == 2, f"not stopped at {point}: {result.stdout[-3000:]}"
-            assert "the learner died during checkpoint" in result.stdout, result.stdout[-3000:]
+            assert "the learner rank 0 died during checkpoint" in result.stdout, result.stdout[-3000:]
         else:
             assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
     result = rlhf_loop("resume", str(run_dir))

@@ -134,7 +134,8 @@ def test_a_rendered_pair_response_carries_the_eos_the_policy_must_learn_to_emit(
 def test_response_masks_count_the_eos_although_pad_is_eos(tokenizer, small_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from policy.batching import pad_batch, response_log_probs
+    from policy.batching import response_log_probs
+    from rlhf_loop.common.sequences import pad_pairs
 
     model = AutoModelForCausalLM.from_pretrained(small_model_dir).eval()
     eos = tokenizer.eos_token_id
@@ -142,11 +143,11 @@ def test_response_masks_count_the_eos_although_pad_is_eos(tokenizer, small_model
                                            add_generation_prompt=True, return_dict=False)
     responses = [tokenizer("apple, pear", add_special_tokens=False)["input_ids"] + [eos],
                  tokenizer("Sure! Here are two fruits you might like", add_special_tokens=False)["input_ids"]]
-    batch = pad_batch([(prompt, response) for response in responses], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = pad_pairs([(prompt, response) for response in responses], tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         log_probs, counts = response_log_probs(model, batch)
         # the padded row against itself alone: padding (with EOS ids) must change nothing
-        alone = [response_log_probs(model, pad_batch([(prompt, r)], eos, torch.device("cpu")))[0] for r in responses]
+        alone = [response_log_probs(model, pad_pairs([(prompt, r)], eos, torch.device("cpu")))[0] for r in responses]
     assert counts.tolist() == [len(r) for r in responses]
     assert torch.allclose(log_probs, torch.cat(alone), atol=1e-4)
 
@@ -165,7 +166,7 @@ def test_vllm_greedy_matches_hf_and_rollouts_reach_the_reward_function(ray_local
 
     prompts, max_tokens = list_prompts[:4], 24
     eos = tokenizer.eos_token_id
-    rollout = RolloutGroup(PolicyConfig(model_path=str(model_dir)), RolloutConfig(engine="vllm"), "cpu",
+    rollout = RolloutGroup(PolicyConfig(model_path=str(model_dir)), RolloutConfig(engine="vllm", weight_sync=weight_sync), "cpu",
                            max_model_len=256, seed=0)
     try:
         greedy = rollout.greedy(prompts, max_tokens)[0]
@@ -201,7 +202,9 @@ def test_vllm_greedy_matches_hf_and_rollouts_reach_the_reward_function(ray_local
 
 
 @pytest.mark.integration  # starts Ray, DeepSpeed and vLLM
-def test_weight_sync_gives_the_engine_the_learners_greedy_tokens(ray_local, small_model_dir, tokenizer, list_prompts):
+@pytest.mark.parametrize("weight_sync", ["collective", "object_store"])
+def test_weight_sync_gives_the_engine_the_learners_greedy_tokens(ray_local, small_model_dir, tokenizer, list_prompts,
+                                                                 weight_sync):
     from policy.config import PolicyConfig, RolloutConfig, TrainConfig
     from policy.learner_group import LearnerGroup
     from policy.rollout_group import RolloutGroup
@@ -212,7 +215,7 @@ def test_weight_sync_gives_the_engine_the_learners_greedy_tokens(ray_local, smal
     pairs = [render_pair(tokenizer, p.index, p.messages, ("apple, pear, plum", "Sure! I like talking about fruit"),
                          (1.0, 0.0), "test") for p in list_prompts]
     learner = LearnerGroup(policy, TrainConfig(learning_rate=5e-3, micro_batch_size=4), "cpu", seed=0)
-    rollout = RolloutGroup(policy, RolloutConfig(engine="vllm"), "cpu", max_model_len=256, seed=0)
+    rollout = RolloutGroup(policy, RolloutConfig(engine="vllm", weight_sync=weight_sync), "cpu", max_model_len=256, seed=0)
     try:
         fixed, max_tokens = list_prompts[:4], 12
         before = rollout.greedy(fixed, max_tokens)[0]
