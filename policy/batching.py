@@ -18,22 +18,20 @@ WeightedMicroBatch = list[tuple[Any, float]]
 
 
 def response_log_probs(model: Callable[..., Any], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of its response tokens, and how many there are.
-
-    Logits are computed only for the positions that predict some row's response token (`logits_to_keep`, which every
-    transformers causal LM takes): with a large vocabulary the projection and log-softmax over the prompt and the
-    trailing pads are most of a step's work. They are cast to float32 once, for the whole batch.
-    """
-    mask = batch.response_mask[:, 1:]  # position t's logits predict token t + 1
-    predicting = mask.any(0).nonzero().squeeze(-1)
-    if predicting.numel() == 0:  # nothing to score: keep the graph (and ZeRO's collectives) without the projection
-        predicting = torch.zeros(1, dtype=torch.long, device=mask.device)
-    first, last = int(predicting[0]), int(predicting[-1]) + 1
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   logits_to_keep=torch.arange(first, last, device=batch.input_ids.device)).logits.float()
-    targets = batch.input_ids[:, first + 1 : last + 1]
-    token_log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    mask = mask[:, first:last]
+    """Per sequence: the summed log-probability of its response tokens, and how many there are."""
+    # Logits at every position, then one row at a time in float32 (a full-vocabulary log_softmax of the whole batch
+    # is the memory peak otherwise). Computing them only where they predict response tokens (`logits_to_keep`) is
+    # the same math, but its rounding moved the toy task's SFT policy out of its calibrated band (pi_0 gold 0.572 ->
+    # 0.417): the toy recipe must first be made robust to rounding (see docs/performance.md, "Learner").
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets = batch.input_ids[:, 1:]
+    token_log_probs = torch.stack(
+        [
+            row.float().gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - row.float().logsumexp(-1)
+            for row, row_targets in zip(logits[:, :-1], targets)
+        ]
+    )
+    mask = batch.response_mask[:, 1:]
     return (token_log_probs * mask).sum(-1), mask.sum(-1)
 
 
