@@ -243,7 +243,7 @@ def make_plots(run: RunData) -> list[Plot]:
              "checkpointed chunk of train.save_steps steps; dotted lines separate iterations.",
              dpo_training(chunks), "No training chunk recorded yet."),
         Plot("kl_to_reference", "KL to the reference",
-             "kl/ref: E[log pi - log ref] on the evaluation samples of each iteration's trained policy.",
+             "kl/ref: E[log pi - log ref] on samples of each iteration's trained policy (temperature 1, top_p 1).",
              kl_to_reference({i: m.get("kl/ref") for i, m in evaluations.items()}),
              "No iteration has been evaluated yet."),
         Plot("response_length", "Response length",
