@@ -28,7 +28,7 @@ from rlhf_loop.common.errors import UserError
 from rlhf_loop.rundir.heartbeat import write_heartbeat
 from rlhf_loop.driver.pairs import PairSelection, select_pairs
 from rlhf_loop.common.records import Pair, Prompt, Rollout, Scored
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, unit_order
 from rlhf_loop.common.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from rlhf_loop.common.seeds import derived_seed
 
@@ -253,7 +253,7 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
     older one when the newest is damaged. `setup_s`, the learner's set-up for these steps (reference log-probs,
     tokenisation), counts into the first chunk's seconds, so that time/train_s holds all of training."""
     kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
-            for unit in sorted(unit for unit in run.manifest.units if kind in unit)][-2:]
+            for unit in sorted((unit for unit in run.manifest.units if kind in unit), key=unit_order)][-2:]
     step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
     with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False,
               file=console.stream()) as bar:
@@ -329,7 +329,7 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
 def final_checkpoint(run: Run, iteration: int) -> Path | None:
     """The checkpoint that ended `iteration`'s training, when it is intact and no training came after it: the
     learner state its exported policy was made from."""
-    units = sorted(unit for unit in run.manifest.units if "train/step_" in unit)
+    units = sorted((unit for unit in run.manifest.units if "train/step_" in unit), key=unit_order)
     if not units or not units[-1].startswith(run.unit(iteration, "train/step_")):
         return None
     if run.manifest.verify_unit(units[-1]) is not None:

@@ -324,6 +324,20 @@ def test_a_new_iteration_removes_the_previous_iterations_checkpoints_and_their_e
     assert sorted(p.name for p in (run_dir.iteration(2) / "learner").iterdir()) == ["step_000002", "step_000004"]
 
 
+def test_checkpoints_are_kept_and_found_by_iteration_number_past_999(run_dir):
+    cfg = make_config(train={"save_steps": 2})
+    learner = FakeLearner(total_steps=4)
+    for iteration in (999, 1000, 1001):
+        stages.train(new_run(run_dir, cfg), learner, some_pairs(), iteration, None)
+        # the newest two are this iteration's: every earlier iteration's are removed, never this one's
+        assert sorted(p.name for p in (run_dir.iteration(iteration) / "learner").iterdir()) == [
+            "step_000002", "step_000004"]
+        assert not (run_dir.iteration(iteration - 1) / "learner").exists()
+        assert stages.final_checkpoint(new_run(run_dir, cfg), iteration) == (
+            run_dir.iteration(iteration) / "learner" / "step_000004")
+    assert stages.final_checkpoint(new_run(run_dir, cfg), 1000) is None  # iteration 1001 trained after it
+
+
 def test_chunk_means_are_step_weighted_and_only_of_the_prefix(run_dir):
     run = new_run(run_dir)
     assert stages.chunk_means(run, "iter_001/train/step_") == {}
