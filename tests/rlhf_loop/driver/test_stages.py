@@ -405,14 +405,33 @@ def test_a_tree_with_no_files_is_never_recorded(run_dir):
     assert not new_run(run_dir).manifest.done("iter_001/export")
 
 
-def test_sync_pushes_the_learners_weights_once(run_dir):
-    learner, engine = FakeLearner(), FakeRollout()
+class Clock:
+    """time.perf_counter for the stages, moved on only by the fakes: stage times are then exact."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_sync_pushes_the_learners_weights_once_and_records_its_time(run_dir, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(stages, "time", clock)
+
+    class TimedRollout(FakeRollout):
+        def sync_from(self, learner):
+            super().sync_from(learner)
+            clock.now += 1.25  # the broadcast
+
+    learner, engine = FakeLearner(), TimedRollout()
     stages.sync(new_run(run_dir), learner, engine, 1)
     assert engine.synced_from == [learner]
     run = new_run(run_dir)
-    assert run.manifest.info("iter_001/sync")["seconds"] >= 0
+    assert run.manifest.info("iter_001/sync")["seconds"] == 1.25
     stages.sync(run, learner, engine, 1)
     assert engine.synced_from == [learner]
+    assert run.seconds(1, "sync") == 1.25  # what time/sync_s reports
 
 
 @pytest.mark.parametrize("reference, iteration, expected", [
