@@ -82,7 +82,7 @@ class EvalConfig:
     split: str = "train"  # dataset split, for hub datasets
     num_prompts: int = 64  # at most this many held-out prompts
     samples_per_prompt: int = 1  # responses sampled per prompt: more samples, less noise in every eval/ mean
-    temperature: float = 1.0  # samples from the policy: the KL estimate needs on-policy samples
+    temperature: float = 1.0  # of the eval/ samples (with rollout.top_p); kl/ref samples at 1 and top_p 1 anyway
     max_tokens: int = "${rollout.max_tokens}"  # type: ignore[assignment]
     gold_reward: str | None = None  # "module:attr" of a gold scorer (toy tasks): fn(messages, response, meta) -> float
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_loop.common.faults import KILL_AT_ENV  # noqa: E402
 from rlhf_loop.common.files import read_jsonl  # noqa: E402
+from rlhf_loop.rundir.manifest import unit_order  # noqa: E402
 
 MOMENTS = {"checkpoint": 0, "before": 1, "manifest": 2, "after": 3}  # the order within one unit
 RUN_TIMEOUT_S = 900
@@ -98,7 +99,7 @@ def candidate_points(reference: Path) -> list[tuple[int, int, str]]:
 def finished(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    iterations = sorted(run_dir.glob("iter_*"))
+    iterations = sorted(run_dir.glob("iter_*"), key=lambda d: unit_order(d.name))
     return {
         "pairs": [read_jsonl(d / "pairs.jsonl") for d in iterations],
         "metrics": [{k: v for k, v in m.items() if not k.startswith("time/")}

@@ -22,7 +22,7 @@ from typing import Any
 from rlhf_loop.common.chat import assistant_turn
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Pair, pair_from_json
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, iteration_of
 from rlhf_loop.common.files import atomic_directory, read_jsonl
 
 EXPORT_FORMATS = ("disk", "parquet")
@@ -60,7 +60,7 @@ def export_iteration(run_dir: str, iteration: int, to: str) -> None:
     manifest = Manifest.load(run)
     export_unit, pairs_unit = f"iter_{iteration:03d}/export", f"iter_{iteration:03d}/pairs"
     if not manifest.done(export_unit) or not manifest.done(pairs_unit):
-        finished = sorted(int(unit[5:8]) for unit in manifest.units if unit.endswith("/export"))
+        finished = sorted(iteration_of(unit) for unit in manifest.units if unit.endswith("/export"))
         raise UserError(f"iteration {iteration} of {run_dir} has not exported its policy yet (finished: "
                         f"{', '.join(map(str, finished)) or 'none'}); pick a finished one or resume the run")
     policy = run.root / manifest.info(export_unit)["path"]

@@ -13,7 +13,7 @@ from rlhf_loop.common.console import say
 from rlhf_loop.driver.data import PromptSet
 from rlhf_loop.driver.pairs import PairSelection
 from rlhf_loop.common.records import Pair, Scored
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, unit_order
 from rlhf_loop.common.files import atomic_write_jsonl
 from rlhf_loop.common.sequences import count_cuts
 
@@ -82,7 +82,8 @@ class Tracker:
             )
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
-        lines = [json.loads(p.read_text()) for p in sorted(self.run_dir.root.glob("iter_*/metrics.json"))]
+        paths = sorted(self.run_dir.root.glob("iter_*/metrics.json"), key=lambda path: unit_order(path.parent.name))
+        lines = [json.loads(path.read_text()) for path in paths]
         atomic_write_jsonl(self.run_dir.metrics_path, lines)
         previous = next((line for line in lines if line.get("iteration") == iteration - 1), None)
         say(summary_line(metrics, self.iterations, previous))

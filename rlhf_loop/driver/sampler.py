@@ -34,6 +34,7 @@ from rlhf_loop.common.background import in_background
 from rlhf_loop.driver.data import PromptSet, iteration_prompts
 from rlhf_loop.driver.pairs import PairSelection
 from rlhf_loop.common.records import Prompt, Rollout, Scored
+from rlhf_loop.rundir.manifest import iteration_of, unit_order
 
 if TYPE_CHECKING:  # they import Ray
     from policy.config import PolicyConfig
@@ -177,10 +178,11 @@ def learner_version(run: stages.Run) -> int | None:
     """The policy version the learner holds once it loaded the run's newest (intact) checkpoint: pi_0 without one;
     the checkpoint's iteration when that iteration finished training (its export is recorded); None for a checkpoint
     from the middle of an iteration."""
-    checkpoints = sorted(unit for unit in run.manifest.units if re.fullmatch(r"iter_\d+/train/step_\d+", unit))
+    checkpoints = sorted((unit for unit in run.manifest.units if re.fullmatch(r"iter_\d+/train/step_\d+", unit)),
+                         key=unit_order)
     if not checkpoints:
         return 0
-    iteration = int(checkpoints[-1].split("/")[0].removeprefix("iter_"))
+    iteration = iteration_of(checkpoints[-1])
     return iteration if run.manifest.done(run.unit(iteration, "export")) else None
 
 

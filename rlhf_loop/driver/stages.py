@@ -28,7 +28,7 @@ from rlhf_loop.common.errors import UserError
 from rlhf_loop.rundir.heartbeat import write_heartbeat
 from rlhf_loop.driver.pairs import PairSelection, select_pairs
 from rlhf_loop.common.records import Pair, Prompt, Rollout, Scored
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, unit_order
 from rlhf_loop.common.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from rlhf_loop.common.seeds import derived_seed
 
@@ -253,7 +253,7 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
     older one when the newest is damaged. `setup_s`, the learner's set-up for these steps (reference log-probs,
     tokenisation), counts into the first chunk's seconds, so that time/train_s holds all of training."""
     kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
-            for unit in sorted(unit for unit in run.manifest.units if kind in unit)][-2:]
+            for unit in sorted((unit for unit in run.manifest.units if kind in unit), key=unit_order)][-2:]
     step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
     with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False,
               file=console.stream()) as bar:
@@ -329,7 +329,7 @@ def export_policy(run: Run, learner: Learner, iteration: int) -> Path:
 def final_checkpoint(run: Run, iteration: int) -> Path | None:
     """The checkpoint that ended `iteration`'s training, when it is intact and no training came after it: the
     learner state its exported policy was made from."""
-    units = sorted(unit for unit in run.manifest.units if "train/step_" in unit)
+    units = sorted((unit for unit in run.manifest.units if "train/step_" in unit), key=unit_order)
     if not units or not units[-1].startswith(run.unit(iteration, "train/step_")):
         return None
     if run.manifest.verify_unit(units[-1]) is not None:
@@ -379,9 +379,8 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
             row["gold"] = value
         metrics["eval/gold_mean"] = statistics.fmean(golds)
     if iteration is not None:
-        log_ratios = learner.log_ratios([prompt.token_ids for prompt, _, _ in samples],
-                                        [r.token_ids for _, r, _ in samples])
-        metrics["kl/ref"] = statistics.fmean(log_ratios)  # E_{y~pi}[log pi(y) - log ref(y)], on fresh samples
+        metrics["kl/ref"] = kl_to_reference(rollout, learner, prompts, sampling,
+                                            [(prompt, r) for prompt, r, _ in samples])
         initial_tokens = run.manifest.info(EVAL_INITIAL)["metrics"]["eval/response_tokens_mean"]
         metrics["eval/length_drift"] = metrics["eval/response_tokens_mean"] / initial_tokens  # 1: pi_0's length
         initial = read_jsonl(run.manifest.verified_file(EVAL_INITIAL))
@@ -393,6 +392,22 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
     atomic_write_jsonl(path, rows)
     run.manifest.record(unit, files=[path], metrics=metrics, seconds=time.perf_counter() - start)
     return metrics
+
+
+def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[Prompt], sampling: Sampling,
+                    samples: Sequence[tuple[Prompt, records.Response]]) -> float:
+    """KL(pi || ref), estimated as the mean over y ~ pi of log pi(y) - log ref(y), the log-ratio the learner computes
+    from the policy's own distribution (temperature 1, every token). That mean is unbiased only when y is drawn from
+    that same distribution: drawn at top_p < 1, y never holds the tokens outside the nucleus, so the mean is taken
+    over another distribution (0.64 nats for a true 0.28 on the toy case in the tests), and no importance weighting
+    can bring back tokens that are never drawn; a temperature other than 1 skews it too. So the evaluation samples
+    serve only when they were drawn at temperature 1 and top_p 1; otherwise the KL gets its own samples, drawn that
+    way (as many, with a seed of their own)."""
+    if (sampling.temperature, sampling.top_p) != (1.0, 1.0):
+        own = replace(sampling, temperature=1.0, top_p=1.0, seed=derived_seed(sampling.seed, "kl"))
+        samples = [(item.prompt, response) for item in rollout.generate(prompts, own) for response in item.responses]
+    log_ratios = learner.log_ratios([prompt.token_ids for prompt, _ in samples], [r.token_ids for _, r in samples])
+    return statistics.fmean(log_ratios)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,14 +38,13 @@ from rlhf_loop.common import records
 from rlhf_loop.common.files import atomic_directory, atomic_write_bytes, atomic_write_text, read_jsonl
 from rlhf_loop.common.records import Pair, Response
 from rlhf_loop.driver.stages import EVAL_INITIAL, STAGE_TIMES
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, iteration_of, unit_order
 
 REPORT_DIR = "report"
 MAX_TEXT_CHARS = 2000  # longer prompts and responses are cut, so a run of long answers keeps a readable page
 EVAL_CURVES = ("eval/gold_mean", "eval/reward_mean", "eval/win_rate_vs_initial")
 
 
-_ITERATION_UNIT = re.compile(r"iter_(\d+)/")
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError)  # a file gone, cut short, or not of the record's shape
 
 Record = TypeVar("Record")
@@ -129,7 +127,7 @@ def read_run(root: str | Path) -> RunData:
     units = Manifest.load(run_dir).units
     notes: list[str] = []
     config_text, planned = _read_config(run_dir, notes)
-    numbers = sorted({int(match.group(1)) for unit in units if (match := _ITERATION_UNIT.match(unit))})
+    numbers = sorted({number for unit in units if (number := iteration_of(unit)) is not None})
     iterations = []
     step_offset = 0
     for number in numbers:
@@ -164,7 +162,7 @@ def _read_iteration(run_dir: RunDir, units: dict[str, dict[str, Any]], iteration
     prefix = f"iter_{iteration:03d}/"
     data = IterationData(iteration, finished=prefix + "done" in units)
 
-    shard_units = sorted(unit for unit in units if unit.startswith(prefix + "scores/"))
+    shard_units = sorted((unit for unit in units if unit.startswith(prefix + "scores/")), key=unit_order)
     data.score_shards = len(shard_units)
     data.score_shards_total = units[shard_units[0]].get("of_shards") if shard_units else None
     for unit in shard_units:
@@ -175,7 +173,7 @@ def _read_iteration(run_dir: RunDir, units: dict[str, dict[str, Any]], iteration
     if prefix + "pairs" in units:
         data.pairs = _unit_records(run_dir, units, prefix + "pairs", records.pair_from_json, notes)
 
-    for unit in sorted(unit for unit in units if unit.startswith(prefix + "train/step_")):
+    for unit in sorted((unit for unit in units if unit.startswith(prefix + "train/step_")), key=unit_order):
         info = units[unit]
         stats = {key: value for key, value in info.items() if isinstance(value, (int, float))}
         step = int(unit.rsplit("_", 1)[1])
@@ -243,7 +241,7 @@ def make_plots(run: RunData) -> list[Plot]:
              "checkpointed chunk of train.save_steps steps; dotted lines separate iterations.",
              dpo_training(chunks), "No training chunk recorded yet."),
         Plot("kl_to_reference", "KL to the reference",
-             "kl/ref: E[log pi - log ref] on the evaluation samples of each iteration's trained policy.",
+             "kl/ref: E[log pi - log ref] on samples of each iteration's trained policy (temperature 1, top_p 1).",
              kl_to_reference({i: m.get("kl/ref") for i, m in evaluations.items()}),
              "No iteration has been evaluated yet."),
         Plot("response_length", "Response length",

@@ -258,7 +258,7 @@ class Manifest:
         not, the one before it, with the damaged one and every unit after it (computed from it) dropped, said on
         stderr; None when the damaged one was the first. Falling back further would redo most of a run, so when the
         one before is gone or damaged too the resume is refused instead (the stages keep two checkpoints)."""
-        units = sorted((unit for unit in self.units if kind in unit), reverse=True)
+        units = sorted((unit for unit in self.units if kind in unit), key=unit_order, reverse=True)
         if not units:
             return None
         newest, previous = units[0], units[1] if len(units) > 1 else None
@@ -313,14 +313,27 @@ class Manifest:
             os.fsync(journal.fileno())
 
 
+def unit_order(name: str) -> tuple:
+    """The sort key of unit names and of the paths named after them ("iter_1000/rollouts/shard_00002",
+    "iter_999/metrics.json"): their numbers compare as numbers. The padding (three digits for iterations, five for
+    shards, six for steps) only makes names line up; as strings, iteration 1000 would sort before 999."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def iteration_of(unit: str) -> int | None:
+    """The iteration a unit belongs to ("iter_1000/pairs" -> 1000); None for the units outside iterations."""
+    match = re.match(r"iter_(\d+)/", unit)
+    return int(match[1]) if match else None
+
+
 def _pipeline_position(unit: str) -> tuple:
     """Where a unit falls in a run: the SFT warm start, pi_0's evaluation, then each iteration's stages in order;
-    names within a stage (zero-padded shards and steps) sort in the order they are done."""
+    names within a stage (shards and steps) in the order they are done."""
     if unit.startswith("sft/"):
-        return (0, 1 if unit == "sft/done" else 0, unit)
+        return (0, 1 if unit == "sft/done" else 0, unit_order(unit))
     if unit == "eval_initial":
         return (1,)
     match = re.fullmatch(r"iter_(\d+)/([^/]+)(.*)", unit)
     if match and match[2] in ITERATION_STAGES:
-        return (2, int(match[1]), ITERATION_STAGES.index(match[2]), match[3])
-    return (3, unit)  # a unit this version does not know: assume it depends on everything
+        return (2, int(match[1]), ITERATION_STAGES.index(match[2]), unit_order(match[3]))
+    return (3, unit_order(unit))  # a unit this version does not know: assume it depends on everything

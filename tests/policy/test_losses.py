@@ -52,9 +52,48 @@ def test_sigmoid_loss_is_log2_when_policy_equals_reference_and_falls_as_margin_g
     assert torch.all(losses[1:] < losses[:-1])
 
 
-def test_each_loss_declares_its_log_prob_kind():
-    assert LOSSES["sigmoid"].average_log_probs is False
-    assert LOSSES["ipo"].average_log_probs is True
+def sigmoid(x: float) -> float:
+    return math.exp(log_sigmoid(x))
+
+
+def expected_gradient(loss_type: str, pc, pr, rc, rr, lc, lr, s: LossSettings) -> float:
+    """d loss / d (the chosen response's summed log pi), by hand from each loss's formula."""
+    if loss_type in ("sigmoid", "rpo", "sigmoid_norm"):  # -(1-e) log s(h) - e log s(-h), h = beta x margin
+        per_token = loss_type == "sigmoid_norm"
+        h = s.beta * ((pc - rc) / lc - (pr - rr) / lr if per_token else (pc - rc) - (pr - rr))
+        d_h = -(1 - s.label_smoothing) * sigmoid(-h) + s.label_smoothing * sigmoid(h)
+        return s.beta * d_h / (lc if per_token else 1) - (s.rpo_alpha / lc if loss_type == "rpo" else 0.0)
+    if loss_type == "ipo":  # (h - 1 / (2 beta))^2 on mean log-ratios
+        return 2 * ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * s.beta)) / lc
+    if loss_type == "hinge":  # relu(1 - beta h): -beta while the margin is short, 0 after
+        return -s.beta if 1 - s.beta * ((pc - rc) - (pr - rr)) > 0 else 0.0
+    if loss_type == "simpo":  # -log s(h), h = beta (mean log pi chosen - mean log pi rejected) - gamma
+        h = s.beta * (pc / lc - pr / lr) - s.simpo_gamma
+        d_h = -(1 - s.label_smoothing) * sigmoid(-h) + s.label_smoothing * sigmoid(h)
+        return s.beta * d_h / lc
+    raise AssertionError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_each_loss_s_gradient_matches_a_hand_computation(loss_type):
+    """The gradient the learner steps along, on a small case: whether log-probs are summed or averaged, a
+    reference used or not, an NLL term added, all show in it."""
+    settings = LossSettings(beta=0.4, label_smoothing=0.1 if LOSSES[loss_type].label_smoothing else 0.0,
+                            simpo_gamma=0.5, rpo_alpha=0.3)
+    policy, reference, lengths = random_sequences(6, seed=5)
+    policy = policy.clone().requires_grad_(True)
+    losses, _, _ = LOSSES[loss_type].pair_losses(policy, reference, lengths, settings)
+    losses.sum().backward()
+    pc, pr = policy.detach().chunk(2)
+    rc, rr = reference.chunk(2)
+    lc, lr = lengths.chunk(2)
+    chosen_gradient = policy.grad.chunk(2)[0]
+    for i in range(6):
+        args = (pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item(), lc[i].item(), lr[i].item())
+        assert chosen_gradient[i].item() == pytest.approx(expected_gradient(loss_type, *args, settings),
+                                                          rel=1e-9, abs=1e-12)
+    if loss_type == "hinge":
+        assert {g == 0 for g in chosen_gradient.tolist()} == {True, False}  # both sides of the hinge are seen
 
 
 def random_sequences(pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,9 +148,26 @@ def test_hinge_stops_pushing_once_the_margin_is_reached_and_simpo_needs_its_marg
     assert LOSSES["simpo"](torch.tensor([2.0]), torch.zeros(1), settings).item() == pytest.approx(math.log(2))
 
 
-def test_only_simpo_is_reference_free_and_only_rpo_adds_an_nll_term():
-    assert sorted(name for name, loss in LOSSES.items() if not loss.uses_reference) == ["simpo"]
-    assert sorted(name for name, loss in LOSSES.items() if loss.chosen_nll) == ["rpo"]
+def test_only_simpo_ignores_the_reference_and_only_rpo_adds_an_nll_term():
+    """Behaviour, not flags: a different reference changes every loss but SimPO's; raising the chosen response's
+    log pi and log ref alike (its log-ratio unchanged) changes only RPO's, by - alpha x the raise / |chosen|."""
+    settings = LossSettings(beta=0.4, simpo_gamma=0.5, rpo_alpha=0.3)
+    policy, reference, lengths = random_sequences(6, seed=6)
+    chosen_only = torch.cat([torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)])
+    raise_chosen = 2.5 * chosen_only
+    ignores_reference, adds_nll = [], []
+    for name, loss in LOSSES.items():
+        base, _, _ = loss.pair_losses(policy, reference, lengths, settings)
+        other_reference, _, _ = loss.pair_losses(policy, reference - 3.0 * chosen_only, lengths, settings)
+        if torch.allclose(base, other_reference):
+            ignores_reference.append(name)
+        raised, _, _ = loss.pair_losses(policy + raise_chosen, reference + raise_chosen, lengths, settings)
+        if name != "simpo" and not torch.allclose(base, raised):
+            adds_nll.append(name)
+            assert (raised - base).tolist() == pytest.approx((-0.3 * 2.5 / lengths.chunk(2)[0]).tolist(), rel=1e-9)
+        assert loss.uses_reference == (name not in ignores_reference)  # the flag the learner loads a reference by
+    assert ignores_reference == ["simpo"]
+    assert adds_nll == ["rpo"]
     assert {"sigmoid", "ipo", "sigmoid_norm", "hinge", "simpo", "rpo"} <= set(LOSSES)
 
 

@@ -140,6 +140,14 @@ def test_export_errors_are_one_line(run_dir, tmp_path, case, message):
         assert not out.exists()
 
 
+def test_an_unfinished_iteration_names_the_finished_ones_by_number_past_999(run_dir, tmp_path):
+    manifest = Manifest.load(RunDir.existing(run_dir))
+    for iteration in (1001, 999, 1000):
+        manifest.record(f"iter_{iteration:03d}/export", path="elsewhere")
+    with pytest.raises(UserError, match=r"\(finished: 1, 999, 1000, 1001\)"):
+        export_iteration(str(run_dir), 1002, str(tmp_path / "out"))
+
+
 def test_a_failed_export_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
     def broken(pairs):
         raise OSError("disk full")

@@ -73,6 +73,18 @@ def test_tracker_writes_metrics_jsonl_and_an_offline_wandb_run(tmp_path, monkeyp
     assert list((run_dir.root / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 
+def test_metrics_jsonl_lists_iterations_by_number_past_999(tmp_path):
+    run_dir = RunDir.create(tmp_path / "run", overwrite=False)
+    tracker = Tracker(run_dir, WandbConfig(mode="disabled"), {})
+    for iteration in (998, 999, 1000, 1001):
+        metrics = {"iteration": iteration, "reward/mean": 0.5}
+        atomic_write_json(run_dir.iteration(iteration) / "metrics.json", metrics)
+        tracker.log(iteration, metrics)
+    tracker.close()
+    lines = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [998, 999, 1000, 1001]
+
+
 def test_disabled_wandb_writes_nothing_of_wandb(tmp_path):
     run_dir = RunDir.create(tmp_path / "run", overwrite=False)
     tracker = Tracker(run_dir, WandbConfig(mode="disabled"), {})

@@ -275,6 +275,16 @@ def test_the_learner_version_after_loading_a_checkpoint(run_dir):
     assert learner_version(run) is None
 
 
+def test_the_learner_version_past_iteration_999(run_dir):
+    run = new_run(run_dir)
+    for iteration in (999, 1000):
+        run.manifest.record(f"iter_{iteration:03d}/train/step_000004")
+        run.manifest.record(f"iter_{iteration:03d}/export")
+    assert learner_version(run) == 1000
+    run.manifest.record("iter_1001/train/step_000002")
+    assert learner_version(run) is None
+
+
 @pytest.mark.integration  # starts a vLLM engine in a Ray actor
 def test_an_exported_policy_loaded_into_the_engines_is_what_they_sample_from(ray_local, tiny_policy_dir, tiny_messages,
                                                                               tmp_path):

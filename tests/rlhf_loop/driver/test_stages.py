@@ -8,6 +8,7 @@ import dataclasses
 import json
 import time
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -323,6 +324,20 @@ def test_a_new_iteration_removes_the_previous_iterations_checkpoints_and_their_e
     assert sorted(p.name for p in (run_dir.iteration(2) / "learner").iterdir()) == ["step_000002", "step_000004"]
 
 
+def test_checkpoints_are_kept_and_found_by_iteration_number_past_999(run_dir):
+    cfg = make_config(train={"save_steps": 2})
+    learner = FakeLearner(total_steps=4)
+    for iteration in (999, 1000, 1001):
+        stages.train(new_run(run_dir, cfg), learner, some_pairs(), iteration, None)
+        # the newest two are this iteration's: every earlier iteration's are removed, never this one's
+        assert sorted(p.name for p in (run_dir.iteration(iteration) / "learner").iterdir()) == [
+            "step_000002", "step_000004"]
+        assert not (run_dir.iteration(iteration - 1) / "learner").exists()
+        assert stages.final_checkpoint(new_run(run_dir, cfg), iteration) == (
+            run_dir.iteration(iteration) / "learner" / "step_000004")
+    assert stages.final_checkpoint(new_run(run_dir, cfg), 1000) is None  # iteration 1001 trained after it
+
+
 def test_chunk_means_are_step_weighted_and_only_of_the_prefix(run_dir):
     run = new_run(run_dir)
     assert stages.chunk_means(run, "iter_001/train/step_") == {}
@@ -390,14 +405,33 @@ def test_a_tree_with_no_files_is_never_recorded(run_dir):
     assert not new_run(run_dir).manifest.done("iter_001/export")
 
 
-def test_sync_pushes_the_learners_weights_once(run_dir):
-    learner, engine = FakeLearner(), FakeRollout()
+class Clock:
+    """time.perf_counter for the stages, moved on only by the fakes: stage times are then exact."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_sync_pushes_the_learners_weights_once_and_records_its_time(run_dir, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(stages, "time", clock)
+
+    class TimedRollout(FakeRollout):
+        def sync_from(self, learner):
+            super().sync_from(learner)
+            clock.now += 1.25  # the broadcast
+
+    learner, engine = FakeLearner(), TimedRollout()
     stages.sync(new_run(run_dir), learner, engine, 1)
     assert engine.synced_from == [learner]
     run = new_run(run_dir)
-    assert run.manifest.info("iter_001/sync")["seconds"] >= 0
+    assert run.manifest.info("iter_001/sync")["seconds"] == 1.25
     stages.sync(run, learner, engine, 1)
     assert engine.synced_from == [learner]
+    assert run.seconds(1, "sync") == 1.25  # what time/sync_s reports
 
 
 @pytest.mark.parametrize("reference, iteration, expected", [
@@ -445,7 +479,9 @@ def test_evaluate_metrics_rows_and_win_rate_against_the_initial_policy(run_dir):
     engine = FakeRollout(lambda index: LATER_TEXTS[index])
     metrics = stages.evaluate(new_run(run_dir, cfg), engine, reward, learner, prompts, 1, gold)
     later = flat(LATER_TEXTS)
-    assert engine.calls == [([0, 1], sampling)]  # the same seed every iteration
+    # the same seed every iteration; at top_p < 1 the KL estimate draws its own samples from the policy itself
+    own = Sampling(n=2, temperature=1.0, top_p=1.0, max_tokens=9, seed=derived_seed(derived_seed(3, "eval"), "kl"))
+    assert engine.calls == [([0, 1], sampling), ([0, 1], own)]
     assert metrics["eval/reward_mean"] == pytest.approx(statistics.fmean(len(t) for _, t in later))
     assert metrics["eval/response_tokens_mean"] == pytest.approx(statistics.fmean(len(t) for _, t in later))
     wins = [1.0 if len(t) > len(b) else 0.5 if len(t) == len(b) else 0.0 for (_, t), (_, b) in zip(later, base)]
@@ -461,7 +497,60 @@ def test_evaluate_metrics_rows_and_win_rate_against_the_initial_policy(run_dir):
     run = new_run(run_dir, cfg)
     assert run.manifest.info("iter_001/eval")["metrics"] == metrics
     assert stages.evaluate(run, engine, reward, learner, prompts, 1, gold) == metrics
-    assert len(engine.calls) == 1
+    assert len(engine.calls) == 2
+
+
+class ToyPolicy:
+    """One-token responses from a known policy pi: the rollout samples them as vLLM does (temperature, then the
+    nucleus of top_p), the learner's log-ratio is the exact log pi(y) - log ref(y)."""
+
+    PI, REF = [0.5, 0.2, 0.15, 0.1, 0.05], [0.2] * 5
+
+    def __init__(self):
+        self.calls: list[Sampling] = []
+
+    def generate(self, prompts, sampling):
+        self.calls.append(sampling)
+        weights = [p ** (1 / sampling.temperature) for p in self.PI]
+        order = sorted(range(len(weights)), key=lambda token: -weights[token])
+        kept, mass = [], 0.0
+        for token in order:  # the smallest set of most likely tokens holding top_p of the mass
+            kept.append(token)
+            mass += weights[token] / sum(weights)
+            if mass >= sampling.top_p - 1e-12:
+                break
+        rollouts = []
+        for p in prompts:
+            rng = random.Random(derived_seed(sampling.seed, p.index))
+            tokens = rng.choices(kept, [weights[t] for t in kept], k=sampling.n)
+            rollouts.append(Rollout(p, [Response(f"t{t}", [t], "stop") for t in tokens]))
+        return rollouts
+
+    def log_ratios(self, prompt_token_ids, response_token_ids):
+        return [math.log(self.PI[r[0]] / self.REF[r[0]]) for r in response_token_ids]
+
+    @classmethod
+    def kl(cls, sampled=None):
+        """E_{y~q}[log pi(y) - log ref(y)]; q = pi when `sampled` is None, else {token: probability}."""
+        q = sampled or dict(enumerate(cls.PI))
+        return sum(q[t] * math.log(cls.PI[t] / cls.REF[t]) for t in q)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.7), (0.5, 1.0), (1.0, 1.0)])
+def test_the_kl_estimate_is_unbiased_whatever_the_evaluation_samples_with(run_dir, temperature, top_p):
+    cfg = make_config(rollout={"top_p": top_p}, eval={"samples_per_prompt": 40, "temperature": temperature})
+    toy, prompts = ToyPolicy(), [prompt(i) for i in range(50)]
+    stages.evaluate(new_run(run_dir, cfg), toy, LengthReward(), toy, prompts, None, None)
+    metrics = stages.evaluate(new_run(run_dir, cfg), toy, LengthReward(), toy, prompts, 1, None)
+    exact = ToyPolicy.kl()  # 0.276 nats; the nucleus of top_p 0.7 (tokens 0, 1) gives 0.654
+    assert ToyPolicy.kl({0: 0.5 / 0.7, 1: 0.2 / 0.7}) == pytest.approx(0.654, abs=1e-3)
+    # 2,000 samples: standard error 0.707 / sqrt(2000) = 0.016
+    assert metrics["kl/ref"] == pytest.approx(exact, abs=0.05)
+    evaluation = Sampling(n=40, temperature=temperature, top_p=top_p, max_tokens=cfg.eval.max_tokens,
+                          seed=derived_seed(cfg.seed, "eval"))
+    drawn_for_kl = [] if (temperature, top_p) == (1.0, 1.0) else [
+        dataclasses.replace(evaluation, temperature=1.0, top_p=1.0, seed=derived_seed(evaluation.seed, "kl"))]
+    assert toy.calls == [evaluation, evaluation, *drawn_for_kl]  # the on-policy case reuses the evaluation's
 
 
 def test_a_damaged_evaluation_is_redone(run_dir):

@@ -5,7 +5,7 @@ import pytest
 from rlhf_loop.frontend import cli
 from rlhf_loop.config import load_config
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.frontend.fingerprints import HUB, check_inputs, record_inputs
+from rlhf_loop.frontend.fingerprints import HUB, check_inputs, input_fingerprints, record_inputs
 from rlhf_loop.rundir.heartbeat import read_heartbeat
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import atomic_write_json, atomic_write_text
@@ -59,7 +59,10 @@ def test_a_run_from_before_fingerprints_gets_them_at_its_first_resume(started, c
     atomic_write_json(run_dir.manifest_path, data)
     check_inputs(run_dir, cfg)
     assert "recording them now" in capsys.readouterr().err
-    assert Manifest.load(run_dir).fingerprints is not None
+    recorded = Manifest.load(run_dir).fingerprints
+    assert recorded == input_fingerprints(run_dir, cfg)  # config.yaml and every local input, as a new run has them
+    assert set(recorded["inputs"]) == {"data.prompts", "sft.dataset"}
+    check_inputs(run_dir, cfg)  # the next resume checks against them, and nothing changed
 
 
 def test_run_records_and_resume_checks_through_the_cli(tmp_path, capsys, cli_without_models):

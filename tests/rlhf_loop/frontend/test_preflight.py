@@ -63,8 +63,27 @@ def test_a_good_online_config_passes_and_writes_nothing(config, files, tmp_path)
     assert snapshot(tmp_path) == before
 
 
-def test_a_good_offline_config_passes(config, files):
-    preflight(config(f"pairs:\n  dataset: {files / 'pairs.jsonl'}\niterations: 1\n"))
+def spy(monkeypatch, module, name):
+    """Record what `module.name` returns while the test runs: what preflight really read."""
+    real, results = getattr(module, name), []
+
+    def recorded(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, recorded)
+    return results
+
+
+def test_a_good_offline_config_passes(config, files, tmp_path, monkeypatch, capsys):
+    from rlhf_loop.driver import data
+
+    read = spy(monkeypatch, data, "load_preference_rows")
+    cfg = config(f"pairs:\n  dataset: {files / 'pairs.jsonl'}\niterations: 1\n")
+    before = snapshot(tmp_path)
+    preflight(cfg)
+    assert [[row["chosen"][-1]["content"] for row in rows] for rows in read] == [["apple"]]  # the dataset was read
+    assert snapshot(tmp_path) == before and capsys.readouterr().err == ""  # nothing written, nothing to warn of
 
 
 def test_a_missing_prompt_column_names_the_key(config):
@@ -118,8 +137,13 @@ def test_a_missing_sft_messages_column_names_the_key(config, files):
     assert "conversation" in str(error.value)
 
 
-def test_an_sft_messages_column_that_is_there_passes(config, files):
+def test_an_sft_messages_column_that_is_there_passes(config, files, monkeypatch, capsys):
+    from rlhf_loop.driver import data
+
+    read = spy(monkeypatch, data, "load_sft_conversations")
     preflight(config(f"sft:\n  enabled: true\n  dataset: {files / 'sft.jsonl'}\n  messages_column: conversation\n"))
+    assert [[turn["content"] for turn in conversation] for conversation in read[0]] == [["Name a fruit.", "fig"]]
+    assert capsys.readouterr().err == ""
 
 
 def test_a_missing_gold_reward_names_the_key(config, files):

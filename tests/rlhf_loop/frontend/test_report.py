@@ -249,3 +249,21 @@ def test_plots_skip_unscored_pairs_and_empty_inputs():
     assert report.reward_distribution({}) is None
     assert report.kl_to_reference({1: nan, 2: None}) is None
     assert report.stage_times({}, [("time/train_s", "train")]) is None
+
+
+def test_iterations_shards_and_steps_are_read_in_order_past_their_padding(tmp_path):
+    run_dir = RunDir.create(tmp_path / "run", overwrite=False)
+    atomic_write_text(run_dir.config_path, "iterations: 1001\n")
+    manifest = Manifest.load(run_dir)
+    for index, score in ((100000, 2.0), (99999, 1.0)):  # shard names padded to 5 digits
+        rollout = Rollout(Prompt(index, [{"role": "user", "content": "q"}], [1]), [Response("a", [5], "stop")])
+        path = run_dir.iteration(999) / "scores" / f"shard_{index:05d}.jsonl"
+        atomic_write_jsonl(path, [records.to_json(Scored(rollout, [score]))])
+        manifest.record(f"iter_999/scores/shard_{index:05d}", files=[path], of_shards=2)
+    for unit in ("iter_1000/train/step_000002", "iter_999/train/step_1000000", "iter_999/train/step_999999"):
+        manifest.record(unit, steps=1, loss=0.5)
+    data = read_run(run_dir.root)
+    assert [i.iteration for i in data.iterations] == [999, 1000]
+    assert data.iterations[0].scores == [1.0, 2.0]
+    assert [(c.iteration, c.global_step) for i in data.iterations for c in i.train_chunks] == [
+        (999, 999999), (999, 1000000), (1000, 1000002)]

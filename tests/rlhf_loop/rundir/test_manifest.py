@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import KILL_AT_ENV
-from rlhf_loop.rundir.manifest import Manifest, RunDir
+from rlhf_loop.rundir.manifest import Manifest, RunDir, iteration_of, unit_order
 from rlhf_loop.common.files import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 
@@ -360,6 +360,40 @@ def test_units_from_follows_the_order_of_a_run():
     assert manifest.units_from("iter_001/train/step_000010") == [
         "iter_001/train/step_000010", "iter_001/export", "iter_001/eval", "iter_002/rollouts/shard_00000"]
     assert manifest.units_from("sft/step_000004")[:3] == ["sft/step_000004", "sft/done", "eval_initial"]
+
+
+# ---- units past their names' padding (iterations: 3 digits, shards: 5, steps: 6) -------------------------------------
+
+def test_units_sort_by_their_numbers_past_the_padding():
+    units = ["iter_1001/pairs", "iter_999/pairs", "iter_1000/pairs", "iter_999/rollouts/shard_100000",
+             "iter_999/rollouts/shard_99999", "sft/step_1000000", "sft/step_999999"]
+    assert sorted(units, key=unit_order) == [
+        "iter_999/pairs", "iter_999/rollouts/shard_99999", "iter_999/rollouts/shard_100000", "iter_1000/pairs",
+        "iter_1001/pairs", "sft/step_999999", "sft/step_1000000"]
+    assert [iteration_of(u) for u in ("iter_999/pairs", "iter_1000/train/step_000002", "eval_initial")] == [
+        999, 1000, None]
+
+
+def test_the_newest_checkpoint_is_found_past_iteration_999(tmp_path):
+    run_dir = RunDir.create(tmp_path / "run", overwrite=False)
+    manifest = Manifest.load(run_dir)
+    for iteration in (999, 1000, 1001):
+        directory = checkpoint(run_dir, iteration, 2)
+        manifest.record(f"iter_{iteration:03d}/train/step_000002", tree=directory,
+                        checkpoint=str(directory.relative_to(run_dir.root)))
+    assert manifest.intact_checkpoint("train/step_") == run_dir.root / "iter_1001" / "learner" / "step_000002"
+    (run_dir.root / "iter_1001" / "learner" / "step_000002" / "latest").write_text("")  # damaged: the one before
+    assert manifest.intact_checkpoint("train/step_") == run_dir.root / "iter_1000" / "learner" / "step_000002"
+    assert set(Manifest.load(run_dir).units) == {"iter_999/train/step_000002", "iter_1000/train/step_000002"}
+
+
+def test_units_from_follows_the_run_past_the_padding():
+    manifest = Manifest(RunDir(Path("/nonexistent")), {"units": dict.fromkeys([
+        "iter_999/rollouts/shard_99998", "iter_999/rollouts/shard_99999", "iter_999/rollouts/shard_100000",
+        "iter_999/done", "iter_1000/rollouts/shard_00000", "iter_1001/done"], {})})
+    assert manifest.units_from("iter_999/rollouts/shard_99999") == [
+        "iter_999/rollouts/shard_99999", "iter_999/rollouts/shard_100000", "iter_999/done",
+        "iter_1000/rollouts/shard_00000", "iter_1001/done"]
 
 
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
