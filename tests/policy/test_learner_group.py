@@ -106,10 +106,13 @@ def test_two_ranks_prepared_ahead_in_uneven_pieces_train_exactly_as_without(
 
 
 def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from policy.learner_group import SFTActor
+    from policy.batching import response_log_probs
     from policy.config import SFTConfig
+    from policy.learner_group import SFTActor
+    from policy.sft import to_examples
+    from rlhf_loop.common.sequences import pad_pairs
 
     conversations = [m + [{"role": "assistant", "content": "One two three."}] for m in tiny_messages]
     sft = SFTActor(policy_config(tiny_policy_dir), SFTConfig(micro_batch_size=2), device="cpu", seed=0)
@@ -122,7 +125,14 @@ def test_sft_runs_in_its_own_actor(ray_local, tiny_policy_dir, tiny_messages, tm
     finally:
         sft.shutdown()
     assert stats.step == 2 and stats.loss > 0 and after < before
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").num_parameters() > 0
+    # the exported model is the trained one: its NLL on the same conversations is the learner's `after`, not `before`
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft")
+    examples = to_examples(tokenizer, conversations)
+    batch = pad_pairs([(e.prompt_token_ids, e.response_token_ids) for e in examples], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        log_probs, counts = response_log_probs(exported, batch)
+    assert -log_probs.sum().item() / counts.sum().item() == pytest.approx(after, abs=1e-4)
 
 
 def test_a_killed_learner_stops_the_run_with_one_line(ray_local, tiny_tokenizer, tiny_policy_dir):
