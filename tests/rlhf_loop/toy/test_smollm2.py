@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,7 @@ def test_vllm_greedy_matches_hf_and_rollouts_reach_the_reward_function(ray_local
 
     prompts, max_tokens = list_prompts[:4], 24
     eos = tokenizer.eos_token_id
-    rollout = RolloutGroup(PolicyConfig(model_path=str(model_dir)), RolloutConfig(engine="vllm", weight_sync=weight_sync), "cpu",
+    rollout = RolloutGroup(PolicyConfig(model_path=str(model_dir)), RolloutConfig(engine="vllm"), "cpu",
                            max_model_len=256, seed=0)
     try:
         greedy = rollout.greedy(prompts, max_tokens)[0]
@@ -223,7 +224,7 @@ def test_weight_sync_gives_the_engine_the_learners_greedy_tokens(ray_local, smal
         stats = learner.train_steps(4)
         expected = learner.greedy_generate([p.token_ids for p in fixed], max_tokens)
         assert before != expected, "training did not change the greedy outputs: the test could not fail"
-        assert stats.reward_accuracy > 0.5
+        assert stats.loss < math.log(2)  # below DPO's starting loss: the pairs were learned
 
         sync_weights(learner, rollout)
 
