@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.common.network import free_port
+from tests.process_groups import run_in_own_group
 
 BIN = Path(sys.executable).parent
 NODE_TIMEOUT_S = 90
@@ -34,14 +34,6 @@ def start_node(temp_dir: Path, *args: str) -> subprocess.Popen:
          f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--min-worker-port=0", "--max-worker-port=0",
          *args],
         env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
 
 
 def wait_listening(host: str, port: int, timeout_s: float) -> None:
@@ -78,12 +70,4 @@ def loopback_cluster(*node_dirs: Path) -> Iterator:
 def driver(script: str, *args: str, cwd: Path | None = None, timeout_s: float = 180) -> subprocess.CompletedProcess:
     """`python -c script args...` in its own process group, killed as a group afterwards (its Ray workers belong to
     the cluster); stdout and stderr together."""
-    process = subprocess.Popen([sys.executable, "-c", script, *args], env=ENV, cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(process)
-        pytest.fail(f"the driver did not finish in {timeout_s:g} s: {process.communicate(timeout=30)[0][-3000:]}")
-    kill_group(process)  # what it left behind in its group
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
+    return run_in_own_group([sys.executable, "-c", script, *args], ENV, timeout_s, "the driver", cwd=cwd)

@@ -21,7 +21,8 @@ from rlhf_loop.config import ClusterConfig
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.network import free_port
 from tests.cli_runs import rlhf_loop
-from tests.ray_nodes import NODE_TIMEOUT_S, driver, kill_group, loopback_cluster, start_node, wait_listening
+from tests.process_groups import kill_group
+from tests.ray_nodes import NODE_TIMEOUT_S, driver, loopback_cluster, start_node, wait_listening
 
 
 @pytest.fixture

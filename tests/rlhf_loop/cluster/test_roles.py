@@ -28,7 +28,8 @@ from rlhf_loop.cluster.placement import role_layout
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import read_jsonl
 from rlhf_loop.driver.stages import Run
-from tests.ray_nodes import ENV, NODE_TIMEOUT_S, kill_group, start_node, wait_listening
+from tests.process_groups import kill_group
+from tests.ray_nodes import ENV, NODE_TIMEOUT_S, start_node, wait_listening
 
 class StartedActor:
     def __init__(self, pid: int):
