@@ -17,22 +17,29 @@ Item = TypeVar("Item")
 WeightedMicroBatch = list[tuple[Any, float]]
 
 
-def response_log_probs(model: Callable[..., Any], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of its response tokens, and how many there are."""
-    # Logits at every position, then one row at a time in float32 (a full-vocabulary log_softmax of the whole batch
-    # is the memory peak otherwise). Computing them only where they predict response tokens (`logits_to_keep`) is
-    # the same math, but its rounding moved the toy task's SFT policy out of its calibrated band (pi_0 gold 0.572 ->
-    # 0.417): the toy recipe must first be made robust to rounding (see docs/performance.md, "Learner").
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    targets = batch.input_ids[:, 1:]
-    token_log_probs = torch.stack(
-        [
-            row.float().gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - row.float().logsumexp(-1)
-            for row, row_targets in zip(logits[:, :-1], targets)
-        ]
-    )
-    mask = batch.response_mask[:, 1:]
-    return (token_log_probs * mask).sum(-1), mask.sum(-1)
+def response_log_probs(model: Callable[..., Any], batch: PairBatch, every_position: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its response tokens, and how many there are.
+
+    The vocabulary projection runs only over the span of positions that predict a response token somewhere in the
+    batch (`logits_to_keep`, after cutting the input at the last such position): with a 49,152-token vocabulary it
+    is most of a step at prompt and padding positions otherwise. `every_position` projects at every position: the
+    same numbers up to float rounding, kept for the SFT warm start, whose rounding the toy task's calibration depends
+    on (see docs/performance.md, "Learner")."""
+    predicts_response = batch.response_mask[:, 1:]  # logits at position p score token p + 1
+    positions = predicts_response.any(0).nonzero().flatten()
+    if every_position or positions.numel() == 0:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
+        first = 0
+    else:
+        first, last = int(positions[0]), int(positions[-1])
+        logits = model(input_ids=batch.input_ids[:, : last + 1], attention_mask=batch.attention_mask[:, : last + 1],
+                       use_cache=False, logits_to_keep=last + 1 - first).logits
+    logits = logits.float()  # one cast (none for an fp32 model)
+    targets = batch.input_ids[:, first + 1 : first + 1 + logits.shape[1]]
+    token_log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    mask = predicts_response[:, first : first + logits.shape[1]]
+    return (token_log_probs * mask).sum(-1), predicts_response.sum(-1)
 
 
 def batch_schedule(num_items: int, epochs: int, global_batch_size: int, seed_key: Sequence[int]) -> list[list[int]]:

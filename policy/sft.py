@@ -128,7 +128,7 @@ class SFTLearner:
                 self._policy.pad_token_id,
                 self._policy.device,
             )
-            log_probs, _ = response_log_probs(self._policy.engine, padded)
+            log_probs, _ = response_log_probs(self._policy.engine, padded, every_position=True)
             nll = -log_probs.sum()
             summed_nll.append(nll.item())
             return nll / max(1, response_tokens)  # token-level mean over the whole batch
@@ -162,7 +162,7 @@ class SFTLearner:
         for start in range(0, len(sequences), sft.micro_batch_size):
             padded = pad_pairs(sequences[start : start + sft.micro_batch_size], self._policy.pad_token_id,
                                self._policy.device)
-            log_probs, lengths = response_log_probs(self._policy.engine, padded)
+            log_probs, lengths = response_log_probs(self._policy.engine, padded, every_position=True)
             total_log_prob += log_probs.sum().item()
             total_tokens += int(lengths.sum())
         return -total_log_prob / max(1, total_tokens)

@@ -20,6 +20,7 @@ from reward.config import RewardConfig
 from reward.registry import uses_accelerator
 from reward.shaping import objective_weights_problem, weigh_objectives
 from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.common.threads import single_threaded_on_cpu
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
@@ -33,6 +34,7 @@ class _RewardActor:
         from reward.registry import build_reward_model
 
         self.model = build_reward_model(cfg, device)
+        self.device = device
         problem = objective_weights_problem(cfg.objective_weights, self.model.objectives)
         if problem is not None:
             raise UserError(problem)
@@ -42,7 +44,8 @@ class _RewardActor:
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         """The model's results, with reward.objective_weights aggregating the objectives into the score."""
         maybe_kill_actor("reward")  # the kill tests' RLHF_LOOP_KILL_ACTOR
-        return weigh_objectives(self.model.score(queries), self.objective_weights)
+        with single_threaded_on_cpu(self.device):  # scoring runs while the engines generate
+            return weigh_objectives(self.model.score(queries), self.objective_weights)
 
     def placement(self) -> dict[str, Any]:
         return placement()

@@ -150,6 +150,10 @@ class ClusterConfig:
     node_ip_address: str | None = None  # this machine's address in the cluster; None: the Ray node's on this machine
     connect_timeout_s: float = 10.0  # joining `address` (reaching it, then ray.init) ends within this, or one line
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
+    # torch threads of every actor (OMP_NUM_THREADS). None: on a local cluster, $OMP_NUM_THREADS if set, else
+    # num_cpus (all cores: the stages take turns, so each may use them all); on a joined cluster, what its nodes give
+    # (Ray: 1 for an actor that reserves less than a core). A number also reaches a joined cluster's actors.
+    threads_per_actor: int | None = None
     max_actor_restarts: int = 3  # a dead rollout or reward actor is restarted this often, its work redone
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # which nodes each role uses
     # CUDA only: each learner rank shares its GPU with one rollout engine (and GPU 0 with the reward model, when it
@@ -160,7 +164,10 @@ class ClusterConfig:
         return failed([(self.max_actor_restarts >= 0,
                          f"cluster.max_actor_restarts must be >= 0, got {self.max_actor_restarts}"),
                         (self.connect_timeout_s > 0,
-                         f"cluster.connect_timeout_s must be > 0, got {self.connect_timeout_s}")]) \
+                         f"cluster.connect_timeout_s must be > 0, got {self.connect_timeout_s}"),
+                        (self.threads_per_actor is None or self.threads_per_actor >= 1,
+                         f"cluster.threads_per_actor must be >= 1 (or null for the default), got "
+                         f"{self.threads_per_actor}")]) \
             + self.placement.problems()
 
 

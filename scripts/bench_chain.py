@@ -60,9 +60,7 @@ def policy_dir(spec: dict, iteration: int) -> str:
     """pi_0 for iteration 1; afterwards what the previous iteration's trainer saved."""
     if iteration > 1:
         return str(Path(spec["work_dir"]) / f"policy_{iteration - 1:03d}")
-    assets = spec["assets"]
-    return assets["bench_policy"] if spec["setting"]["policy"] == "bench_policy" else \
-        str(Path(assets["toy_dir"]) / "sft_policy")
+    return spec["policy_dir"]
 
 
 def stage(name: str, spec_path: str, iteration: str, out_path: str) -> None:

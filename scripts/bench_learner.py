@@ -1,5 +1,7 @@
 """Learner throughput: the DPO learner's forward and backward (`policy.batching.response_log_probs`, the step's
-work) on a SmolLM2-135M-shaped Llama, in tokens/s and achieved GFLOP/s against this machine's fp32 matmul rate.
+work) on a SmolLM2-135M-shaped Llama, in tokens/s and achieved GFLOP/s against this machine's fp32 matmul rate, with
+the vocabulary projection at every position (how the learner worked before, and the SFT warm start still does) and
+only over the response positions (the DPO learner now), interleaved in one process.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_learner.py [--model DIR] [--batch 8] [--prompt 60] [--response 40]
         [--repeats 5] [--threads N] [--json out.json]
@@ -7,11 +9,11 @@ work) on a SmolLM2-135M-shaped Llama, in tokens/s and achieved GFLOP/s against t
 Without --model the policy is random-init with SmolLM2-135M-Instruct's shape (hidden 576, 30 layers, 9 heads of 64,
 3 KV heads, MLP 1536, 49,152-token vocabulary, tied embeddings): weights do not change the work. Each repeat is one
 forward and backward of `batch` sequences of `prompt + response` tokens (the chosen and rejected halves of a DPO micro
-batch of batch / 2 pairs). Prints a Markdown table; run it at two commits to compare code.
+batch of batch / 2 pairs). Prints a Markdown table.
 
 FLOPs counted: 6 x (parameters outside the embedding) x tokens for the transformer body, plus 6 x hidden x vocabulary
-x the positions whose logits are computed (all of them, or only the response positions): the work a step must do,
-so a leaner step shows as fewer seconds, not as more GFLOP/s.
+x the response positions: the work a step must do, for both ways, so a leaner step shows as fewer seconds and more
+useful GFLOP/s.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from policy.batching import pad_batch, response_log_probs
+    from policy.batching import response_log_probs
+    from rlhf_loop.common.sequences import pad_pairs
 
     model = build_policy(args.model)
     model.train()
@@ -72,34 +75,39 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     sequences = [(torch.randint(vocab, (args.prompt,), generator=generator).tolist(),
                   torch.randint(vocab, (args.response,), generator=generator).tolist()) for _ in range(args.batch)]
-    batch = pad_batch(sequences, pad_token_id=0, device=torch.device("cpu"))
+    batch = pad_pairs(sequences, pad_token_id=0, device=torch.device("cpu"))
 
-    def step() -> None:
+    def step(every_position: bool) -> None:
         model.zero_grad(set_to_none=True)
-        log_probs, _ = response_log_probs(model, batch)
+        log_probs, _ = response_log_probs(model, batch, every_position=every_position)
         log_probs.sum().backward()
 
-    step()  # warm-up, untimed
-    seconds = [_timed(step) for _ in range(args.repeats)]
-    median = statistics.median(seconds)
+    ways = {"every position": True, "response positions": False}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    for every_position in ways.values():
+        step(every_position)  # warm-up, untimed
+    for _ in range(args.repeats):  # interleaved, so the machine's load reaches both alike
+        for way, every_position in ways.items():
+            seconds[way].append(_timed(lambda: step(every_position)))
     tokens = args.batch * (args.prompt + args.response)
     embedding = model.get_input_embeddings().weight.numel()
     body = sum(p.numel() for p in model.parameters()) - embedding
-    # the projection is counted at the positions this code computes logits for (response positions only)
-    projected = args.batch * args.response
-    flops = 6 * body * tokens + 6 * hidden * vocab * projected
+    flops = 6 * body * tokens + 6 * hidden * vocab * args.batch * args.response
     ceiling = matmul_gflops()
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "batch": args.batch, "prompt": args.prompt, "response": args.response,
-        "seconds": seconds, "median_s": median, "tokens_per_s": tokens / median,
-        "gflops": flops / median / 1e9, "matmul_gflops": ceiling,
+        "matmul_gflops": ceiling, "ways": {},
     }
-    print("| batch x (prompt + response) | step s (median of %d) | tokens/s | GFLOP/s | fp32 matmul GFLOP/s | share |"
-          % args.repeats)
-    print("|---|---|---|---|---|---|")
-    print(f"| {args.batch} x ({args.prompt} + {args.response}) | {median:.2f} | {tokens / median:.0f} | "
-          f"{result['gflops']:.1f} | {ceiling:.1f} | {result['gflops'] / ceiling:.0%} |")
+    print(f"| projection | batch x (prompt + response) | step s (median of {args.repeats}) | tokens/s | GFLOP/s | "
+          "fp32 matmul GFLOP/s | share |")
+    print("|---|---|---|---|---|---|---|")
+    for way, times in seconds.items():
+        median = statistics.median(times)
+        result["ways"][way] = {"seconds": times, "median_s": median, "tokens_per_s": tokens / median,
+                               "gflops": flops / median / 1e9}
+        print(f"| {way} | {args.batch} x ({args.prompt} + {args.response}) | {median:.2f} | {tokens / median:.0f} | "
+              f"{flops / median / 1e9:.1f} | {ceiling:.1f} | {flops / median / 1e9 / ceiling:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

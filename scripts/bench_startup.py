@@ -77,13 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each piece's process")
     parser.add_argument("--config", type=Path, help="run config for the preflight piece (default: the equal setting's)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "startup.json")
     args = parser.parse_args()
     import yaml
     from bench_systems import rlhf_loop_config
 
-    assets = prepare_assets(REPO / ".cache")
+    assets = prepare_assets(REPO / ".cache", [SETTINGS["equal"]])
     config = args.config
     if config is None:
         config = args.out.with_name("startup_config.yaml")
@@ -91,7 +92,7 @@ def main() -> None:
         config.write_text(yaml.safe_dump(rlhf_loop_config(SETTINGS["equal"], assets, args.device)))
     spec = {"config": str(config), "policy": str(assets.bench_policy), "reward": str(assets.toy.reward_model),
             "device": args.device}
-    env = {**os.environ, **child_env(args.device)}
+    env = {**os.environ, **child_env(args.device, args.threads)}
     results = {}
     for name in PIECES:
         seconds = [time_piece(name, spec, env) for _ in range(args.repeats)]

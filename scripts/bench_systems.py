@@ -1,6 +1,7 @@
-"""The benchmark's three systems, each run as its own process tree and read back into one row of numbers:
-rlhf-loop (`rlhf-loop run` on a generated config), TRL's OnlineDPOTrainer (bench_trl.py) and a stage-per-process
-chain (bench_chain.py). Every row has the same keys (see `row`); a number a system cannot give is None.
+"""The benchmark's systems, each run as its own process tree and read back into one row of numbers: rlhf-loop
+(`rlhf-loop run` on a generated config), TRL's OnlineDPOTrainer (bench_trl.py), a stage-per-process chain
+(bench_chain.py), and vLLM driven directly (bench_vllm.py: generation only, the rollout stage's meter). Every row has
+the same keys (see `row`); a number a system cannot give is None.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from bench_common import Assets, Setting, child_env, python_command, run_measured, write_json
 
-SYSTEMS = ("rlhf-loop", "trl", "chain")
+SYSTEMS = ("rlhf-loop", "trl", "chain", "vllm")
+SCRIPTS = {"trl": "bench_trl.py", "chain": "bench_chain.py", "vllm": "bench_vllm.py"}
 
 
 def row(system: str, setting: Setting, measured, work_s: float, stages: dict[str, float], tokens: float,
@@ -29,8 +31,8 @@ def row(system: str, setting: Setting, measured, work_s: float, stages: dict[str
         "scores_per_s": scores / score_s if score_s else None,
         "pairs_per_s": pairs / train_s if train_s else None,
         # TRL's train time is what its train() spends outside generate and score: no overhead to separate
-        "overhead_s": None if system == "trl" else work_s - inside,
-        "overhead_pct": None if system == "trl" or not work_s else 100.0 * (work_s - inside) / work_s,
+        "overhead_s": None if system in ("trl", "vllm") else work_s - inside,
+        "overhead_pct": None if system in ("trl", "vllm") or not work_s else 100.0 * (work_s - inside) / work_s,
         "startup_s": startup, "peak_rss_mb": measured.peak_rss_mb, "peak_pss_mb": measured.peak_pss_mb,
         "tokens": tokens, "scores": scores, "pairs": pairs, "notes": notes,
     }
@@ -63,7 +65,7 @@ def rlhf_loop_config(setting: Setting, assets: Assets, device: str) -> dict:
     return config
 
 
-def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path) -> dict:
+def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path, threads: int) -> dict:
     import yaml
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path)
     run_dir = work_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "rlhf_loop.frontend.cli", "run", str(config_path), "--run-dir", str(run_dir)]
-    measured = run_measured(command, work_dir / "console.log", child_env(device))
+    measured = run_measured(command, work_dir / "console.log", child_env(device, threads))
     if measured.returncode != 0:
         raise RuntimeError(f"rlhf-loop failed (exit {measured.returncode}); see {work_dir / 'console.log'}")
     return rlhf_loop_row(setting, run_dir, measured)
@@ -133,27 +135,23 @@ def run_script_system(system: str, script: str, setting: Setting, assets: Assets
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     spec = work_dir / "spec.json"
-    write_json(spec, {"setting": setting, "assets": assets, "device": device, "work_dir": work_dir})
+    write_json(spec, {"setting": setting, "assets": assets, "policy_dir": assets.policy(setting), "device": device,
+                      "work_dir": work_dir})
     result_path = work_dir / "result.json"
-    env = child_env(device)
-    if threads:  # as Ray gives rlhf-loop's actors (OMP_NUM_THREADS=1 for an actor without num_cpus)
-        env["OMP_NUM_THREADS"] = str(threads)
-    measured = run_measured(python_command(script, str(spec), str(result_path)), work_dir / "console.log", env)
+    measured = run_measured(python_command(script, str(spec), str(result_path)), work_dir / "console.log",
+                            child_env(device, threads))
     if measured.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"{system} failed (exit {measured.returncode}); see {work_dir / 'console.log'}")
     result = json.loads(result_path.read_text())
-    result["notes"].append(f"torch threads per process: {threads or 'the library default (all cores)'}")
     return row(system, setting, measured, result["work_s"], result["stages"], result["tokens"], result["scores"],
                result["pairs"], result["startup"], result["notes"])
 
 
-def run_system(system: str, setting: Setting, assets: Assets, device: str, work_dir: Path, threads: int = 1) -> dict:
-    """`threads`: OMP_NUM_THREADS for TRL's and the chain's processes (0: the library default); rlhf-loop's actors
-    get theirs from Ray (1 each: they ask for no CPUs)."""
+def run_system(system: str, setting: Setting, assets: Assets, device: str, work_dir: Path, threads: int) -> dict:
+    """`threads`: OMP_NUM_THREADS of every process of the system (Ray passes the driver's on to rlhf-loop's actors;
+    without it Ray would give each actor 1, as they reserve no whole core)."""
     if system == "rlhf-loop":
-        return run_rlhf_loop(setting, assets, device, work_dir)
-    if system == "trl":
-        return run_script_system(system, "bench_trl.py", setting, assets, device, work_dir, threads)
-    if system == "chain":
-        return run_script_system(system, "bench_chain.py", setting, assets, device, work_dir, threads)
+        return run_rlhf_loop(setting, assets, device, work_dir, threads)
+    if system in SCRIPTS:
+        return run_script_system(system, SCRIPTS[system], setting, assets, device, work_dir, threads)
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")

@@ -46,8 +46,7 @@ def main(spec_path: str, result_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     setting, device, work_dir = spec["setting"], spec["device"], Path(spec["work_dir"])
-    policy_dir = spec["assets"]["bench_policy"] if setting["policy"] == "bench_policy" else \
-        str(Path(spec["assets"]["toy_dir"]) / "sft_policy")
+    policy_dir = spec["policy_dir"]
     reward_dir = str(Path(spec["assets"]["toy_dir"]) / "reward_model")
     torch.manual_seed(setting["seed"])
 

@@ -46,6 +46,7 @@ def start_ray(cluster_cfg) -> Path:
     import ray
 
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    threads = actor_threads(cluster_cfg, address, os.environ)
     init = functools.partial(
         ray.init,
         address=address,
@@ -55,14 +56,32 @@ def start_ray(cluster_cfg) -> Path:
         log_to_driver=not console.is_quiet(),
         configure_logging=True,
         logging_level="WARNING",
+        # a joined cluster's workers were started by its own raylets: the job's environment reaches them
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if address and threads else None,
     )
     if address is None:
         # A local throwaway cluster needs no token file in $HOME; a cluster we join keeps its own auth settings.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # The raylet and every worker it starts inherit this (Ray sets OMP_NUM_THREADS only where it is unset)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         context = init()  # in this thread: Ray ties the processes it starts to the thread that starts them
     else:
         context = join(address, init, cluster_cfg.connect_timeout_s)
     return Path(context.address_info["session_dir"]) / "logs"
+
+
+def actor_threads(cluster_cfg, address: str | None, environ) -> int | None:
+    """Torch threads per actor (cluster.threads_per_actor): the config's number; else, on a local cluster,
+    $OMP_NUM_THREADS when set, else the cores the cluster has. The stages take turns (sampling, then training), so the
+    busy actor may use every core; Ray's own default, one thread for an actor that reserves less than a core, made
+    SmolLM2's iteration 1.4x slower on 2 cores (docs/performance.md). None: a joined cluster's own setting."""
+    if cluster_cfg.threads_per_actor:
+        return cluster_cfg.threads_per_actor
+    if address:
+        return None
+    if environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(environ["OMP_NUM_THREADS"])
+    return cluster_cfg.num_cpus or len(os.sched_getaffinity(0))
 
 
 def join(address: str, init: Callable[[], Any], timeout_s: float) -> Any:

@@ -38,7 +38,7 @@ def recorded_init(monkeypatch):
         return SimpleNamespace(address_info={"session_dir": "/tmp/ray/session_x"})
 
     monkeypatch.setattr(ray, "init", init)
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # set first, so that monkeypatch restores them as they were
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "OMP_NUM_THREADS"):  # set first: monkeypatch restores them as they were
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     sigterm = signal.getsignal(signal.SIGTERM)  # a join sets the driver's, as ray.init does
@@ -57,6 +57,28 @@ def test_an_unreachable_cluster_is_one_line_within_the_timeout():
 def test_a_malformed_address_is_refused():
     with pytest.raises(UserError, match="not host:port"):
         cluster.check_reachable("head-node", timeout_s=2.0)
+
+
+def test_actors_use_every_core_of_a_local_cluster_unless_told_otherwise(recorded_init, monkeypatch):
+    import os
+
+    cluster.start_ray(ClusterConfig(num_cpus=3))
+    assert os.environ["OMP_NUM_THREADS"] == "3" and recorded_init[-1]["runtime_env"] is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's own setting wins over the default
+    cluster.start_ray(ClusterConfig(num_cpus=3))
+    assert os.environ["OMP_NUM_THREADS"] == "5"
+    cluster.start_ray(ClusterConfig(num_cpus=3, threads_per_actor=2))  # ... and the config's over both
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cluster.start_ray(ClusterConfig())
+    assert os.environ["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert ClusterConfig(threads_per_actor=0).problems() == [
+        "cluster.threads_per_actor must be >= 1 (or null for the default), got 0"]
+
+
+def test_a_joined_cluster_gets_threads_only_when_the_config_names_them():
+    assert cluster.actor_threads(ClusterConfig(), "10.0.0.5:6379", {"OMP_NUM_THREADS": "4"}) is None
+    assert cluster.actor_threads(ClusterConfig(threads_per_actor=8), "10.0.0.5:6379", {}) == 8
 
 
 def test_a_local_cluster_needs_no_token_but_a_joined_one_keeps_its_auth(recorded_init, monkeypatch):
