@@ -44,7 +44,6 @@ from policy.prepared_references import PreparedReferences
 from policy.weight_sync import SyncGroup
 from rlhf_loop.common.arithmetic import ceil_div
 from rlhf_loop.common.records import Pair
-from rlhf_loop.common.threads import single_threaded_on_cpu
 
 
 @dataclass(frozen=True)
@@ -144,8 +143,7 @@ class DPOLearner:
             block = self._train.micro_batch_size * self._policy.world_size
             self._prepared = PreparedReferences(iteration, self._reference_dir, block)
         due = self._prepared.add([self._tokenize(pair) for pair in pairs])
-        with single_threaded_on_cpu(self._policy.device):
-            self._prepared.computed(self._reference_log_probs(due))
+        self._prepared.computed(self._reference_log_probs(due))
 
     def _reference_at_hand(self, reference_dir: str | None) -> bool:
         """Whether the reference stays in memory once loaded, or is the policy itself with its adapters off."""

@@ -20,7 +20,6 @@ from reward.config import RewardConfig
 from reward.registry import uses_accelerator
 from reward.shaping import objective_weights_problem, weigh_objectives
 from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
-from rlhf_loop.common.threads import single_threaded_on_cpu
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
@@ -33,8 +32,14 @@ class _RewardActor:
     def start(self, cfg: RewardConfig, device: str) -> list[str]:
         from reward.registry import build_reward_model
 
+        if device == "cpu":
+            # Scoring runs while the engines generate, on the same cores, each engine at every core
+            # (cluster.threads_per_actor): more threads than cores would make every OpenMP barrier wait for a
+            # thread the scheduler took off its core (the toy's generation ran 1.6x slower).
+            import torch
+
+            torch.set_num_threads(1)
         self.model = build_reward_model(cfg, device)
-        self.device = device
         problem = objective_weights_problem(cfg.objective_weights, self.model.objectives)
         if problem is not None:
             raise UserError(problem)
@@ -44,8 +49,7 @@ class _RewardActor:
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
         """The model's results, with reward.objective_weights aggregating the objectives into the score."""
         maybe_kill_actor("reward")  # the kill tests' RLHF_LOOP_KILL_ACTOR
-        with single_threaded_on_cpu(self.device):  # scoring runs while the engines generate
-            return weigh_objectives(self.model.score(queries), self.objective_weights)
+        return weigh_objectives(self.model.score(queries), self.objective_weights)
 
     def placement(self) -> dict[str, Any]:
         return placement()

@@ -49,7 +49,8 @@ def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = 
         checkpoint = run.manifest.intact_checkpoint("train/step_")  # a damaged newest one falls back
         if checkpoint is not None:
             learner.load_checkpoint(str(checkpoint))
-        sampler = (Sampler(run, rollout, reward, learner, tokenizer, learner_version(run), initial_policy)
+        sampler = (Sampler(run, rollout, reward, learner, tokenizer, learner_version(run), initial_policy,
+                           prepares_ahead=device != "cpu")  # on CPU the learner would share the engines' cores
                    if cfg.online else None)
 
         # ---- the baseline: pi_0 on the held-out prompts, for win rates and the gold curve -------------------

@@ -95,10 +95,13 @@ class Sampler:
     rollout.max_staleness 1 the next iteration's in the background while the learner trains."""
 
     def __init__(self, run: stages.Run, rollout: RolloutGroup, reward: RewardModel, learner: Learner | None,
-                 tokenizer, learner_version: int | None, initial_policy: PolicyConfig):
-        """`initial_policy`: pi_0, the reference of the first iteration (stages.reference_policy)."""
+                 tokenizer, learner_version: int | None, initial_policy: PolicyConfig, prepares_ahead: bool = True):
+        """`initial_policy`: pi_0, the reference of the first iteration (stages.reference_policy). `prepares_ahead`:
+        the learner computes the reference's log-probabilities while the engines generate (not where they would
+        share the same cores: see _learner_preparation)."""
         self.run, self.rollout, self.reward, self.learner, self.tokenizer = run, rollout, reward, learner, tokenizer
         self.initial_policy = initial_policy
+        self.prepares_ahead = prepares_ahead
         self.engine_version = 0  # the engines were built from pi_0
         self.learner_version = learner_version  # the version the learner's weights are, None when between two
         self._ahead: tuple[int, Future[IterationSample]] | None = None
@@ -141,13 +144,15 @@ class Sampler:
         """What hands each scoring shard's pairs (picked as build_pairs picks them) to the learner, which prepares
         the iteration with them while the engines generate; the learner is idle then (a sample taken ahead, while it
         trains, prepares nothing). None when there is no learner, when the pairs are recorded (begin_iteration takes
-        them as they are), when the iteration's reference is not exported yet, or when the learner shares its GPUs
-        with the engines (cluster.colocate: it has their memory only while they sleep, for training)."""
+        them as they are), when the iteration's reference is not exported yet, when the learner shares its GPUs
+        with the engines (cluster.colocate: it has their memory only while they sleep, for training), or when the
+        sampler was told not to (on the CPU, where the learner's forward passes and vLLM's would share the same
+        cores, each running at every core: more threads than cores slowed the toy's generation 1.6x)."""
         run, learner = self.run, self.learner
         reference = stages.reference_policy(run, self.initial_policy, iteration)
         exists = reference == self.initial_policy.model_path or Path(reference).is_dir()
-        if (learner is None or run.cfg.cluster.colocate or run.manifest.done(run.unit(iteration, "pairs"))
-                or not exists):
+        if (not self.prepares_ahead or learner is None or run.cfg.cluster.colocate
+                or run.manifest.done(run.unit(iteration, "pairs")) or not exists):
             return None
 
         def prepare(scored: list[Scored]) -> None:

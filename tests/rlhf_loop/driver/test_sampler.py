@@ -319,3 +319,11 @@ def test_an_exported_policy_loaded_into_the_engines_is_what_they_sample_from(ray
         assert rollout.greedy(prompts, 12)[0] == expected
     finally:
         rollout.shutdown()
+
+
+def test_nothing_is_prepared_ahead_where_the_learner_would_share_the_engines_cores(run_dir, tmp_path):
+    data = {"prompts": [prompt_file(tmp_path)], "prompts_per_iteration": 2, "shuffle": False}
+    run, learner = new_run(run_dir, make_config(data=data)), FakeLearner()
+    sample = Sampler(run, FakeRollout(), LengthReward(), learner, Tokenizer(), 0, run.cfg.policy,
+                     prepares_ahead=False).sample(1)
+    assert sample.selection.pairs and prepared(learner) == []  # on CPU: begin_iteration computes them, at every core
