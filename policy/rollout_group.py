@@ -18,6 +18,7 @@ loads the same copy again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
 from rlhf_loop.common.records import Prompt, Rollout
+from rlhf_loop.common.user_code import absolute_reference
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -139,6 +141,8 @@ class RolloutGroup:
         `sleeps`: the engines share GPUs with the learner (cluster.colocate) and free them in `asleep`.
         `environment`: the engines run its episodes (`policy.episodes`) where they would sample single turns."""
         placements = placements or [None] * rollout.num_engines
+        if environment is not None:
+            environment = dataclasses.replace(environment, factory=absolute_reference(environment.factory))
         self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where, sleeps,
                                           environment)
                        for where in placements]

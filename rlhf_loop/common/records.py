@@ -65,6 +65,11 @@ class Response:
         """1 per token the loss counts (the policy's own), None when all of them do."""
         return self.episode.loss_mask if self.episode is not None else None
 
+    @property
+    def sampled_tokens(self) -> int:
+        """How many of its tokens the policy sampled (of an episode: its turns, not the environment's)."""
+        return len(self.token_ids) if self.episode is None else sum(self.episode.loss_mask)
+
 
 @dataclass(frozen=True)
 class Rollout:

@@ -22,6 +22,15 @@ def is_code_reference(reference: str | None) -> bool:
     return bool(location) and attribute.isidentifier()
 
 
+def absolute_reference(reference: str | None) -> str | None:
+    """A "file.py:name" reference with the file's path made absolute (a relative one means the driver's working
+    directory, wherever the actor that loads it runs); module references and None stay as they are."""
+    if reference is None:
+        return None
+    location, _, attribute = reference.rpartition(":")
+    return f"{Path(location).expanduser().resolve()}:{attribute}" if location.endswith(".py") else reference
+
+
 def load_code_reference(reference: str, key: str) -> Any:
     """The object named by "path/to/file.py:name" or "package.module:name"; `key` is the config key, for errors.
 

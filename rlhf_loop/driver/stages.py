@@ -122,12 +122,12 @@ def score_shard(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iter
 
 
 def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout], length_penalty: float) -> list[Scored]:
-    """The reward model's scores, less reward.length_penalty per response token (the raw ones kept beside)."""
+    """The reward model's scores, less reward.length_penalty per sampled token (the raw ones kept beside)."""
     queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta,
                            [resp.episode for resp in r.responses if resp.episode is not None]) for r in rollouts]
     results = reward.score(queries)
     return [
-        Scored(r, length_penalized(res.scores, [len(resp.token_ids) for resp in r.responses], length_penalty),
+        Scored(r, length_penalized(res.scores, [resp.sampled_tokens for resp in r.responses], length_penalty),
                res.objectives, list(res.scores))
         for r, res in zip(rollouts, results, strict=True)
     ]

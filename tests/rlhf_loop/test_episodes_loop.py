@@ -93,3 +93,12 @@ def test_a_rollout_actor_killed_between_two_turns_redoes_its_episodes_within_the
     assert (markers / "episodes").exists() and "rollout engine 0 died during generate" in result.stdout
     assert read_jsonl(run_dir / "eval_initial.jsonl") == read_jsonl(uninterrupted / "eval_initial.jsonl")
     assert read_jsonl(run_dir / "iter_001" / "pairs.jsonl") == read_jsonl(uninterrupted / "iter_001" / "pairs.jsonl")
+
+
+def test_the_hf_engine_runs_episodes_too(tmp_path):
+    run_dir = tmp_path / "hf"
+    result = rlhf_loop("run", str(REPO / "configs" / "toy_episodes.yaml"), *SHORT, "iterations=1", "rollout.engine=hf",
+                       "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:]
+    (metrics,) = read_jsonl(run_dir / "metrics.jsonl")
+    assert metrics["episodes/turns_mean"] > 1.0 and metrics["pairs/count"] > 0
