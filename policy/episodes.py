@@ -75,8 +75,8 @@ class EpisodeRunner:
         environment = self.factory()
         messages = first_messages(environment, prompt.meta, self.cfg.factory)
         if messages != prompt.messages:
-            raise UserError(f"environment {self.cfg.factory}: reset gave other first messages for prompt {prompt.index} "
-                            f"than when the prompts were made; reset must depend on the row alone")
+            raise UserError(f"environment {self.cfg.factory}: reset gave other first messages for prompt "
+                            f"{prompt.index} than when the prompts were made; reset must depend on the row alone")
         return _Live(prompt, environment)
 
     def _take_turn(self, episode: _Live, response: Response, max_tokens: int) -> None:

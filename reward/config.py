@@ -16,7 +16,8 @@ from omegaconf import MISSING
 from rlhf_loop.common.hf_models import DTYPE_NAMES
 from rlhf_loop.common.user_code import is_code_reference
 
-KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote", "outcome")  # reward/registry.py builds each
+# reward/registry.py builds each
+KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote", "outcome")
 MODEL_KINDS = frozenset({"bradley_terry", "armorm", "pairwise"})  # kinds that load a network (and want a GPU)
 PAIRWISE_RANKINGS = ("all_pairs", "tournament")
 NORMALIZATIONS = ("none", "zscore")

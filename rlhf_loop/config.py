@@ -221,8 +221,8 @@ class RunConfig:
             (len(self.data.prompts) in (0, 1, self.iterations),
              f"data.prompts has {len(self.data.prompts)} entries; give one, or one per iteration ({self.iterations})"),
         ])
-        sections = [self.policy, self.rollout, self.environment, self.pairs, self.train, self.sft, self.eval, self.wandb,
-                    self.cluster]
+        sections = [self.policy, self.rollout, self.environment, self.pairs, self.train, self.sft, self.eval,
+                    self.wandb, self.cluster]
         across = failed([
             (self.pairs.per_prompt <= max_pairs_per_prompt(self),
              f"pairs.per_prompt {self.pairs.per_prompt} is more than {self.pairs.multi} can pick from "

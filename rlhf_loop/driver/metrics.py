@@ -130,8 +130,8 @@ class Tracker:
 def summary_line(metrics: dict[str, float], iterations: int | None, previous: dict[str, float] | None) -> str:
     """`iter 2/3  reward 0.29 (+1.25)  gold 0.67  kl 0.95  pairs 498/512  42.1 s`: the mean reward of the
     iteration's samples (its change from the previous iteration's), the evaluated policy's gold mean and KL to the
-    reference (with episodes, their mean turns and outcome), the pairs kept of the prompts sampled, and the iteration's time; what a run does not measure is left
-    out (offline DPO shows its DPO loss instead of rewards)."""
+    reference (with episodes, their mean turns and outcome), the pairs kept of the prompts sampled, and the
+    iteration's time; what a run does not measure is left out (offline DPO shows its DPO loss instead of rewards)."""
     parts = [f"iter {metrics['iteration']}/{iterations or '?'}"]
     if "reward/mean" in metrics:
         change = (f" ({metrics['reward/mean'] - previous['reward/mean']:+.3g})"

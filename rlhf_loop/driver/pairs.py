@@ -3,8 +3,9 @@
 A strategy returns the indices (chosen, rejected) of one prompt's responses. With `pairs.per_prompt` N > 1, a prompt
 gives N pairs, picked by `pairs.multi`: the best response against each of the N worst (best_vs_worst), or the i-th
 best against the i-th worst for i = 1..N (top_vs_bottom). Pairs that would teach nothing are dropped and counted:
-identical texts (of episodes: identical turns), and score gaps not above `pairs.min_margin` (ties). Prompts whose K scores all lie within
-`pairs.min_margin` of each other can give no pair at all; they are counted too (`flat_prompts`).
+identical texts (of episodes: identical turns), and score gaps not above `pairs.min_margin` (ties). Prompts whose
+K scores all lie within `pairs.min_margin` of each other can give no pair at all; they are counted too
+(`flat_prompts`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def test_outcome_refuses_single_turn_responses():
 def test_a_pointwise_scorer_sees_the_whole_conversation_up_to_the_last_assistant_turn(query):
     samples = ungroup([query])
     assert samples[0].messages == PROMPT and samples[0].response == "apple"  # the final reply is left out
-    assert samples[1].messages == [*PROMPT, {"role": "assistant", "content": "dog"}, {"role": "user", "content": "Again."}]
+    assert samples[1].messages == [*PROMPT, {"role": "assistant", "content": "dog"},
+                                   {"role": "user", "content": "Again."}]
     assert samples[1].response == "cherry"
     assert len(samples[2].messages) == 5 and samples[2].response == "dog"
 

@@ -7,7 +7,8 @@ import types
 import pytest
 
 from rlhf_loop.config import WandbConfig
-from rlhf_loop.driver.metrics import Tracker, episode_metrics, pair_metrics, reward_metrics, step_curves, summary_line, wandb_run_id
+from rlhf_loop.driver.metrics import (Tracker, episode_metrics, pair_metrics, reward_metrics, step_curves, summary_line,
+                                     wandb_run_id)
 from rlhf_loop.driver.pairs import select_pairs
 from rlhf_loop.common.records import Episode, Prompt, Response, Rollout, Scored
 from rlhf_loop.rundir.manifest import Manifest, RunDir

@@ -106,7 +106,8 @@ def test_episodes_are_identical_only_when_all_their_turns_are():
 
     def episode(turns):
         messages = [{"role": "assistant", "content": t} for t in turns]
-        return Response(turns[-1], [ord(c) for t in turns for c in t], "stop", Episode(messages, [1], len(turns), "done"))
+        return Response(turns[-1], [ord(c) for t in turns for c in t], "stop",
+                        Episode(messages, [1], len(turns), "done"))
 
     same_end = Scored(Rollout(prompt, [episode(["x", "apple"]), episode(["apple"])]), [1.0, 0.0])
     same_all = Scored(Rollout(prompt, [episode(["x", "apple"]), episode(["x", "apple"])]), [1.0, 0.0])
