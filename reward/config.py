@@ -112,8 +112,8 @@ class RewardConfig:
     # multi-objective models (armorm, combined, ...): the score becomes sum of weight x objective score over these
     # objectives (objective name -> weight), in place of the model's own aggregate; empty keeps the model's score
     objective_weights: dict[str, float] = field(default_factory=dict)
-    # score -= length_penalty x response tokens (of an episode, the policy's own) where the loop scores its rollouts (pairs and eval see the penalised
-    # score; the raw one is kept beside it); 0 is off
+    # score -= length_penalty x response tokens (of an episode, the policy's own) where the loop scores its rollouts
+    # (pairs and eval see the penalised score; the raw one is kept beside it); 0 is off
     length_penalty: float = 0.0
 
 
