@@ -57,7 +57,10 @@ def test_dpo_on_episodes_counts_only_the_policys_tokens(tiny_tokenizer, tiny_pol
         assert 0 in chosen.loss_mask and 0 in rejected.loss_mask
         pairs.append(Pair(index, messages, encode_prompt(tiny_tokenizer, messages[0]["content"]), chosen, rejected,
                           1.0, 0.0))
-    train = train_config(micro_batch_size=2, gradient_accumulation_steps=2, epochs=3, max_length=128)
+    train = train_config(micro_batch_size=2, gradient_accumulation_steps=2, epochs=3, max_prompt_length=64,
+                         max_length=192)
+    assert all(len(p.prompt_token_ids) <= 64 and len(p.prompt_token_ids) + len(p.chosen.token_ids) <= 192
+               for p in pairs)  # nothing cut: the sums below take the whole sequences
     learner = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
     assert learner.begin_iteration(1, pairs, reference_dir=None) == 3
     learner.train_steps(2)
