@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from policy.losses import LOSSES, LossSettings
 from rlhf_loop.common.hf_models import DTYPE_NAMES
+from rlhf_loop.common.user_code import is_code_reference
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -94,6 +95,33 @@ class RolloutConfig:
             (0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}"),
             (self.gpus_per_engine > 0, f"rollout.gpus_per_engine must be > 0, got {self.gpus_per_engine}"),
             (self.call_timeout_s > 0, f"rollout.call_timeout_s must be > 0, got {self.call_timeout_s}"),
+        ])
+
+
+@dataclass
+class EnvironmentConfig:
+    """Multi-turn episodes (docs/environments.md): the rollout engines run an environment's episodes, K per prompt,
+    turn by turn; every shard's live episodes share each engine call. Unset factory: single-turn responses."""
+
+    # "path/to/file.py:Name" or "package.module:Name": a class (or callable) making one environment per episode, with
+    # reset(row) -> first messages and step(message) -> Step (rlhf_loop.common.environments)
+    factory: str | None = None
+    max_turns: int = 4  # assistant turns per episode at most
+    # tokens after the prompt per episode at most (assistant turns, the template's and the environment's tokens); a
+    # turn starts only while rollout.max_tokens more fit. The engines' context is data.max_prompt_tokens plus this.
+    max_episode_tokens: int = 512
+
+    @property
+    def enabled(self) -> bool:
+        return self.factory is not None
+
+    def problems(self) -> list[str]:
+        return failed([
+            (self.factory is None or is_code_reference(self.factory),
+             f"environment.factory must be 'file.py:Name' or 'package.module:Name', got {self.factory!r}"),
+            (self.max_turns >= 1, f"environment.max_turns must be >= 1, got {self.max_turns}"),
+            (self.max_episode_tokens >= 1,
+             f"environment.max_episode_tokens must be >= 1, got {self.max_episode_tokens}"),
         ])
 
 

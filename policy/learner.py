@@ -54,9 +54,17 @@ class TokenizedPair:
     reference_chosen: float = 0.0  # summed log ref(chosen | prompt); unused by a reference-free loss
     reference_rejected: float = 0.0
     weight: float = 1.0  # the pair's share of the loss (train.margin_weighting)
+    # episodes: 1 per chosen / rejected token the loss counts (the policy's own turns); None: all of them
+    chosen_mask: list[int] | None = None
+    rejected_mask: list[int] | None = None
 
 
 _STAT_FIELDS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+def _cut_mask(mask: list[int] | None, response: list[int]) -> list[int] | None:
+    """An episode's loss mask cut as its tokens were (a response keeps its start)."""
+    return None if mask is None else list(mask[:len(response)])
 
 
 def mean_stats(per_step: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -160,7 +168,8 @@ class DPOLearner:
     def _tokenize(self, pair: Pair) -> TokenizedPair:
         prompt, chosen = self._cut(pair.prompt_token_ids, pair.chosen.token_ids)
         _, rejected = self._cut(pair.prompt_token_ids, pair.rejected.token_ids)
-        return TokenizedPair(prompt, chosen, rejected)
+        return TokenizedPair(prompt, chosen, rejected, chosen_mask=_cut_mask(pair.chosen.loss_mask, chosen),
+                             rejected_mask=_cut_mask(pair.rejected.loss_mask, rejected))
 
     def _cut(self, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
         """To train.max_prompt_length and train.max_length, keeping the prompt's BOS and system turn (the driver
@@ -207,7 +216,8 @@ class DPOLearner:
     def _log_probs(self, model, pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities and token counts of the chosen responses, then of the rejected ones."""
         sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        return response_log_probs(model, pad_pairs(sequences, self._policy.pad_token_id, self._policy.device))
+        masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+        return response_log_probs(model, pad_pairs(sequences, self._policy.pad_token_id, self._policy.device, masks))
 
     def train_steps(self, max_steps: int) -> TrainStats:
         """Run up to `max_steps` optimizer steps, stopping at the end of the iteration."""
@@ -313,14 +323,18 @@ class DPOLearner:
         return self._policy.greedy_generate(prompt_token_ids, max_tokens)
 
     @torch.no_grad()
-    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
-        """Per sample: sum over response tokens of log pi - log ref (a KL estimate when responses come from pi).
-        Sequences are truncated as in training. A learner that keeps no reference loads it for this and drops it."""
+    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   loss_masks: list[list[int] | None] | None = None) -> list[float]:
+        """Per sample: sum over response tokens of log pi - log ref (a KL estimate when responses come from pi);
+        of an episode, over the policy's tokens only (`loss_masks`). Sequences are truncated as in training. A
+        learner that keeps no reference loads it for this and drops it."""
         train = self._train
         sequences = [self._cut(prompt, response)
                      for prompt, response in zip(prompt_token_ids, response_token_ids, strict=True)]
+        masks = loss_masks if loss_masks is not None else [None] * len(sequences)
         chunk = 2 * train.micro_batch_size
-        batches = [pad_pairs(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device)
+        batches = [pad_pairs(sequences[start : start + chunk], self._policy.pad_token_id, self._policy.device,
+                             masks[start : start + chunk])
                    for start in range(0, len(sequences), chunk)]
         self._policy.engine.eval()
         policy_log_probs = [response_log_probs(self._policy.engine, batch)[0] for batch in batches]

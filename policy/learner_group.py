@@ -209,9 +209,10 @@ class LearnerGroup:
         return self._wait([a.greedy_generate.remote(prompt_token_ids, max_tokens) for a in self._weight_ranks],
                           "generate")[0]
 
-    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
-        return self._wait([a.log_ratios.remote(prompt_token_ids, response_token_ids) for a in self._weight_ranks],
-                          "eval")[0]
+    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   loss_masks: list[list[int] | None] | None = None) -> list[float]:
+        return self._wait([a.log_ratios.remote(prompt_token_ids, response_token_ids, loss_masks)
+                           for a in self._weight_ranks], "eval")[0]
 
     def placement(self) -> list[dict[str, Any]]:
         """Where each rank runs (node id, address, pid)."""

@@ -81,8 +81,9 @@ class Learner(Protocol):
         """The optimizer state back on the device, before training."""
         ...
 
-    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[float]:
-        """Per sample: sum over response tokens of log pi - log ref."""
+    def log_ratios(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   loss_masks: list[list[int] | None] | None = None) -> list[float]:
+        """Per sample: sum over response tokens of log pi - log ref (of an episode, over its `loss_masks` 1s)."""
         ...
 
     def placement(self) -> list[dict[str, Any]]:

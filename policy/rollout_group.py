@@ -18,6 +18,7 @@ loads the same copy again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ import ray
 import torch
 
 from policy.colocation import ColocationSchedule, OffloadingLearner
-from policy.config import PolicyConfig, RolloutConfig
+from policy.config import EnvironmentConfig, PolicyConfig, RolloutConfig
 from policy.learner_protocol import Learner
 from policy.rollout_protocol import RolloutEngine, Sampling
 from policy.weight_sync import SyncSpec
@@ -38,6 +39,7 @@ from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
 from rlhf_loop.common.records import Prompt, Rollout
+from rlhf_loop.common.user_code import absolute_reference
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -59,17 +61,26 @@ def build_engine(
 
 
 class EngineActor:
-    """One rollout engine in its own Ray worker process."""
+    """One rollout engine in its own Ray worker process; with an environment, it runs episodes with it."""
 
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
-                 sleeps: bool = False):
+                 sleeps: bool = False, environment: EnvironmentConfig | None = None):
         self.engine = build_engine(policy, rollout, device, max_model_len, seed, sleeps)
+        self.episodes = None
+        if environment is not None and environment.enabled:
+            from policy.episodes import EpisodeRunner
+            from rlhf_loop.common.hf_models import load_tokenizer
+
+            self.episodes = EpisodeRunner(environment, load_tokenizer(policy.tokenizer_source,
+                                                                      policy.trust_remote_code))
 
     def ready(self) -> None:
         """Returns once the engine is built, so set-up errors surface at start rather than at the first shard."""
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         maybe_kill_actor("rollout")  # the kill tests' RLHF_LOOP_KILL_ACTOR
+        if self.episodes is not None:
+            return self.episodes.run(self.engine, prompts, sampling)
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, named_tensors: NamedTensors) -> None:
@@ -94,7 +105,7 @@ class EngineActor:
 
 def start_engine_actor(
     policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, max_restarts: int = 0,
-    placement: dict[str, Any] | None = None, sleeps: bool = False,
+    placement: dict[str, Any] | None = None, sleeps: bool = False, environment: EnvironmentConfig | None = None,
 ) -> ray.actor.ActorHandle:
     """An EngineActor with the resources and environment its device needs (returns before the engine is built).
     `placement`: the Ray options that put it on its placement-group bundle (`rlhf_loop.cluster.roles`); without, it takes
@@ -104,7 +115,7 @@ def start_engine_actor(
         ray.remote(EngineActor)
         .options(**{**_actor_resources(rollout, device), **(placement or {})}, max_restarts=max_restarts,
                  max_task_retries=0)
-        .remote(policy, rollout, device, max_model_len, seed, sleeps)
+        .remote(policy, rollout, device, max_model_len, seed, sleeps, environment)
     )
 
 
@@ -124,11 +135,16 @@ class RolloutGroup:
     """`rollout.num_engines` engine actors behind one generate / update_weights call (ray.init done by the caller)."""
 
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
-                 max_restarts: int = 0, placements: Sequence[dict[str, Any]] | None = None, sleeps: bool = False):
+                 max_restarts: int = 0, placements: Sequence[dict[str, Any]] | None = None, sleeps: bool = False,
+                 environment: EnvironmentConfig | None = None):
         """`placements`: each engine's Ray options for its placement-group bundle (see `start_engine_actor`).
-        `sleeps`: the engines share GPUs with the learner (cluster.colocate) and free them in `asleep`."""
+        `sleeps`: the engines share GPUs with the learner (cluster.colocate) and free them in `asleep`.
+        `environment`: the engines run its episodes (`policy.episodes`) where they would sample single turns."""
         placements = placements or [None] * rollout.num_engines
-        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where, sleeps)
+        if environment is not None:
+            environment = dataclasses.replace(environment, factory=absolute_reference(environment.factory))
+        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where, sleeps,
+                                          environment)
                        for where in placements]
         self.sleeps = sleeps
         self.timeout_s = rollout.call_timeout_s

@@ -23,6 +23,7 @@ from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restar
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
+from rlhf_loop.common.user_code import absolute_reference
 
 
 class _RewardActor:
@@ -102,11 +103,7 @@ class RewardScorer:
 
 def _with_absolute_paths(cfg: RewardConfig) -> RewardConfig:
     """Relative files in the config mean the driver's working directory, wherever the actor runs."""
-    function = cfg.function
-    if function is not None:
-        location, _, attribute = function.rpartition(":")
-        if location.endswith(".py"):
-            function = f"{Path(location).expanduser().resolve()}:{attribute}"
+    function = absolute_reference(cfg.function)
     model_path = cfg.model_path
     if model_path is not None and Path(model_path).expanduser().exists():
         model_path = str(Path(model_path).expanduser().resolve())

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rlhf_loop.common.records import Messages
+from rlhf_loop.common.records import Episode, Messages
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class RewardQuery:
     messages: Messages  # the prompt conversation (system/user turns)
     responses: list[str]  # the candidate responses to it
     meta: dict[str, Any] = field(default_factory=dict)  # the prompt's dataset columns, for rule-based rewards
+    # with an environment, one per response: its turns (a pointwise scorer sees the whole conversation, its last
+    # assistant turn as the response) and its outcome (kind outcome); empty for single-turn responses
+    episodes: list[Episode] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

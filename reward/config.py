@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rlhf_loop.common.hf_models import DTYPE_NAMES
+from rlhf_loop.common.user_code import is_code_reference
 
-KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote")  # reward/registry.py builds each
+# reward/registry.py builds each
+KINDS = ("bradley_terry", "armorm", "pairwise", "function", "combined", "remote", "outcome")
 MODEL_KINDS = frozenset({"bradley_terry", "armorm", "pairwise"})  # kinds that load a network (and want a GPU)
 PAIRWISE_RANKINGS = ("all_pairs", "tournament")
 NORMALIZATIONS = ("none", "zscore")
@@ -82,7 +84,9 @@ class RewardComponent:
 
 @dataclass
 class RewardConfig:
-    kind: str = "bradley_terry"  # bradley_terry | armorm | pairwise | function | combined | remote (docs/rewards.md)
+    # bradley_terry | armorm | pairwise | function | combined | remote (docs/rewards.md) | outcome (an episode's
+    # environment outcome, docs/environments.md)
+    kind: str = "bradley_terry"
     model_path: str | None = None  # HF hub id or local directory of the reward model (or judge, or tokenizer)
     trust_remote_code: bool = False  # required (and only honoured) for models with custom modeling code
     batch_size: int = 16  # (prompt, response) sequences per forward pass; responses per request for remote
@@ -100,6 +104,7 @@ class RewardConfig:
     # responses, list of metas) -> list of floats for a whole batch of batch_size samples
     function_batched: bool = False
     components: list[RewardComponent] = field(default_factory=list)  # combined: the weighted terms
+    missing_outcome: float = 0.0  # outcome: the score of an episode its environment gave no outcome
     normalize: str = "none"  # combined: none | zscore (each term standardised across the K responses of a prompt)
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -107,8 +112,8 @@ class RewardConfig:
     # multi-objective models (armorm, combined, ...): the score becomes sum of weight x objective score over these
     # objectives (objective name -> weight), in place of the model's own aggregate; empty keeps the model's score
     objective_weights: dict[str, float] = field(default_factory=dict)
-    # score -= length_penalty x response tokens where the loop scores its rollouts (pairs and eval see the penalised
-    # score; the raw one is kept beside it); 0 is off
+    # score -= length_penalty x response tokens (of an episode, the policy's own) where the loop scores its rollouts
+    # (pairs and eval see the penalised score; the raw one is kept beside it); 0 is off
     length_penalty: float = 0.0
 
 
@@ -124,7 +129,7 @@ def reward_config_problems(cfg: RewardConfig, key: str = "reward") -> list[str]:
         (cfg.call_timeout_s > 0, f"{key}.call_timeout_s must be > 0, got {cfg.call_timeout_s}"),
         (cfg.kind not in MODEL_KINDS or cfg.model_path is not None,
          f"{key}.model_path is required for kind {cfg.kind}; give a local directory or a hub id"),
-        (cfg.kind != "function" or _is_code_reference(cfg.function),
+        (cfg.kind != "function" or is_code_reference(cfg.function),
          f"{key}.function must be 'file.py:name' or 'package.module:name' for kind function, got {cfg.function!r}"),
         (cfg.kind != "combined" or len(cfg.components) >= 1,
          f"{key}.components is empty; kind combined needs at least one component"),
@@ -189,10 +194,3 @@ def _server_problems(server: ServerConfig, key: str) -> list[str]:
         (server.retry_after_s >= 0, f"{key}.retry_after_s must be >= 0, got {server.retry_after_s}"),
     ]
     return [message for ok, message in checks if not ok]
-
-
-def _is_code_reference(reference: str | None) -> bool:
-    if reference is None or ":" not in reference:
-        return False
-    location, _, attribute = reference.rpartition(":")
-    return bool(location) and attribute.isidentifier()

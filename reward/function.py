@@ -10,55 +10,15 @@ and returns a list of floats.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import numbers
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
 from reward.groups import ResponseToScore, check_finite, describe, regroup, ungroup
 from rlhf_loop.common.errors import UserError
-
-
-def load_code_reference(reference: str, key: str) -> Any:
-    """The object named by "path/to/file.py:name" or "package.module:name"; `key` is the config key, for errors.
-
-    The last ":" splits off the attribute; a location ending in .py is a file, anything else a module on sys.path.
-    """
-    location, _, attribute = reference.rpartition(":")
-    try:
-        module = _import_file(Path(location)) if location.endswith(".py") else importlib.import_module(location)
-    except UserError:
-        raise
-    except Exception as e:  # whatever the user's module raises while importing
-        raise UserError(f"{key} {reference!r}: importing {location} failed: {type(e).__name__}: {e}") from None
-    if not hasattr(module, attribute):
-        raise UserError(f"{key} {reference!r}: {location} defines no {attribute!r}")
-    return getattr(module, attribute)
-
-
-def _import_file(path: Path):
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise UserError(f"reward function file {path} does not exist")
-    # A name unique to the file, so two users' reward.py files never shadow each other in sys.modules.
-    name = f"rlhf_loop_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+from rlhf_loop.common.user_code import load_code_reference
 
 
 class FunctionReward:

@@ -22,11 +22,27 @@ class ResponseToScore:
 
 
 def ungroup(queries: Sequence[RewardQuery]) -> list[ResponseToScore]:
+    """One sample per response; an episode's is its whole conversation up to its last assistant turn, which is
+    the response (the environment's final reply after it is left out: the policy never answered it)."""
     return [
-        ResponseToScore(q, r, query.messages, response, query.meta)
+        ResponseToScore(q, r, *_conversation(query, r))
         for q, query in enumerate(queries)
-        for r, response in enumerate(query.responses)
+        for r in range(len(query.responses))
     ]
+
+
+def _conversation(query: RewardQuery, r: int) -> tuple[Messages, str, dict[str, Any]]:
+    if not query.episodes:
+        return query.messages, query.responses[r], query.meta
+    turns = query.episodes[r].answered_turns()
+    return [*query.messages, *turns[:-1]], turns[-1]["content"], query.meta
+
+
+def refuse_episodes(queries: Sequence[RewardQuery], kind: str) -> None:
+    """Kinds that compare or send responses against one shared prompt cannot score episodes (each has its own turns)."""
+    if any(query.episodes for query in queries):
+        raise UserError(f"reward kind {kind} scores single-turn responses; score episodes with kind outcome, a "
+                        f"pointwise model (bradley_terry, armorm), a function, or a combination of them")
 
 
 def regroup(

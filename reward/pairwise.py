@@ -22,7 +22,7 @@ import torch
 from reward import hf
 from reward.base import RewardQuery, RewardResult
 from reward.config import RewardConfig
-from reward.groups import check_finite
+from reward.groups import check_finite, refuse_episodes
 from rlhf_loop.common.chat import chat_token_ids
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.hf_models import load_tokenizer
@@ -67,6 +67,7 @@ class PairwiseJudge:
         return ids[0]
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
+        refuse_episodes(queries, "pairwise")
         if self.settings.ranking == "all_pairs":
             scores = self._all_pairs(queries)
         else:

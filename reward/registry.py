@@ -52,6 +52,12 @@ def _remote(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
     return RemoteReward(cfg, key)
 
 
+def _outcome(cfg: RewardConfig, device: str, key: str) -> NamedRewardModel:
+    from reward.outcome import OutcomeReward
+
+    return OutcomeReward(cfg)
+
+
 _BUILDERS: dict[str, Callable[[RewardConfig, str, str], NamedRewardModel]] = {
     "bradley_terry": _bradley_terry,
     "armorm": _armorm,
@@ -59,6 +65,7 @@ _BUILDERS: dict[str, Callable[[RewardConfig, str, str], NamedRewardModel]] = {
     "function": _function,
     "combined": _combined,
     "remote": _remote,
+    "outcome": _outcome,
 }
 
 

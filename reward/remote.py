@@ -26,7 +26,7 @@ from typing import Any
 
 from reward.base import RewardQuery, RewardResult
 from reward.config import RemoteConfig, RewardConfig
-from reward.groups import check_finite
+from reward.groups import check_finite, refuse_episodes
 from rlhf_loop.common.chat import chat_text
 from rlhf_loop.common.errors import UserError
 
@@ -80,6 +80,7 @@ class RemoteReward:
         self.client.timeout = waited
 
     def score(self, queries: Sequence[RewardQuery]) -> list[RewardResult]:
+        refuse_episodes(queries, "remote")
         chunks = self._chunks(queries)
         send = self._score_openrlhf if self.settings.protocol == "openrlhf" else self._score_ours
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:

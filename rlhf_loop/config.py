@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from policy.config import PolicyConfig, RolloutConfig, SFTConfig, TrainConfig, failed
+from policy.config import EnvironmentConfig, PolicyConfig, RolloutConfig, SFTConfig, TrainConfig, failed
 from reward.config import RewardConfig, reward_config_problems
 from rlhf_loop.common.config_files import structured_config, yaml_layers
 from rlhf_loop.common.errors import ConfigError
@@ -179,6 +179,7 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)  # multi-turn episodes; off by default
     reward: RewardConfig = field(default_factory=RewardConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -198,9 +199,11 @@ class RunConfig:
     @property
     def max_model_len(self) -> int:
         """The engines' context: rollout.max_model_len, or the longest prompt plus the longest response any stage
-        asks for."""
-        return self.rollout.max_model_len or self.data.max_prompt_tokens + max(self.rollout.max_tokens,
-                                                                               self.eval.max_tokens)
+        asks for (with an environment, the longest episode)."""
+        longest = max(self.rollout.max_tokens, self.eval.max_tokens)
+        if self.environment.enabled:
+            longest = max(longest, self.environment.max_episode_tokens)
+        return self.rollout.max_model_len or self.data.max_prompt_tokens + longest
 
     @property
     def evaluates(self) -> bool:
@@ -225,13 +228,20 @@ class RunConfig:
             (len(self.data.prompts) in (0, 1, self.iterations),
              f"data.prompts has {len(self.data.prompts)} entries; give one, or one per iteration ({self.iterations})"),
         ])
-        sections = [self.policy, self.rollout, self.pairs, self.train, self.sft, self.eval, self.wandb, self.cluster]
+        sections = [self.policy, self.rollout, self.environment, self.pairs, self.train, self.sft, self.eval,
+                    self.wandb, self.cluster]
         across = failed([
             (self.pairs.per_prompt <= max_pairs_per_prompt(self),
              f"pairs.per_prompt {self.pairs.per_prompt} is more than {self.pairs.multi} can pick from "
              f"rollout.samples_per_prompt {self.rollout.samples_per_prompt}; use at most {max_pairs_per_prompt(self)}"),
             (self.train.enabled or self.online,
              "pairs.dataset (offline DPO) needs train.enabled: true; there is nothing else to do with its pairs"),
+            (not self.environment.enabled or self.online,
+             "environment.factory runs episodes, which offline DPO (pairs.dataset) never samples; unset one of them"),
+            (not self.environment.enabled
+             or self.environment.max_episode_tokens >= max(self.rollout.max_tokens, self.eval.max_tokens),
+             f"environment.max_episode_tokens ({self.environment.max_episode_tokens}) leaves no room for one turn of "
+             f"rollout.max_tokens / eval.max_tokens ({max(self.rollout.max_tokens, self.eval.max_tokens)}); raise it"),
         ])
         # Offline DPO starts no reward model, so its reward section is not checked.
         reward = reward_config_problems(self.reward) if self.online else []

@@ -83,7 +83,7 @@ def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
     roles: dict[str, Callable[[], Any]] = {}
     if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
         roles["rollout"] = lambda: RolloutGroup(policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts,
-                                                options["rollout"], sleeps=colocate)
+                                                options["rollout"], sleeps=colocate, environment=cfg.environment)
         roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts, options["reward"][0])
     if cfg.train.enabled:
         roles["learner"] = lambda: LearnerGroup(policy, cfg.train, device, cfg.seed, options["learner"])

@@ -3,6 +3,7 @@
     chat_token_ids(tokenizer, messages, add_generation_prompt=True)     # a prompt, as the rollout engines see it
     chat_token_ids(tokenizer, [*messages, assistant_turn(response)])   # a scored conversation
     prompt_and_last_turn(tokenizer, conversation)                       # SFT and preference pairs: (prompt, turn)
+    tokens_after_turn(tokenizer, conversation, replies, sampled_ids)    # episodes: what follows a sampled turn
 
 The template's text is tokenized without adding special tokens: the template writes BOS itself.
 """
@@ -65,3 +66,28 @@ def _split_by_assistant_mask(tokenizer: Any, messages: Messages) -> tuple[list[i
     while start > 0 and mask[start - 1]:
         start -= 1
     return full[:start], full[start:]
+
+
+def tokens_after_turn(tokenizer: Any, conversation: Messages, replies: Messages, sampled: list[int]) -> list[int]:
+    """The tokens that follow an assistant turn's sampled tokens in an episode: the rest of the turn's closing as the
+    template writes it (e.g. ChatML's newline after <|im_end|>), then `replies` and the next generation prompt.
+
+    `conversation` ends with that assistant turn; `sampled` are its sampled ids, ending with the token the policy
+    stopped on. Rendering whole conversations and taking differences keeps the sampled ids as they are (no
+    re-tokenisation of the model's text), so an episode's tokens are exactly the contexts its turns were sampled
+    from; it needs the template to render earlier turns the same way once later ones are added (Llama 3, ChatML,
+    the toy's do). None of these tokens were sampled: an episode's loss mask is 0 on them."""
+    before = chat_token_ids(tokenizer, conversation[:-1], add_generation_prompt=True)
+    closed = chat_token_ids(tokenizer, conversation)
+    after = chat_token_ids(tokenizer, [*conversation, *replies], add_generation_prompt=True)
+    if closed[:len(before)] != before or after[:len(closed)] != closed:
+        raise ValueError("the chat template renders earlier turns differently once a later turn is added, so an "
+                         "episode's turns cannot be appended to its tokens; use a template that renders each turn on "
+                         "its own (Llama 3, ChatML)")
+    turn = closed[len(before):]  # the assistant turn as the template writes it, its closing tokens included
+    stop = sampled[-1] if sampled else None
+    if stop not in turn:
+        raise ValueError(f"the chat template does not close an assistant turn with token {stop} that the policy "
+                         f"stopped on; its turn renders as {turn[-4:]} at the end")
+    closing = turn[len(turn) - turn[::-1].index(stop):]
+    return closing + after[len(closed):]

@@ -1,6 +1,7 @@
 """Typed records that flow between the stages of an iteration.
 
 prompts -> Rollout (K responses each) -> Scored -> Pair -> learner.
+With an environment (`rlhf_loop.common.environments`) a response is a whole episode: its `episode` holds the turns.
 Every record round-trips through JSON (`to_json` / `from_json`) because each stage leaves its output in the run
 directory, and `policy/` and `reward/` use these types without importing the loop.
 """
@@ -24,13 +25,50 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)  # the dataset row's other columns (answers, labels, ...)
 
 
+EPISODE_ENDS = ("done", "max_turns", "max_tokens", "turn_cut")  # why an episode ended; see Episode.end
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A multi-turn response: the assistant's turns and the environment's replies after the prompt."""
+
+    messages: Messages  # every turn after the prompt, in order: assistant, environment (user/tool), assistant, ...
+    # one per token of Response.token_ids: 1 where the policy sampled it (the loss counts it), 0 where the chat
+    # template or the environment wrote it (an assistant turn's closing tokens, the replies, generation prompts)
+    loss_mask: list[int]
+    turns: int  # assistant turns
+    # done: the environment ended it; max_turns / max_tokens: environment.max_turns or max_episode_tokens left no
+    # room for another turn; turn_cut: an assistant turn hit rollout.max_tokens, so the episode stops there
+    end: str
+    outcome: float | None = None  # the environment's outcome reward, when it gave one
+
+    def answered_turns(self) -> Messages:
+        """The turns up to the last assistant turn: what the policy answered (a final reply after it, never
+        answered, is left out); what reward models score and exported pairs hold."""
+        last = max(i for i, message in enumerate(self.messages) if message["role"] == "assistant")
+        return self.messages[:last + 1]
+
+
 @dataclass(frozen=True)
 class Response:
-    """One sampled continuation of a prompt."""
+    """One sampled continuation of a prompt; with an environment, a whole episode."""
 
-    text: str
-    token_ids: list[int]  # exactly the sampled tokens (EOS included when it stopped), so DPO trains on them
-    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+    text: str  # the response; of an episode, its last assistant turn
+    # exactly the sampled tokens (EOS included when it stopped), so DPO trains on them; of an episode, every token
+    # after the prompt, the environment's included (see Episode.loss_mask)
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string; an episode the environment ended) or "length" (cut short)
+    episode: Episode | None = None  # the turns, when an environment drove the rollout
+
+    @property
+    def loss_mask(self) -> list[int] | None:
+        """1 per token the loss counts (the policy's own), None when all of them do."""
+        return self.episode.loss_mask if self.episode is not None else None
+
+    @property
+    def sampled_tokens(self) -> int:
+        """How many of its tokens the policy sampled (of an episode: its turns, not the environment's)."""
+        return len(self.token_ids) if self.episode is None else sum(self.episode.loss_mask)
 
 
 @dataclass(frozen=True)
@@ -76,7 +114,8 @@ def prompt_from_json(data: dict[str, Any]) -> Prompt:
 
 
 def response_from_json(data: dict[str, Any]) -> Response:
-    return Response(**data)
+    episode = data.get("episode")
+    return Response(**{**data, "episode": Episode(**episode) if episode is not None else None})
 
 
 def rollout_from_json(data: dict[str, Any]) -> Rollout:

@@ -4,6 +4,7 @@
     head = PromptHead.of(tokenizer)                                            # once per tokenizer
     prompt, response = cut_pair(prompt_ids, response_ids, max_prompt_length, max_length, head.length(prompt_ids))
     batch = pad_pairs([(prompt, response), ...], pad_token_id, device)         # learners: response_mask
+    batch = pad_pairs(sequences, pad_token_id, device, loss_masks)            # episodes: the policy's tokens only
     for batch in padded_batches(sequences, batch_size, pad_id, device): ...     # reward models: last_positions
 
 Ours rather than the tokenizer's `truncation_side` and `tokenizer.pad`: those cut one sequence from one side, and
@@ -106,13 +107,17 @@ class PairBatch:
     response_mask: torch.Tensor  # 1 on response tokens: the ones whose log-probability counts
 
 
-def pad_pairs(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device | str
-              ) -> PairBatch:
-    """(prompt, response) token lists as one right-padded batch, in the order given."""
+def pad_pairs(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int, device: torch.device | str,
+              loss_masks: Sequence[Sequence[int] | None] | None = None) -> PairBatch:
+    """(prompt, response) token lists as one right-padded batch, in the order given. `loss_masks`, per row: 1 per
+    response token that counts (an episode's sampled tokens; `records.Episode.loss_mask`, its start when the
+    response was cut), or None where every response token does."""
     input_ids, attention_mask = _right_padded([prompt + response for prompt, response in sequences], pad_token_id)
     response_mask = torch.zeros_like(attention_mask)
     for row, (prompt, response) in enumerate(sequences):
-        response_mask[row, len(prompt):len(prompt) + len(response)] = 1
+        mask = loss_masks[row] if loss_masks is not None else None
+        response_mask[row, len(prompt):len(prompt) + len(response)] = (
+            1 if mask is None else torch.tensor(list(mask[:len(response)]), dtype=response_mask.dtype))
     return PairBatch(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
 
 

@@ -72,14 +72,22 @@ def as_messages(value: Any) -> Messages | None:
 
 
 def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, first_index: int = 0,
-                   column_key: str = "data.prompt_column") -> PromptSet:
+                   column_key: str = "data.prompt_column", environment: str | None = None) -> PromptSet:
     """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens. Errors name
-    `column_key`, the config key that chose the column."""
-    require_columns(rows, [column], lambda _: f"prompt column {column!r} is not in {source}",
-                    f"set {column_key} to one of them")
+    `column_key`, the config key that chose the column. With an `environment` (environment.factory) the prompt is
+    the first messages its reset(row) gives, and the prompt's meta is the whole row (the engines reset with it)."""
+    first_messages = _environment_reset(environment) if environment is not None else None
+    if first_messages is None:
+        require_columns(rows, [column], lambda _: f"prompt column {column!r} is not in {source}",
+                        f"set {column_key} to one of them")
     prompts, skipped = [], 0
     for offset, row in enumerate(rows):
-        messages = as_messages(row[column])
+        if first_messages is not None:
+            meta = {key: value for key, value in row.items() if _is_json(value)}
+            messages = first_messages(meta)
+        else:
+            messages = as_messages(row[column])
+            meta = {key: value for key, value in row.items() if key != column and _is_json(value)}
         if messages is None:
             raise UserError(f"column {column!r} of {source} holds {type(row[column]).__name__} values; it must hold "
                             f"strings or lists of {{'role', 'content'}} messages: set {column_key} to such a column")
@@ -87,13 +95,21 @@ def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, f
         if len(token_ids) > max_tokens:
             skipped += 1
             continue
-        meta = {key: value for key, value in row.items() if key != column and _is_json(value)}
         prompts.append(Prompt(index=first_index + offset, messages=messages, token_ids=token_ids, meta=meta))
     return PromptSet(prompts, skipped)
 
 
-def iteration_prompts(data, iteration: int, tokenizer, seed: int) -> PromptSet:
-    """The prompts of one iteration (1-based): its own dataset, or its slice of the shared one."""
+def _environment_reset(reference: str) -> Callable[[dict[str, Any]], Messages]:
+    """A row's first messages from the environment named by environment.factory (a fresh one per row)."""
+    from rlhf_loop.common.environments import first_messages, load_environment
+
+    factory = load_environment(reference)
+    return lambda row: first_messages(factory(), row, reference)
+
+
+def iteration_prompts(data, iteration: int, tokenizer, seed: int, environment: str | None = None) -> PromptSet:
+    """The prompts of one iteration (1-based): its own dataset, or its slice of the shared one; `environment`
+    (environment.factory) makes each prompt from its row."""
     per_iteration = len(data.prompts) > 1
     source = data.prompts[iteration - 1] if per_iteration else data.prompts[0]
     rows = load_rows(source, data.split)
@@ -108,7 +124,8 @@ def iteration_prompts(data, iteration: int, tokenizer, seed: int) -> PromptSet:
         rows = rows.select(range(first, min(first + data.prompts_per_iteration, len(rows))))
     elif data.prompts_per_iteration is not None:
         rows = rows.select(range(min(data.prompts_per_iteration, len(rows))))
-    prompt_set = render_prompts(rows, data.prompt_column, source, tokenizer, data.max_prompt_tokens, first)
+    prompt_set = render_prompts(rows, data.prompt_column, source, tokenizer, data.max_prompt_tokens, first,
+                                environment=environment)
     if not prompt_set.prompts:
         raise UserError(f"no usable prompts for iteration {iteration} in {source} ({prompt_set.skipped_too_long} "
                         f"over data.max_prompt_tokens={data.max_prompt_tokens}); add prompts or raise the limit")
@@ -122,7 +139,7 @@ def evaluation_prompts(cfg, tokenizer) -> list[Prompt]:
     rows = load_rows(cfg.eval.prompts, cfg.eval.split)
     rows = rows.select(range(min(cfg.eval.num_prompts, len(rows))))
     prompt_set = render_prompts(rows, cfg.eval.prompt_column, cfg.eval.prompts, tokenizer, cfg.data.max_prompt_tokens,
-                                column_key="eval.prompt_column")
+                                column_key="eval.prompt_column", environment=cfg.environment.factory)
     if not prompt_set.prompts:
         raise UserError(f"no usable evaluation prompts in {cfg.eval.prompts}; add prompts or raise "
                         f"data.max_prompt_tokens")

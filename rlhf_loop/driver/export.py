@@ -7,7 +7,7 @@
 Exported pairs use TRL's conversational preference format with an explicit prompt: `prompt` holds the conversation
 so far, `chosen` and `rejected` hold only the assistant turn. TRL keeps a conversational `prompt` column as is and
 appends `chosen`/`rejected` to it (trl.data_utils.maybe_extract_prompt), so completions that repeated the prompt
-would be trained on it twice.
+would be trained on it twice. An episode's completion holds all its turns (the environment's included).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from rlhf_loop.common.chat import assistant_turn
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.records import Pair, pair_from_json
+from rlhf_loop.common.records import Messages, Pair, Response, pair_from_json
 from rlhf_loop.rundir.manifest import Manifest, RunDir, iteration_of
 from rlhf_loop.common.files import atomic_directory, read_jsonl
 
@@ -34,11 +34,19 @@ SPLITS = ("train", "test")
 def preference_row(pair: Pair) -> dict[str, Any]:
     return {
         "prompt": pair.prompt_messages,
-        "chosen": [assistant_turn(pair.chosen.text)],
-        "rejected": [assistant_turn(pair.rejected.text)],
+        "chosen": completion(pair.chosen),
+        "rejected": completion(pair.rejected),
         "score_chosen": pair.chosen_score,
         "score_rejected": pair.rejected_score,
     }
+
+
+def completion(response: Response) -> Messages:
+    """The response as the turns after the prompt: the assistant turn, or an episode's every turn up to its last
+    assistant turn (the environment's final reply after it is left out: the policy never answered it)."""
+    if response.episode is None:
+        return [assistant_turn(response.text)]
+    return [dict(message) for message in response.episode.answered_turns()]
 
 
 def preference_dataset(pairs: Sequence[Pair]):

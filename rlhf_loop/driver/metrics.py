@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from rlhf_loop.common.console import say
 from rlhf_loop.driver.data import PromptSet
 from rlhf_loop.driver.pairs import PairSelection
-from rlhf_loop.common.records import Pair, Scored
+from rlhf_loop.common.records import EPISODE_ENDS, Episode, Pair, Scored
 from rlhf_loop.rundir.manifest import Manifest, RunDir, unit_order
 from rlhf_loop.common.files import atomic_write_jsonl
 from rlhf_loop.common.sequences import count_cuts
@@ -34,6 +34,25 @@ def reward_metrics(scored: Sequence[Scored], pairs: Sequence[Pair]) -> dict[str,
     responses = [r for item in scored for r in item.rollout.responses]
     metrics["rollout/response_tokens_mean"] = statistics.fmean(len(r.token_ids) for r in responses)
     metrics["rollout/truncated_fraction"] = sum(r.finish_reason == "length" for r in responses) / len(responses)
+    return metrics | episode_metrics([r.episode for r in responses if r.episode is not None], "episodes")
+
+
+def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    """Of multi-turn responses (none: no metrics): assistant turns per episode, the policy's own tokens, how the
+    episodes ended (fractions per EPISODE_ENDS reason), and the environment's outcomes (their mean and how many
+    episodes got one)."""
+    if not episodes:
+        return {}
+    outcomes = [episode.outcome for episode in episodes if episode.outcome is not None]
+    metrics = {
+        f"{prefix}/turns_mean": statistics.fmean(episode.turns for episode in episodes),
+        f"{prefix}/policy_tokens_mean": statistics.fmean(sum(episode.loss_mask) for episode in episodes),
+        f"{prefix}/outcome_given_fraction": len(outcomes) / len(episodes),
+        **{f"{prefix}/end_{end}_fraction": sum(episode.end == end for episode in episodes) / len(episodes)
+           for end in EPISODE_ENDS},
+    }
+    if outcomes:
+        metrics[f"{prefix}/outcome_mean"] = statistics.fmean(outcomes)
     return metrics
 
 
@@ -111,8 +130,8 @@ class Tracker:
 def summary_line(metrics: dict[str, float], iterations: int | None, previous: dict[str, float] | None) -> str:
     """`iter 2/3  reward 0.29 (+1.25)  gold 0.67  kl 0.95  pairs 498/512  42.1 s`: the mean reward of the
     iteration's samples (its change from the previous iteration's), the evaluated policy's gold mean and KL to the
-    reference, the pairs kept of the prompts sampled, and the iteration's time; what a run does not measure is left
-    out (offline DPO shows its DPO loss instead of rewards)."""
+    reference (with episodes, their mean turns and outcome), the pairs kept of the prompts sampled, and the
+    iteration's time; what a run does not measure is left out (offline DPO shows its DPO loss instead of rewards)."""
     parts = [f"iter {metrics['iteration']}/{iterations or '?'}"]
     if "reward/mean" in metrics:
         change = (f" ({metrics['reward/mean'] - previous['reward/mean']:+.3g})"
@@ -120,7 +139,9 @@ def summary_line(metrics: dict[str, float], iterations: int | None, previous: di
         parts.append(f"reward {metrics['reward/mean']:.3g}{change}")
     elif "dpo/loss" in metrics:
         parts.append(f"loss {metrics['dpo/loss']:.3g}")
-    parts += [f"{name} {metrics[key]:.3g}" for name, key in (("gold", "eval/gold_mean"), ("kl", "kl/ref"))
+    parts += [f"{name} {metrics[key]:.3g}" for name, key in (("gold", "eval/gold_mean"), ("kl", "kl/ref"),
+                                                              ("turns", "episodes/turns_mean"),
+                                                              ("outcome", "episodes/outcome_mean"))
               if key in metrics]
     if "pairs/count" in metrics:
         of = f"/{metrics['prompts/count']}" if "prompts/count" in metrics else ""

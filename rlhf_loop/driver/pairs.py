@@ -3,8 +3,9 @@
 A strategy returns the indices (chosen, rejected) of one prompt's responses. With `pairs.per_prompt` N > 1, a prompt
 gives N pairs, picked by `pairs.multi`: the best response against each of the N worst (best_vs_worst), or the i-th
 best against the i-th worst for i = 1..N (top_vs_bottom). Pairs that would teach nothing are dropped and counted:
-identical texts, and score gaps not above `pairs.min_margin` (ties). Prompts whose K scores all lie within
-`pairs.min_margin` of each other can give no pair at all; they are counted too (`flat_prompts`).
+identical texts (of episodes: identical turns), and score gaps not above `pairs.min_margin` (ties). Prompts whose
+K scores all lie within `pairs.min_margin` of each other can give no pair at all; they are counted too
+(`flat_prompts`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rlhf_loop.common.records import Pair, Scored
+from rlhf_loop.common.records import Pair, Response, Scored
 from rlhf_loop.common.seeds import derived_seed
 from rlhf_loop.config import PAIR_MULTI
 
@@ -53,6 +54,11 @@ def several_pairs(scores: Sequence[float], count: int, multi: str) -> list[tuple
     raise ValueError(f"pairs.multi {multi!r} is unknown; use one of {list(PAIR_MULTI)}")
 
 
+def _same(a: Response, b: Response) -> bool:
+    """Identical responses teach nothing: the same text, or for episodes the same turns (same tokens)."""
+    return a.token_ids == b.token_ids if a.episode is not None else a.text == b.text
+
+
 @dataclass(frozen=True)
 class PairSelection:
     pairs: list[Pair]
@@ -75,7 +81,7 @@ def select_pairs(scored: Sequence[Scored], strategy: str, min_margin: float, see
             candidates = several_pairs(item.scores, per_prompt, multi)
         for chosen, rejected in candidates:
             chosen_response, rejected_response = item.rollout.responses[chosen], item.rollout.responses[rejected]
-            if chosen_response.text == rejected_response.text:
+            if _same(chosen_response, rejected_response):
                 dropped["identical"] += 1
             elif item.scores[chosen] - item.scores[rejected] <= min_margin:
                 dropped["tie"] += 1

@@ -136,7 +136,7 @@ class Sampler:
 
     def _take(self, iteration: int, on_scored: Callable[[list[Scored]], None] | None = None) -> IterationSample:
         cfg = self.run.cfg
-        prompt_set = iteration_prompts(cfg.data, iteration, self.tokenizer, cfg.seed)
+        prompt_set = iteration_prompts(cfg.data, iteration, self.tokenizer, cfg.seed, cfg.environment.factory)
         scored = generate_and_score(self.run, self.rollout, self.reward, prompt_set.prompts, iteration, on_scored)
         return IterationSample(prompt_set, scored, stages.build_pairs(self.run, scored, iteration))
 

@@ -26,6 +26,7 @@ from rlhf_loop.common import records
 from rlhf_loop.config import RunConfig
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.rundir.heartbeat import write_heartbeat
+from rlhf_loop.driver.metrics import episode_metrics
 from rlhf_loop.driver.pairs import PairSelection, select_pairs
 from rlhf_loop.common.records import Pair, Prompt, Rollout, Scored
 from rlhf_loop.rundir.manifest import Manifest, RunDir, unit_order
@@ -121,11 +122,12 @@ def score_shard(run: Run, reward: RewardModel, rollouts: Sequence[Rollout], iter
 
 
 def score_rollouts(reward: RewardModel, rollouts: Sequence[Rollout], length_penalty: float) -> list[Scored]:
-    """The reward model's scores, less reward.length_penalty per response token (the raw ones kept beside)."""
-    queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta) for r in rollouts]
+    """The reward model's scores, less reward.length_penalty per sampled token (the raw ones kept beside)."""
+    queries = [RewardQuery(r.prompt.messages, [resp.text for resp in r.responses], r.prompt.meta,
+                           [resp.episode for resp in r.responses if resp.episode is not None]) for r in rollouts]
     results = reward.score(queries)
     return [
-        Scored(r, length_penalized(res.scores, [len(resp.token_ids) for resp in r.responses], length_penalty),
+        Scored(r, length_penalized(res.scores, [resp.sampled_tokens for resp in r.responses], length_penalty),
                res.objectives, list(res.scores))
         for r, res in zip(rollouts, results, strict=True)
     ]
@@ -368,11 +370,12 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
                for response, score in zip(item.rollout.responses, item.scores, strict=True)]
     raw_scores = [raw for item in scored for raw in item.raw_scores]
     rows = [{"prompt_index": prompt.index, "response": r.text, "tokens": len(r.token_ids), "reward": s,
-             "raw_reward": raw} for (prompt, r, s), raw in zip(samples, raw_scores, strict=True)]
+             "raw_reward": raw, **_episode_row(r)} for (prompt, r, s), raw in zip(samples, raw_scores, strict=True)]
     metrics = {"eval/reward_mean": statistics.fmean(s for _, _, s in samples),
                "eval/response_tokens_mean": statistics.fmean(len(r.token_ids) for _, r, _ in samples)}
     if run.cfg.reward.length_penalty:
         metrics["eval/reward_raw_mean"] = statistics.fmean(raw_scores)
+    metrics |= episode_metrics([r.episode for _, r, _ in samples if r.episode is not None], "eval")
     if gold is not None:
         golds = [gold(prompt.messages, r.text, prompt.meta) for prompt, r, _ in samples]
         for row, value in zip(rows, golds, strict=True):
@@ -394,6 +397,12 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
     return metrics
 
 
+def _episode_row(response: records.Response) -> dict:
+    """An evaluated episode's turns, outcome and ending, beside its last turn (`response`) in eval.jsonl."""
+    episode = response.episode
+    return {} if episode is None else {"turns": episode.turns, "outcome": episode.outcome, "end": episode.end}
+
+
 def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[Prompt], sampling: Sampling,
                     samples: Sequence[tuple[Prompt, records.Response]]) -> float:
     """KL(pi || ref), estimated as the mean over y ~ pi of log pi(y) - log ref(y), the log-ratio the learner computes
@@ -406,7 +415,11 @@ def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[P
     if (sampling.temperature, sampling.top_p) != (1.0, 1.0):
         own = replace(sampling, temperature=1.0, top_p=1.0, seed=derived_seed(sampling.seed, "kl"))
         samples = [(item.prompt, response) for item in rollout.generate(prompts, own) for response in item.responses]
-    log_ratios = learner.log_ratios([prompt.token_ids for prompt, _ in samples], [r.token_ids for _, r in samples])
+    prompts_ids, responses_ids = [prompt.token_ids for prompt, _ in samples], [r.token_ids for _, r in samples]
+    if any(r.episode is not None for _, r in samples):  # episodes: the policy's own tokens only
+        log_ratios = learner.log_ratios(prompts_ids, responses_ids, [r.loss_mask for _, r in samples])
+    else:
+        log_ratios = learner.log_ratios(prompts_ids, responses_ids)
     return statistics.fmean(log_ratios)
 
 
@@ -444,6 +457,6 @@ def sync(run: Run, learner: Learner, rollout: RolloutGroup, iteration: int) -> N
 
 def load_gold(eval_cfg) -> Callable | None:
     """The task's gold scorer (toy tasks with a known rule), named by "module:attr" or "file.py:attr"."""
-    from reward.function import load_code_reference
+    from rlhf_loop.common.user_code import load_code_reference
 
     return load_code_reference(eval_cfg.gold_reward, "eval.gold_reward") if eval_cfg.gold_reward else None

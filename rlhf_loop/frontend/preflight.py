@@ -45,7 +45,7 @@ def preflight(cfg: RunConfig) -> None:
 
     if cfg.online:
         for iteration in range(1, len(cfg.data.prompts) + 1):
-            iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed)
+            iteration_prompts(cfg.data, iteration, tokenizer, cfg.seed, cfg.environment.factory)
         evaluation_prompts(cfg, tokenizer)
     else:
         load_preference_rows(cfg.pairs.dataset, cfg.pairs.dataset_split)

@@ -524,9 +524,13 @@ def sample_pairs(pairs: list[Pair]) -> list[tuple[str, Pair]]:
     return [(label, ranked[index]) for index, label in picks.items()]
 
 
+def _messages(messages: list[dict]) -> str:
+    return "".join(f"<div class='message'><span class='role'>{_esc(message.get('role', '?'))}</span>"
+                   f"{_esc(_cut(str(message.get('content', ''))))}</div>" for message in messages)
+
+
 def _pair_card(pair: Pair, label: str) -> str:
-    prompt = "".join(f"<div class='message'><span class='role'>{_esc(message.get('role', '?'))}</span>"
-                     f"{_esc(_cut(str(message.get('content', ''))))}</div>" for message in pair.prompt_messages)
+    prompt = _messages(pair.prompt_messages)
     margin = pair.chosen_score - pair.rejected_score
     return (f"<div class='pair'><div class='pair-head'>prompt {pair.prompt_index} &middot; {_esc(label)}: "
             f"{_esc(_number(margin))}</div><div class='prompt'>{prompt}</div><div class='responses'>"
@@ -535,9 +539,16 @@ def _pair_card(pair: Pair, label: str) -> str:
 
 
 def _response(response: Response, score: float, kind: str) -> str:
+    """A response's head and text; an episode's head says its turns, ending and outcome, and shows every turn."""
+    episode = response.episode
+    if episode is None:
+        about, body = _esc(response.finish_reason), f"<div class='text'>{_esc(_cut(response.text))}</div>"
+    else:
+        about = (f"{episode.turns} turns, ended {_esc(episode.end)}, outcome "
+                 f"{_esc(_number(episode.outcome) if episode.outcome is not None else 'none')}")
+        body = f"<div class='text'>{_messages(episode.messages)}</div>"
     return (f"<div class='response {kind}'><div class='response-head'>{kind} &middot; score "
-            f"{_esc(_number(score))} &middot; {len(response.token_ids)} tokens, {_esc(response.finish_reason)}</div>"
-            f"<div class='text'>{_esc(_cut(response.text))}</div></div>")
+            f"{_esc(_number(score))} &middot; {len(response.token_ids)} tokens, {about}</div>{body}</div>")
 
 
 def _config_section(run: RunData) -> str:

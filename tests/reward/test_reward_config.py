@@ -24,6 +24,7 @@ def test_every_kind_is_a_config_change():
         "combined": RewardConfig(kind="combined", components=[
             RewardComponent(name="f", reward=RewardConfig(kind="function", function="pkg.mod:f"))]),
         "remote": RewardConfig(kind="remote", remote=RemoteConfig(url="http://127.0.0.1:8000")),
+        "outcome": RewardConfig(kind="outcome"),
     }
     assert set(configs) == set(KINDS)
     for kind, cfg in configs.items():

@@ -65,6 +65,10 @@ def test_overrides_merge_over_the_file(tmp_path):
     (MINIMAL.replace("model_path: some/rm\n", "model_path: some/rm\n  length_penalty: -0.1\n"),
      "reward.length_penalty must be >= 0"),
     (MINIMAL + "cluster:\n  connect_timeout_s: 0\n", "cluster.connect_timeout_s must be > 0"),
+    (MINIMAL + "environment:\n  factory: my_env.py\n", "environment.factory must be 'file.py:Name'"),
+    (MINIMAL + "environment:\n  factory: e.py:E\n  max_turns: 0\n", "environment.max_turns must be >= 1"),
+    (MINIMAL + "environment:\n  factory: e.py:E\n  max_episode_tokens: 100\n",
+     "environment.max_episode_tokens (100) leaves no room for one turn"),
 ])
 def test_bad_configs_fail_with_one_line_naming_key_and_file(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -129,3 +133,10 @@ def test_base_cycles_and_missing_bases_are_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("base: nope.yaml\n")
     with pytest.raises(ConfigError, match="base file .*nope.yaml does not exist"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_an_environment_sizes_the_engines_context_for_a_whole_episode(tmp_path):
+    single = load_config(write(tmp_path, MINIMAL))
+    assert single.max_model_len == single.data.max_prompt_tokens + single.rollout.max_tokens
+    episodes = load_config(write(tmp_path, MINIMAL + "environment:\n  factory: e.py:E\n  max_episode_tokens: 900\n"))
+    assert episodes.environment.enabled and episodes.max_model_len == episodes.data.max_prompt_tokens + 900

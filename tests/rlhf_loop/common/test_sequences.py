@@ -61,3 +61,10 @@ def test_reward_batches_go_longest_first_and_point_at_each_row_s_last_token():
     assert [b.indices for b in batches] == [[1, 2], [0]]
     assert batches[0].input_ids.tolist() == [[1, 2, 3], [1, 2, 0]]
     assert torch.equal(batches[0].last_positions, torch.tensor([2, 1]))
+
+
+def test_episode_rows_mark_only_their_loss_mask_and_a_cut_keeps_its_start():
+    batch = pad_pairs([([1, 2], [3, 4, 5, 6]), ([7], [8, 9]), ([1], [2, 3, 4])], pad_token_id=0, device="cpu",
+                      loss_masks=[[1, 0, 0, 1], None, [1, 1, 0, 0, 1]])  # the last row's response was cut to 3
+    assert batch.response_mask.tolist() == [[0, 0, 1, 0, 0, 1], [0, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]

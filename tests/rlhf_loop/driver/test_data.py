@@ -86,3 +86,21 @@ def test_wrongly_typed_prompt_cells_are_rejected(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": 42}])
     with pytest.raises(UserError, match="must hold strings or lists"):
         render_prompts(load_rows(path, "train"), "prompt", path, tiny_tokenizer, 100)
+
+
+def test_an_environment_makes_each_prompt_from_its_row_and_keeps_the_whole_row(tmp_path, tiny_tokenizer):
+    environment = tmp_path / "quiz.py"
+    environment.write_text("class Quiz:\n"
+                           "    def reset(self, row):\n"
+                           "        return [{'role': 'user', 'content': f\"What is {row['a']} + {row['b']}?\"}]\n"
+                           "    def step(self, message):\n"
+                           "        raise AssertionError('not stepped here')\n")
+    path = write_jsonl(tmp_path / "sums.jsonl", [{"a": i, "b": 2} for i in range(3)])  # no prompt column
+    cfg = DataConfig(prompts=[path], shuffle=False)
+    prompts = iteration_prompts(cfg, 1, tiny_tokenizer, seed=0, environment=f"{environment}:Quiz").prompts
+    assert [p.messages[0]["content"] for p in prompts] == ["What is 0 + 2?", "What is 1 + 2?", "What is 2 + 2?"]
+    assert prompts[1].meta == {"a": 1, "b": 2}  # the engines reset with the same row
+    assert prompts[1].token_ids == tiny_tokenizer.apply_chat_template(prompts[1].messages, add_generation_prompt=True,
+                                                                      tokenize=True, return_dict=False)
+    with pytest.raises(UserError, match=r"environment\.factory .*defines no 'Missing'"):
+        iteration_prompts(cfg, 1, tiny_tokenizer, seed=0, environment=f"{environment}:Missing")

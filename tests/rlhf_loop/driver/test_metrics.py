@@ -7,9 +7,10 @@ import types
 import pytest
 
 from rlhf_loop.config import WandbConfig
-from rlhf_loop.driver.metrics import Tracker, pair_metrics, reward_metrics, step_curves, summary_line, wandb_run_id
+from rlhf_loop.driver.metrics import (Tracker, episode_metrics, pair_metrics, reward_metrics, step_curves, summary_line,
+                                     wandb_run_id)
 from rlhf_loop.driver.pairs import select_pairs
-from rlhf_loop.common.records import Prompt, Response, Rollout, Scored
+from rlhf_loop.common.records import Episode, Prompt, Response, Rollout, Scored
 from rlhf_loop.rundir.manifest import Manifest, RunDir
 from rlhf_loop.common.files import atomic_write_json, atomic_write_text
 
@@ -233,3 +234,17 @@ def test_wandb_project_and_entity_from_config_then_environment(tmp_path, monkeyp
     run_dir = RunDir.create(tmp_path / "run", overwrite=False)
     Tracker(run_dir, WandbConfig(mode="offline", **configured), {}).close()
     assert (inits[0]["project"], inits[0]["entity"]) == expected
+
+
+def test_episode_metrics_count_turns_endings_and_outcomes():
+    episodes = [Episode([], [1, 1, 0, 1], 2, "done", 1.0), Episode([], [1, 1], 1, "done", 0.5),
+                Episode([], [1, 0, 1, 0, 1], 3, "max_turns", None), Episode([], [1], 1, "turn_cut", 0.0)]
+    metrics = episode_metrics(episodes, "episodes")
+    assert metrics["episodes/turns_mean"] == 7 / 4
+    assert metrics["episodes/policy_tokens_mean"] == 9 / 4
+    assert metrics["episodes/outcome_mean"] == 0.5 and metrics["episodes/outcome_given_fraction"] == 3 / 4
+    assert metrics["episodes/end_done_fraction"] == 0.5 and metrics["episodes/end_max_turns_fraction"] == 0.25
+    assert metrics["episodes/end_max_tokens_fraction"] == 0.0 and metrics["episodes/end_turn_cut_fraction"] == 0.25
+    assert episode_metrics([], "episodes") == {}
+    line = summary_line({"iteration": 1, "reward/mean": 0.5, **metrics}, 2, None)
+    assert "turns 1.75" in line and "outcome 0.5" in line

@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_loop.config import PAIR_STRATEGIES
 from rlhf_loop.driver.pairs import STRATEGIES, max_min, max_random, random_pair, select_pairs, several_pairs
-from rlhf_loop.common.records import Prompt, Response, Rollout, Scored
+from rlhf_loop.common.records import Episode, Prompt, Response, Rollout, Scored
 
 
 def scored(index, texts, scores):
@@ -99,3 +99,17 @@ def test_one_pair_a_prompt_counts_flat_prompts_without_changing_what_is_dropped(
 
 def test_the_config_checks_exactly_the_strategies_that_exist():
     assert tuple(STRATEGIES) == PAIR_STRATEGIES
+
+
+def test_episodes_are_identical_only_when_all_their_turns_are():
+    prompt = Prompt(index=0, messages=[{"role": "user", "content": "q"}], token_ids=[1, 2])
+
+    def episode(turns):
+        messages = [{"role": "assistant", "content": t} for t in turns]
+        return Response(turns[-1], [ord(c) for t in turns for c in t], "stop",
+                        Episode(messages, [1], len(turns), "done"))
+
+    same_end = Scored(Rollout(prompt, [episode(["x", "apple"]), episode(["apple"])]), [1.0, 0.0])
+    same_all = Scored(Rollout(prompt, [episode(["x", "apple"]), episode(["x", "apple"])]), [1.0, 0.0])
+    selection = select_pairs([same_end, same_all], "max_min", 0.0, seed=0)
+    assert len(selection.pairs) == 1 and selection.dropped == {"identical": 1}

@@ -621,3 +621,20 @@ def test_no_penalty_leaves_the_scores_as_the_model_gave_them():
     old = records.to_json(scored)
     del old["raw_scores"]  # a scores file written before raw scores were recorded
     assert records.scored_from_json(old).raw_scores == [0.3, -0.2]
+
+
+def test_episodes_go_to_the_reward_model_with_their_turns_and_round_trip_through_json():
+    from reward.config import RewardConfig
+    from reward.registry import build_reward_model
+
+    prompt = Prompt(0, [{"role": "user", "content": "q"}], [1, 2], {})
+    episodes = [records.Episode([{"role": "assistant", "content": "a"}], [1, 1], 1, "done", 0.25),
+                records.Episode([{"role": "assistant", "content": "b"}, {"role": "user", "content": "again"},
+                                 {"role": "assistant", "content": "c"}], [1, 0, 1], 2, "max_turns", None)]
+    rollout = Rollout(prompt, [Response("a", [5, 6], "stop", episodes[0]), Response("c", [5, 9, 7], "length",
+                                                                                      episodes[1])])
+    [scored] = stages.score_rollouts(build_reward_model(RewardConfig(kind="outcome", missing_outcome=-1.0), "cpu"),
+                                     [rollout], length_penalty=0.0)
+    assert scored.scores == [0.25, -1.0]
+    assert records.scored_from_json(json.loads(json.dumps(records.to_json(scored)))) == scored
+    assert rollout.responses[1].loss_mask == [1, 0, 1] and Response("x", [1], "stop").loss_mask is None

@@ -267,3 +267,15 @@ def test_iterations_shards_and_steps_are_read_in_order_past_their_padding(tmp_pa
     assert data.iterations[0].scores == [1.0, 2.0]
     assert [(c.iteration, c.global_step) for i in data.iterations for c in i.train_chunks] == [
         (999, 999999), (999, 1000000), (1000, 1000002)]
+
+
+def test_a_pair_of_episodes_shows_every_turn_with_its_ending_and_outcome():
+    episode = records.Episode([{"role": "assistant", "content": "dog"}, {"role": "user", "content": "Again <please>."},
+                               {"role": "assistant", "content": "apple"}], [1, 0, 1], 2, "done", 0.9)
+    chosen = Response("apple", [1, 2, 3], "stop", episode)
+    rejected = Response("dog", [4], "length", records.Episode([{"role": "assistant", "content": "dog"}], [1], 1,
+                                                              "max_turns", None))
+    card = report._pair_card(records.Pair(0, [{"role": "user", "content": "Say apple."}], [9], chosen, rejected, 0.9,
+                                          0.0), "largest margin")
+    assert "2 turns, ended done, outcome 0.9" in card and "1 turns, ended max_turns, outcome none" in card
+    assert card.count("<span class='role'>assistant</span>") == 3 and "Again &lt;please&gt;." in card
