@@ -5,6 +5,7 @@ process killed in the middle of an iteration resumes to the same pairs without d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -75,6 +76,9 @@ class StepEngines:
     def sync_from(self, learner):
         self.held = learner.step
         self.syncs.append(learner.step)
+
+    def asleep(self, learner):  # the engines of cluster.colocate sleep while the learner trains; these stay awake
+        return contextlib.nullcontext()
 
 
 def semi_online_run(run_dir, tmp_path, **train):
@@ -164,7 +168,8 @@ def test_a_process_killed_before_a_block_was_sampled_gives_the_engines_the_check
 ])
 def test_semi_online_refuses_what_it_cannot_do(tmp_path, override, message):
     config = tmp_path / "run.yaml"
-    config.write_text(f"policy: {{model_path: p}}\ndata: {{prompts: [{prompt_file(tmp_path)}]}}\n")
+    config.write_text(f"policy: {{model_path: p}}\nreward: {{model_path: r}}\n"
+                      f"data: {{prompts: [{prompt_file(tmp_path)}]}}\n")
     assert load_config(config, ["train.sync_every_steps=4"]).sync_block_prompts == 4  # 4 steps x batch 1
     with pytest.raises(ConfigError, match=message):
         load_config(config, ["train.sync_every_steps=4", override])
