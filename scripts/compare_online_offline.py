@@ -184,6 +184,9 @@ def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = 
     lines = [f"{label}: final gold " + ", ".join(f"{name} {cell(clustered(values))}" for name, values in finals.items())]
     for name in (arm for arm in ("online", "semi_online") if arm in finals and "offline" in finals):
         difference, difference_se = gap(finals[name], finals["offline"])
+        if math.isnan(difference_se):  # one asset seed: nothing to measure the spread by
+            lines.append(f"{name} - offline = {difference:.3f} on one asset seed: no standard error, no verdict")
+            continue
         standard_errors = difference / difference_se if difference_se > 0 else float("inf")
         lines.append(f"{name} - offline = {difference:.3f} +- {difference_se:.3f} ({standard_errors:.1f} standard "
                      f"errors): {name + ' wins' if standard_errors > 2 else 'no clear winner'}")

@@ -102,6 +102,9 @@ def test_the_semi_online_arm_is_compared_with_offline_too():
     # paired gaps 0.05 and 0.01: mean 0.03, standard error 0.02
     assert "semi_online - offline = 0.030 +- 0.020 (1.5 standard errors): no clear winner" in text
     assert "online gold rises" not in compare.verdict({k: v for k, v in curves.items() if k != "online"})
+    one_seed = compare.verdict({name: {(0, 0): per_seed[(0, 0)]} for name, per_seed in curves.items()})
+    assert "online - offline = 0.150 on one asset seed: no standard error, no verdict" in one_seed
+    assert "wins" not in one_seed
 
 
 def test_every_arm_gets_the_same_pair_budget_and_the_task_its_own_assets():
