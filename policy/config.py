@@ -186,6 +186,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     save_steps: int = 50  # optimizer steps between learner checkpoints: the unit of work a crash can cost
     reset_optimizer_each_iteration: bool = True  # each iteration is a fresh DPO run on fresh pairs (RLHFlow)
+    # semi-online DPO: within an iteration, the rollout engines get the learner's weights every this many optimizer
+    # steps, and the next s steps' pairs are sampled from them (the iteration's prompts go in blocks of s x global batch
+    # / pairs.per_prompt; one learning-rate schedule over the iteration). None: the engines get new weights only
+    # between iterations (online, or one round from pi_0 with iterations: 1)
+    sync_every_steps: int | None = None
     call_timeout_s: float = 7200.0  # save_steps steps (or a checkpoint, export, sync) taking longer: hung, stop
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train low-rank adapters instead of all weights
 
@@ -216,6 +221,11 @@ class TrainConfig:
              f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"),
             (self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}"),
             (self.gpus_per_worker > 0, f"train.gpus_per_worker must be > 0, got {self.gpus_per_worker}"),
+            (self.sync_every_steps is None or self.sync_every_steps >= 1,
+             f"train.sync_every_steps must be >= 1 (or null: no sync within an iteration), got {self.sync_every_steps}"),
+            (self.sync_every_steps is None or self.epochs == 1,
+             f"train.sync_every_steps samples fresh pairs for every block of steps, each trained once; set "
+             f"train.epochs: 1 (got {self.epochs})"),
         ]) + self.lora.problems() + training_problems(self, "train")
 
 

@@ -91,7 +91,9 @@ class DPOLearner:
         self._reference = None  # the reference model while it is kept in memory; loaded when first needed
         self._keeps_reference = self._loss.uses_reference and not train.free_reference
         self._iteration: int | None = None
-        self._step = 0
+        self._step = 0  # optimizer steps of the iteration done
+        self._first_step = 0  # where the pairs in hand start: 0, or a later block's first step (sync_every_steps)
+        self._planned_steps: int | None = None  # the learning-rate schedule's length; None: the schedule's own
         self._data_fingerprint: str | None = None
         self._pairs: list[TokenizedPair] = []
         self._schedule: list[list[int]] = []
@@ -100,29 +102,41 @@ class DPOLearner:
 
     # --- iterations -----------------------------------------------------------------------------------------------
 
-    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
-        """Take an iteration's pairs; returns its number of optimizer steps.
+    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None,
+                        first_step: int = 0, planned_steps: int | None = None) -> int:
+        """Take an iteration's pairs; returns the step at which they are used up: the iteration's number of
+        optimizer steps.
 
         Continues from the loaded checkpoint's step when it belongs to this iteration; otherwise starts at step 0
         (and resets Adam if train.reset_optimizer_each_iteration). `reference_dir` replaces the reference model when
         it differs from the one loaded (reference: previous). The reference's log-probabilities of the pairs are
         computed here (but for those prepare_pairs computed ahead: the same numbers), so a resumed iteration gets
         exactly the numbers the interrupted one had.
+
+        Semi-online (train.sync_every_steps), an iteration comes in blocks: `first_step` > 0 gives the pairs of the
+        block that starts at that step, once the learner has trained up to it (the step and Adam go on), and
+        `planned_steps` is the length of the iteration's one learning-rate schedule.
         """
         self._use_reference(reference_dir)
         tokenized = [self._tokenize(pair) for pair in pairs]
         data_fingerprint = token_fingerprint([[p.prompt, p.chosen, p.rejected] for p in tokenized])
-        if iteration == self._iteration:
+        if iteration == self._iteration and first_step == self._first_step:
             if data_fingerprint != self._data_fingerprint:
                 raise ValueError(
                     f"iteration {iteration} resumes from a checkpoint trained on other pairs; "
                     "resume with the iteration's original pairs.jsonl"
                 )
+        elif first_step > 0:
+            if (iteration, first_step) != (self._iteration, self._step):
+                raise ValueError(f"iteration {iteration}'s pairs from step {first_step} on came to a learner at step "
+                                 f"{self._step} of iteration {self._iteration}; train the blocks before it first")
         else:
             self._step = 0
             if self._train.reset_optimizer_each_iteration:
                 self._policy.reset_optimizer()
         self._iteration = iteration
+        self._first_step = first_step
+        self._planned_steps = planned_steps
         self._data_fingerprint = data_fingerprint
         weights = margin_weights([pair.chosen_score - pair.rejected_score for pair in pairs],
                                  self._train.margin_weighting)
@@ -134,10 +148,10 @@ class DPOLearner:
             references = [(0.0, 0.0)] * len(pairs)
         self._pairs = [replace(pair, reference_chosen=chosen, reference_rejected=rejected, weight=weight)
                        for pair, (chosen, rejected), weight in zip(tokenized, references, weights, strict=True)]
-        self._schedule = batch_schedule(
-            len(tokenized), self._train.epochs, self._train.global_batch_size, seed_key=(self._seed, iteration)
-        )
-        return len(self._schedule)
+        block_key = (first_step,) if first_step else ()  # a later block's own order; step 0 keeps the iteration's
+        self._schedule = batch_schedule(len(tokenized), self._train.epochs, self._train.global_batch_size,
+                                        seed_key=(self._seed, iteration, *block_key))
+        return self._end_step
 
     def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:
         """Ahead of begin_iteration, while the engines still generate: take the iteration's next pairs (in their
@@ -223,7 +237,7 @@ class DPOLearner:
         """Run up to `max_steps` optimizer steps, stopping at the end of the iteration."""
         if self._iteration is None:
             raise ValueError("call begin_iteration before train_steps")
-        end = min(self._step + max_steps, len(self._schedule))
+        end = min(self._step + max_steps, self._end_step)
         per_step = []
         progress = tqdm(
             total=end - self._step, desc=f"DPO iteration {self._iteration}", leave=False,
@@ -234,11 +248,16 @@ class DPOLearner:
                 per_step.append(self._train_one_step())
                 self._step += 1
                 progress.update()
-        return TrainStats(step=self._step, total_steps=len(self._schedule), **mean_stats(per_step))
+        return TrainStats(step=self._step, total_steps=self._end_step, **mean_stats(per_step))
+
+    @property
+    def _end_step(self) -> int:
+        """The step at which the pairs in hand are used up."""
+        return self._first_step + len(self._schedule)
 
     def _train_one_step(self) -> dict[str, float]:
-        learning_rate = learning_rate_at(self._step, len(self._schedule), self._policy.spec)
-        global_batch = [self._pairs[index] for index in self._schedule[self._step]]
+        learning_rate = learning_rate_at(self._step, self._planned_steps or self._end_step, self._policy.spec)
+        global_batch = [self._pairs[index] for index in self._schedule[self._step - self._first_step]]
         micro_batches = rank_micro_batches(
             global_batch, self._policy.rank, self._policy.world_size, self._train.micro_batch_size
         )
@@ -279,7 +298,8 @@ class DPOLearner:
         """Weights, Adam state, iteration, step, data fingerprint and RNG states, written atomically."""
         self._policy.save(
             directory,
-            {"trainer": "dpo", "iteration": self._iteration, "step": self._step, "data": self._data_fingerprint},
+            {"trainer": "dpo", "iteration": self._iteration, "step": self._step, "data": self._data_fingerprint,
+             "first_step": self._first_step},
         )
 
     def load_checkpoint(self, directory: str) -> None:
@@ -287,6 +307,7 @@ class DPOLearner:
         state = self._policy.load(directory, "dpo", "a DPO learner checkpoint")
         self._iteration = state["iteration"]
         self._step = state["step"]
+        self._first_step = state.get("first_step", 0)  # absent from checkpoints written before semi-online
         self._data_fingerprint = state["data"]
 
     # --- weights out and inference --------------------------------------------------------------------------------

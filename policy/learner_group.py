@@ -148,10 +148,11 @@ class LearnerGroup:
         self._weight_ranks = self._actors if train.zero_stage == 3 and world_size > 1 else self._actors[:1]
         self._sync_address: tuple[str, int] | None = None
 
-    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
+    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None,
+                        first_step: int = 0, planned_steps: int | None = None) -> int:
         pairs_ref = ray.put(list(pairs))  # stored once, read by every rank
-        return self._wait([a.begin_iteration.remote(iteration, pairs_ref, reference_dir) for a in self._actors],
-                          "train")[0]
+        return self._wait([a.begin_iteration.remote(iteration, pairs_ref, reference_dir, first_step, planned_steps)
+                           for a in self._actors], "train")[0]
 
     def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:
         """DPOLearner.prepare_pairs on every rank, not waited for: it returns at once, and each rank runs it before

@@ -30,8 +30,11 @@ class TrainStats:
 class Learner(Protocol):
     """A DPO learner that keeps the policy in memory from iteration to iteration."""
 
-    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> int:
-        """Take an iteration's pairs (against the reference policy in `reference_dir`); returns its optimizer steps."""
+    def begin_iteration(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None,
+                        first_step: int = 0, planned_steps: int | None = None) -> int:
+        """Take an iteration's pairs (against the reference policy in `reference_dir`); returns its optimizer steps.
+        Semi-online (train.sync_every_steps): the pairs of the block starting at `first_step`, trained on from there,
+        under one learning-rate schedule of `planned_steps`; returns the step at which they are used up."""
         ...
 
     def prepare_pairs(self, iteration: int, pairs: Sequence[Pair], reference_dir: str | None) -> None:

@@ -215,6 +215,14 @@ class RunConfig:
         rollout.max_staleness 1 the one before that. Without train.enabled nothing moves: pi_0 throughout."""
         return max(iteration - 1 - self.rollout.max_staleness, 0) if self.train.enabled else 0
 
+    @property
+    def sync_block_prompts(self) -> int | None:
+        """train.sync_every_steps (semi-online): the prompts sampled for each block of s steps, s x the global batch
+        over pairs.per_prompt (a prompt whose responses all tie gives no pair, so a block may train fewer steps);
+        None without it."""
+        steps = self.train.sync_every_steps
+        return None if steps is None else steps * self.train.global_batch_size // self.pairs.per_prompt
+
     def problems(self) -> list[str]:
         """Value checks the type system cannot express, each naming the key and a fix: the run's own and those
         across sections here, then each section's (beside its dataclass)."""
@@ -229,7 +237,7 @@ class RunConfig:
              f"data.prompts has {len(self.data.prompts)} entries; give one, or one per iteration ({self.iterations})"),
         ])
         sections = [self.policy, self.rollout, self.environment, self.pairs, self.train, self.sft, self.eval,
-                    self.wandb, self.cluster]
+                    self.wandb, self.cluster, self.toy_task]
         across = failed([
             (self.pairs.per_prompt <= max_pairs_per_prompt(self),
              f"pairs.per_prompt {self.pairs.per_prompt} is more than {self.pairs.multi} can pick from "
@@ -243,6 +251,18 @@ class RunConfig:
              f"environment.max_episode_tokens ({self.environment.max_episode_tokens}) leaves no room for one turn of "
              f"rollout.max_tokens / eval.max_tokens ({max(self.rollout.max_tokens, self.eval.max_tokens)}); raise it"),
         ])
+        if self.train.sync_every_steps is not None:
+            semi_online = "train.sync_every_steps (semi-online) syncs the engines within an iteration"
+            across += failed([
+                (self.online and self.train.enabled,
+                 f"{semi_online}: it needs sampled pairs and training; unset it with pairs.dataset or train.enabled "
+                 "false"),
+                (self.rollout.max_staleness == 0,
+                 f"{semi_online}, from the weights just trained; set rollout.max_staleness: 0"),
+                (self.sync_block_prompts >= 1 or self.train.sync_every_steps < 1,  # that one: train's own check
+                 f"{semi_online} every s x global batch pairs, fewer than pairs.per_prompt {self.pairs.per_prompt} "
+                 "gives each block no prompt; raise train.sync_every_steps"),
+            ])
         # Offline DPO starts no reward model, so its reward section is not checked.
         reward = reward_config_problems(self.reward) if self.online else []
         return run + [problem for section in sections for problem in section.problems()] + across + reward

@@ -9,7 +9,9 @@
 
 Sampling from the current policy each round is the point: the pairs stay on-policy, which limits the distribution
 shift that makes one round of offline DPO fall behind. (`rollout.max_staleness: 1` trades a little of that for
-speed: iteration i+1 samples from the policy one update behind while the learner trains iteration i.) Every stage writes its output to the run directory and marks
+speed: iteration i+1 samples from the policy one update behind while the learner trains iteration i;
+`train.sync_every_steps` goes the other way, semi-online: within an iteration the engines get the new weights every s
+steps.) Every stage writes its output to the run directory and marks
 it finished in the manifest, so `resume` continues from the first unfinished unit of work.
 """
 
@@ -19,7 +21,7 @@ from concurrent.futures import Future
 
 from omegaconf import OmegaConf
 
-from rlhf_loop.driver import stages
+from rlhf_loop.driver import semi_online, stages
 from rlhf_loop.cluster.ray_cluster import resolve_device
 from rlhf_loop.config import RunConfig
 from rlhf_loop.driver.data import evaluation_prompts
@@ -62,10 +64,17 @@ def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = 
         for iteration in range(1, cfg.iterations + 1):
             if run.manifest.done(run.unit(iteration, "done")):
                 continue
+            reference = stages.reference_policy(run, initial_policy, iteration)  # DPO's: pi_0 or the previous policy
+            train_metrics = None
             if cfg.online:
                 # ---- generate K samples per prompt; score each shard while the next generates; pair best vs
                 # ---- worst (ties and identical texts dropped). Under max_staleness 1 it was sampled ahead.
-                sample = sampler.sample(iteration)
+                # ---- Semi-online (train.sync_every_steps): sampled and trained in blocks of s steps, the engines
+                # ---- getting the learner's weights before each block
+                if cfg.train.sync_every_steps:
+                    sample, train_metrics = semi_online.sample_and_train(sampler, learner, iteration, reference)
+                else:
+                    sample = sampler.sample(iteration)
                 selection = sample.selection
                 metrics = {**reward_metrics(sample.scored, selection.pairs), **prompt_metrics(sample.prompt_set)}
             else:
@@ -78,10 +87,10 @@ def run(cfg: RunConfig, run_dir: RunDir, early_actors: Future[Started] | None = 
                     # ---- max_staleness 1: the next iteration samples, from the engines' weights, while we train --
                     sampler.start_ahead(iteration + 1)
 
-                # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy ------------------------
-                reference = stages.reference_policy(run, initial_policy, iteration)
-                with stages.engines_asleep(rollout, learner):  # colocated engines give the learner their GPUs meanwhile
-                    train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
+                # ---- train: DPO on the fresh pairs, against pi_0 or the previous policy (semi-online: done) ------
+                if train_metrics is None:
+                    with stages.engines_asleep(rollout, learner):  # colocated engines give the learner their GPUs
+                        train_metrics = stages.train(run, learner, selection.pairs, iteration, reference)
                 metrics.update({f"dpo/{key}": value for key, value in train_metrics.items()})
                 stages.export_policy(run, learner, iteration)
 

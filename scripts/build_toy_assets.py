@@ -17,7 +17,7 @@ import json
 import time
 
 from rlhf_loop.toy.assets import ToyTaskConfig, ensure_toy_assets
-from rlhf_loop.toy.calibration import MIN_REWARD_ACCURACY, PI_0_GOLD_BAND, measure_calibration
+from rlhf_loop.toy.calibration import BANDS, MIN_REWARD_ACCURACY, measure_calibration
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -45,17 +45,18 @@ def main() -> None:
     stamp = json.loads(assets.stamp.read_text())
     print(f"assets ready in {time.monotonic() - started:.1f} s (the build itself took {stamp['build_seconds']} s)")
     print(f"reward model: held-out synthetic pair accuracy {stamp['reward_model']['eval_accuracy']:.3f}")
-    c = measure_calibration(assets, args.samples, args.prompts)
+    c = measure_calibration(assets, args.samples, args.prompts, variant=cfg.variant)
     print(f"random-init policy: gold mean {c.initial_gold:.3f}")
     print(f"SFT policy (pi_0): gold mean {c.pi_0_gold:.3f}, best of {c.samples_per_prompt} by gold "
           f"{c.pi_0_best_of_k_gold:.3f}")
     print(f"reward model on pi_0's samples: pair accuracy {c.reward_accuracy:.3f} over {c.compared_pairs} pairs; "
           f"gold of its best of {c.samples_per_prompt} {c.reward_best_of_k_gold:.3f}, of its worst "
           f"{c.reward_worst_of_k_gold:.3f}")
-    problems = c.problems()
+    problems, band = c.problems(), BANDS[cfg.variant]
     print("calibration: " + ("; ".join(problems) if problems else
-                             f"inside the band (pi_0 gold {PI_0_GOLD_BAND[0]}-{PI_0_GOLD_BAND[1]}, reward accuracy "
-                             f">= {MIN_REWARD_ACCURACY})"))
+                             f"inside {cfg.variant}'s band (pi_0 gold {band.pi_0_gold[0]}-{band.pi_0_gold[1]}, "
+                             f"best of K by gold <= {band.max_best_of_k_gold}, reward accuracy >= "
+                             f"{MIN_REWARD_ACCURACY})"))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""Online vs offline DPO on the toy task with a gold reward, each at its own best learning rate: do fresh on-policy
-pairs pay?
+"""Online vs semi-online vs offline DPO on the toy task with a gold reward, each at its own best learning rate: do
+fresh on-policy pairs pay?
 
-    python scripts/compare_online_offline.py [--asset-seeds 0 1 2] [--run-seeds 0 1] \
-        [--learning-rates 1e-4 2e-4 4e-4 8e-4] [--runs-dir runs/compare] [--jobs 1] [--json results.json]
+    python scripts/compare_online_offline.py [--task short_lists|long_lists] [--arms offline semi_online online] \
+        [--asset-seeds 0 1 2] [--run-seeds 0 1] [--learning-rates 1e-4 2e-4 4e-4 8e-4] [--sync-every S] \
+        [--runs-dir runs/compare] [--jobs 1] [--json results.json] [--smoke]
 
 configs/tiny_online.yaml runs 3 iterations of online DPO; configs/tiny_offline.yaml one round of DPO on the same
-total number of pairs, all sampled from pi_0. An asset seed builds its own toy task (tokenizer, pi_0, reward model,
-prompts: `toy_task.seed`); a run seed drives sampling, pair choice and training order (`seed`).
+total number of pairs, all sampled from pi_0; configs/tiny_semi_online.yaml the same round, but the rollout engines get
+the learner's weights every `train.sync_every_steps` optimizer steps (8; `--sync-every` changes it) and each next block
+of pairs is sampled from them. All three have the same prompts, pair budget and DPO steps. An asset seed builds its
+own toy task (tokenizer, pi_0, reward model, prompts: `toy_task.seed`); a run seed drives sampling, pair choice and
+training order (`seed`). `--task long_lists` runs it on the variant where pi_0 does not cover the answers (prompts ask
+for 6-10 words, pi_0 gives at most half: `toy_task.variant`, rlhf_loop/toy/task.py), with assets of its own.
 
 1. Sweep: each arm at each learning rate, on every asset seed with the first run seed.
 2. Each arm takes the learning rate with the highest mean final gold (`eval/gold_mean` on held-out prompts).
 3. At those rates, every asset seed x run seed: the gold curve per iteration, what else moved by the end (KL to
-   pi_0, length, reward-model score), and the verdict. The gap is paired by asset seed (both arms start from the
+   pi_0, length, reward-model score), and the verdict. The gap is paired by asset seed (every arm starts from the
    same pi_0), and standard errors treat the asset seed as the unit: the run seeds of one asset seed are averaged
    first, so a lucky set of assets cannot count three times.
+
+`--smoke` checks that the whole pipeline runs, in minutes: 32 prompts an online iteration (96 a round), 16 held-out
+prompts x 2 samples, a sync every 2 steps, any number of rates; its numbers are not a result.
 
 Finished runs are reused and unfinished ones resumed, so the script can be stopped and started again. Tables go
 to stdout, the runs' own output to stderr.
@@ -32,8 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"online": REPO / "configs" / "tiny_online.yaml", "offline": REPO / "configs" / "tiny_offline.yaml"}
+CONFIGS = {"offline": REPO / "configs" / "tiny_offline.yaml",
+           "semi_online": REPO / "configs" / "tiny_semi_online.yaml",
+           "online": REPO / "configs" / "tiny_online.yaml"}
 SHIPPED_LEARNING_RATE = 4e-4  # configs/tiny.yaml's train.learning_rate: the shared-rate note
+ONLINE_ITERATIONS = 3  # configs/tiny_online.yaml's; the one-round arms take as many prompts as its iterations together
+TASKS = ("short_lists", "long_lists")  # toy_task.variant
+# --smoke: every stage of every arm in minutes (prompts an online iteration; held-out prompts and samples; sync steps)
+SMOKE = {"prompts": 32, "eval": ["eval.num_prompts=16", "eval.samples_per_prompt=2"], "sync_every": 2}
 
 # What moved besides gold, after the last iteration: how far from pi_0 (kl/ref), whether length was gamed, and what the
 # reward model thinks; these tell apart a policy that improved from one that drifted where the reward model is blind.
@@ -46,19 +60,24 @@ DIAGNOSTICS = ("kl/ref", "dpo/chosen_reward", "eval/response_tokens_mean", "eval
 class Arm:
     """One run of the comparison: which config, at which rate, on which assets, with which seed."""
 
-    name: str  # online | offline
+    name: str  # offline | semi_online | online
     learning_rate: float
     asset_seed: int
     run_seed: int
+    task: str = "short_lists"  # toy_task.variant
+    extra: tuple[str, ...] = ()  # further overrides (--sync-every, --smoke's sizes)
 
     def run_dir(self, runs_dir: Path) -> Path:
-        return runs_dir / f"{self.name}-lr{self.learning_rate:g}-assets{self.asset_seed}-seed{self.run_seed}"
+        task = "" if self.task == "short_lists" else f"{self.task}-"
+        return runs_dir / f"{task}{self.name}-lr{self.learning_rate:g}-assets{self.asset_seed}-seed{self.run_seed}"
 
     def overrides(self) -> list[str]:
-        # Asset seed 0 shares the demo's cache; the others get their own.
-        cache = ".cache/toy_task" if self.asset_seed == 0 else f".cache/toy_task_seed{self.asset_seed}"
+        # Asset seed 0 of the default task shares the demo's cache; the others get their own.
+        cache = ".cache/toy_task" + ("" if self.task == "short_lists" else f"_{self.task}")
+        cache += "" if self.asset_seed == 0 else f"_seed{self.asset_seed}"
+        task = [] if self.task == "short_lists" else [f"toy_task.variant={self.task}"]
         return [f"seed={self.run_seed}", f"train.learning_rate={self.learning_rate:g}",
-                f"toy_task.seed={self.asset_seed}", f"toy_task.dir={cache}"]
+                f"toy_task.seed={self.asset_seed}", f"toy_task.dir={cache}", *task, *self.extra]
 
 
 def run(arm: Arm, runs_dir: Path) -> Path:
@@ -154,21 +173,30 @@ def diagnostics_table(finals: dict[str, dict[tuple[int, int], dict[str, float]]]
 
 
 def gap(online: dict[tuple[int, int], float], offline: dict[tuple[int, int], float]) -> tuple[float, float]:
-    """Online minus offline final gold, paired by (asset seed, run seed), with the clustered standard error."""
+    """One arm's final gold minus another's, paired by (asset seed, run seed), with the clustered standard error."""
     return clustered({seeds: online[seeds] - offline[seeds] for seeds in online.keys() & offline.keys()})
 
 
 def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = "each arm at its best rate") -> str:
+    """Online against offline (and semi-online against offline, when it ran); whether online gold rises every
+    iteration."""
     finals = {name: {seeds: curve[-1] for seeds, curve in per_seed.items()} for name, per_seed in curves.items()}
-    difference, difference_se = gap(finals["online"], finals["offline"])
-    online_curve = curves["online"].values()
-    per_iteration = [statistics.fmean(curve[i] for curve in online_curve) for i in range(len(next(iter(online_curve))))]
-    rising = all(b > a for a, b in zip(per_iteration, per_iteration[1:]))
-    standard_errors = difference / difference_se if difference_se > 0 else float("inf")
-    return (f"{label}: final gold online {cell(clustered(finals['online']))}, offline "
-            f"{cell(clustered(finals['offline']))}; online - offline = {difference:.3f} +- {difference_se:.3f} "
-            f"({standard_errors:.1f} standard errors): {'online wins' if standard_errors > 2 else 'no clear winner'}"
-            f"\nonline gold rises every iteration: {'yes' if rising else 'no'}")
+    lines = [f"{label}: final gold " + ", ".join(f"{name} {cell(clustered(values))}" for name, values in finals.items())]
+    for name in (arm for arm in ("online", "semi_online") if arm in finals and "offline" in finals):
+        difference, difference_se = gap(finals[name], finals["offline"])
+        if math.isnan(difference_se):  # one asset seed: nothing to measure the spread by
+            lines.append(f"{name} - offline = {difference:.3f} on one asset seed: no standard error, no verdict")
+            continue
+        standard_errors = difference / difference_se if difference_se > 0 else float("inf")
+        lines.append(f"{name} - offline = {difference:.3f} +- {difference_se:.3f} ({standard_errors:.1f} standard "
+                     f"errors): {name + ' wins' if standard_errors > 2 else 'no clear winner'}")
+    if "online" in curves:
+        online_curve = curves["online"].values()
+        per_iteration = [statistics.fmean(curve[i] for curve in online_curve)
+                         for i in range(len(next(iter(online_curve))))]
+        rising = all(b > a for a, b in zip(per_iteration, per_iteration[1:]))
+        lines.append(f"online gold rises every iteration: {'yes' if rising else 'no'}")
+    return "\n".join(lines)
 
 
 def run_all(arms: list[Arm], runs_dir: Path, jobs: int) -> dict[Arm, Path]:
@@ -176,40 +204,67 @@ def run_all(arms: list[Arm], runs_dir: Path, jobs: int) -> dict[Arm, Path]:
         return dict(zip(arms, pool.map(lambda arm: run(arm, runs_dir), arms)))
 
 
+def arm_overrides(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """What each arm runs with besides its config: the smoke's sizes (the one-round arms get the prompts of all the
+    online iterations together, so every arm has the same pair budget) and the semi-online sync interval."""
+    prompts = SMOKE["prompts"] if args.smoke else None
+    sync_every = args.sync_every or (SMOKE["sync_every"] if args.smoke else None)
+    common = tuple(SMOKE["eval"]) if args.smoke else ()
+    round_prompts = (f"data.prompts_per_iteration={prompts * ONLINE_ITERATIONS}",) if prompts else ()
+    return {"offline": common + round_prompts,
+            "semi_online": common + round_prompts + ((f"train.sync_every_steps={sync_every}",) if sync_every else ()),
+            "online": common + ((f"data.prompts_per_iteration={prompts}",) if prompts else ())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, default="short_lists", help="toy_task.variant")
+    parser.add_argument("--arms", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4, 8e-4])
-    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--sync-every", type=int, help="semi_online's train.sync_every_steps (default: its config's)")
+    parser.add_argument("--runs-dir", type=Path, help="default: runs/compare (runs/compare-smoke with --smoke)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each starts its own local Ray)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--smoke", action="store_true", help="a few minutes' check that every arm runs; no result")
     args = parser.parse_args()
-    if len(args.learning_rates) < 3:
+    if len(args.learning_rates) < 3 and not args.smoke:
         parser.error("--learning-rates needs at least 3 values: each arm is compared at its best of a real sweep")
+    runs_dir = args.runs_dir or REPO / "runs" / ("compare-smoke" if args.smoke else "compare")
+    extra = arm_overrides(args)
 
-    sweep = [Arm(name, rate, asset, args.run_seeds[0])
-             for rate in args.learning_rates for asset in args.asset_seeds for name in CONFIGS]
-    sweep_dirs = run_all(sweep, args.runs_dir, args.jobs)
-    sweep_finals = {name: {rate: {(arm.asset_seed, arm.run_seed): gold_curve(path)[-1]
-                                  for arm, path in sweep_dirs.items() if arm.name == name and arm.learning_rate == rate}
-                           for rate in args.learning_rates} for name in CONFIGS}
+    def arm(name: str, rate: float, asset: int, seed: int) -> Arm:
+        return Arm(name, rate, asset, seed, args.task, extra[name])
+
+    sweep = [arm(name, rate, asset, args.run_seeds[0])
+             for rate in args.learning_rates for asset in args.asset_seeds for name in args.arms]
+    sweep_dirs = run_all(sweep, runs_dir, args.jobs)
+    sweep_finals = {name: {rate: {(a.asset_seed, a.run_seed): gold_curve(path)[-1]
+                                  for a, path in sweep_dirs.items() if a.name == name and a.learning_rate == rate}
+                           for rate in args.learning_rates} for name in args.arms}
     rates = {name: best_rate(per_rate) for name, per_rate in sweep_finals.items()}
 
-    final = [Arm(name, rates[name], asset, seed) for asset in args.asset_seeds for seed in args.run_seeds
-             for name in CONFIGS]
-    final_dirs = run_all(final, args.runs_dir, args.jobs)
+    final = [arm(name, rates[name], asset, seed) for asset in args.asset_seeds for seed in args.run_seeds
+             for name in args.arms]
+    final_dirs = run_all(final, runs_dir, args.jobs)
     curves = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in final_dirs.items() if a.name == name}
-              for name in CONFIGS}
+              for name in args.arms}
     finals = {name: {(a.asset_seed, a.run_seed): final_metrics(p) for a, p in final_dirs.items() if a.name == name}
-              for name in CONFIGS}
-    print(sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals), verdict(curves), sep="\n\n")
+              for name in args.arms}
+    if args.smoke:
+        print("SMOKE RUN: tiny sizes, to show that every arm runs; these numbers are not a result\n")
+    print(f"task: {args.task}", sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals),
+          verdict(curves), sep="\n\n")
     if SHIPPED_LEARNING_RATE in args.learning_rates:
         shared = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in sweep_dirs.items()
-                         if a.name == name and a.learning_rate == SHIPPED_LEARNING_RATE} for name in CONFIGS}
-        print("\n" + verdict(shared, f"note: both arms at the demo's rate {SHIPPED_LEARNING_RATE:g}").splitlines()[0])
+                         if a.name == name and a.learning_rate == SHIPPED_LEARNING_RATE} for name in args.arms}
+        note = verdict(shared, f"note: every arm at the demo's rate {SHIPPED_LEARNING_RATE:g}").splitlines()
+        print("\n" + "\n".join(line for line in note if "rises every iteration" not in line))
     if args.json:
         args.json.write_text(json.dumps({
+            "task": args.task,
+            "smoke": args.smoke,
             "best_learning_rates": rates,
             "sweep": {name: {f"{rate:g}": {f"{a}/{s}": v for (a, s), v in per_seeds.items()}
                              for rate, per_seeds in per_rate.items()} for name, per_rate in sweep_finals.items()},

@@ -78,6 +78,9 @@ class Rollout:
     prompt: Prompt
     responses: list[Response]
     policy_version: int = 0  # the iteration whose trained weights sampled it (0: pi_0); see rollout.max_staleness
+    # optimizer steps of the sampling iteration itself those weights had taken: 0, but under train.sync_every_steps
+    # (semi-online) the engines get the learner's weights within an iteration, every s steps
+    policy_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Pair:
     chosen_score: float
     rejected_score: float
     policy_version: int = 0  # the iteration whose trained weights sampled both responses (0: pi_0)
+    policy_step: int = 0  # and the optimizer steps of the sampling iteration they had taken (see Rollout)
 
 
 def to_json(record: Any) -> dict[str, Any]:
@@ -123,6 +127,7 @@ def rollout_from_json(data: dict[str, Any]) -> Rollout:
         prompt=prompt_from_json(data["prompt"]),
         responses=[response_from_json(r) for r in data["responses"]],
         policy_version=data.get("policy_version", 0),
+        policy_step=data.get("policy_step", 0),
     )
 
 
@@ -145,4 +150,5 @@ def pair_from_json(data: dict[str, Any]) -> Pair:
         chosen_score=data["chosen_score"],
         rejected_score=data["rejected_score"],
         policy_version=data.get("policy_version", 0),
+        policy_step=data.get("policy_step", 0),
     )

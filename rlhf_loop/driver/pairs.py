@@ -95,5 +95,6 @@ def select_pairs(scored: Sequence[Scored], strategy: str, min_margin: float, see
                     chosen_score=item.scores[chosen],
                     rejected_score=item.scores[rejected],
                     policy_version=item.rollout.policy_version,
+                    policy_step=item.rollout.policy_step,
                 ))
     return PairSelection(pairs, dict(dropped), flat_prompts)

@@ -44,6 +44,21 @@ if TYPE_CHECKING:  # they import Ray
 
 
 @dataclass(frozen=True)
+class Block:
+    """Semi-online (train.sync_every_steps): one block of an iteration's prompts, `start` to `end`, sampled from the
+    weights after `policy_step` optimizer steps of the iteration. Its generation and scoring shards are numbered on
+    from the blocks before it (`first_*_shard`), of the iteration's `*_shards` in all."""
+
+    start: int
+    end: int
+    policy_step: int
+    first_rollout_shard: int
+    first_score_shard: int
+    rollout_shards: int
+    score_shards: int
+
+
+@dataclass(frozen=True)
 class IterationSample:
     """What an iteration sampled: its prompts, their scored responses and the pairs picked from them."""
 
@@ -53,21 +68,27 @@ class IterationSample:
 
 
 def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardModel, prompts: Sequence[Prompt],
-                       iteration: int, on_scored: Callable[[list[Scored]], None] | None = None) -> list[Scored]:
+                       iteration: int, on_scored: Callable[[list[Scored]], None] | None = None,
+                       block: Block | None = None) -> list[Scored]:
     """Generation shard by shard; each scoring shard goes to the reward model as soon as the rollouts it covers are
     generated (or read back), so the reward model scores while the engines generate the next shard. `on_scored`
-    sees each scoring shard's results as they come in, in order, in the scoring thread."""
+    sees each scoring shard's results as they come in, in order, in the scoring thread. `block`: the prompts are
+    that block of the iteration's (semi-online)."""
     version = run.cfg.policy_version(iteration)
+    step = block.policy_step if block is not None else 0
     sampling = stages.sampling_of(run, iteration)
     size = run.cfg.reward.shard_size
     of_shards = ceil_div(len(prompts), size)
+    first_score, score_shards = (block.first_score_shard, block.score_shards) if block else (0, of_shards)
+    placed = (dict(first_index=block.first_rollout_shard, of_shards=block.rollout_shards, policy_step=step)
+              if block is not None else {})
     scoring: list[Future[list[Scored]]] = []
 
     def generate(shard: Sequence[Prompt]) -> list[Rollout]:
-        return [replace(r, policy_version=version) for r in rollout.generate(shard, sampling)]
+        return [replace(r, policy_version=version, policy_step=step) for r in rollout.generate(shard, sampling)]
 
     def score(rollouts: Sequence[Rollout], index: int) -> list[Scored]:
-        scored = stages.score_shard(run, reward, rollouts, iteration, index, of_shards)
+        scored = stages.score_shard(run, reward, rollouts, iteration, first_score + index, score_shards)
         if on_scored is not None:
             on_scored(scored)
         return scored
@@ -82,7 +103,8 @@ def generate_and_score(run: stages.Run, rollout: RolloutGroup, reward: RewardMod
                 scoring.append(scorer.submit(score, generated[index * size:(index + 1) * size], index))
         try:
             stages.run_sharded(run, iteration, "rollouts", prompts, run.cfg.rollout.shard_size, generate,
-                               records.to_json, records.rollout_from_json, score_what_is_ready, policy_version=version)
+                               records.to_json, records.rollout_from_json, score_what_is_ready, policy_version=version,
+                               **placed)
         except BaseException:
             for future in scoring:
                 future.cancel()  # the one being scored finishes; it is recorded, and kept for the resume
@@ -103,6 +125,7 @@ class Sampler:
         self.initial_policy = initial_policy
         self.prepares_ahead = prepares_ahead
         self.engine_version = 0  # the engines were built from pi_0
+        self.engine_step = 0  # semi-online: optimizer steps of the next iteration on top of engine_version
         self.learner_version = learner_version  # the version the learner's weights are, None when between two
         self._ahead: tuple[int, Future[IterationSample]] | None = None
 
@@ -133,6 +156,22 @@ class Sampler:
         elif self.engine_version != iteration:
             stages.sync_weights(self.learner, self.rollout)
         self.engine_version = self.learner_version = iteration
+        self.engine_step = 0
+
+    def sync_within(self, iteration: int, step: int) -> None:
+        """Semi-online (train.sync_every_steps): the learner's weights after `step` optimizer steps of `iteration`,
+        where it stands, go to the engines; recorded the first time as iter_NNN/sync/step_NNNNNN (a resumed process
+        pushes again, unrecorded). Step 0 is the weights the iteration starts from."""
+        if step == 0:
+            self._give_engines_for(iteration)
+            return
+        if (self.engine_version, self.engine_step) == (self.run.cfg.policy_version(iteration), step):
+            return
+        unit = self.run.unit(iteration, f"sync/step_{step:06d}")
+        seconds = stages.sync_weights(self.learner, self.rollout)
+        if not self.run.manifest.done(unit):
+            self.run.manifest.record(unit, seconds=seconds, step=step)
+        self.engine_version, self.engine_step = self.run.cfg.policy_version(iteration), step
 
     def _take(self, iteration: int, on_scored: Callable[[list[Scored]], None] | None = None) -> IterationSample:
         cfg = self.run.cfg
@@ -170,13 +209,14 @@ class Sampler:
         """Make the engines hold the weights that `iteration` samples from (already there in an uninterrupted run;
         not needed when its pairs are recorded: the sample is only read back)."""
         version = self.run.cfg.policy_version(iteration)
-        if version == self.engine_version or self.run.manifest.done(self.run.unit(iteration, "pairs")):
+        if ((version, 0) == (self.engine_version, self.engine_step)
+                or self.run.manifest.done(self.run.unit(iteration, "pairs"))):
             return
         if version == self.learner_version:
             stages.sync_weights(self.learner, self.rollout)
         else:
             load_exported_policy(self.rollout, self.run.run_dir.iteration(version) / "policy")
-        self.engine_version = version
+        self.engine_version, self.engine_step = version, 0
 
 
 def learner_version(run: stages.Run) -> int | None:

@@ -75,15 +75,19 @@ def run_sharded(
     encode: Callable[[Result], dict],
     decode: Callable[[dict], Result],
     on_shard: Callable[[list[Result]], None] | None = None,
+    first_index: int = 0,
+    of_shards: int | None = None,
     **info,
 ) -> list[Result]:
     """Apply `work` shard by shard; a finished shard is read back from disk, never redone. `on_shard` sees the
-    results so far after each shard; `info` goes into each shard's manifest entry."""
+    results so far after each shard; `info` goes into each shard's manifest entry. A stage taken in blocks
+    (train.sync_every_steps) numbers each block's shards from `first_index`, of `of_shards` in the stage."""
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     results: list[Result] = []
     for index, shard in enumerate(tqdm(shards, desc=f"iter {iteration} {stage}", unit="shard", leave=False,
-                                       file=console.stream())):
-        results += run_shard(run, iteration, stage, index, len(shards), shard, work, encode, decode, **info)
+                                       file=console.stream()), start=first_index):
+        results += run_shard(run, iteration, stage, index, of_shards or len(shards), shard, work, encode, decode,
+                             **info)
         if on_shard is not None:
             on_shard(results)
     return results
@@ -256,7 +260,7 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
     tokenisation), counts into the first chunk's seconds, so that time/train_s holds all of training."""
     kept = [run.run_dir.root / run.manifest.info(unit)["checkpoint"]
             for unit in sorted((unit for unit in run.manifest.units if kind in unit), key=unit_order)][-2:]
-    step = max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
+    step = steps_recorded(run, unit_prefix)
     with tqdm(total=total_steps, initial=step, desc=description, unit="step", leave=False,
               file=console.stream()) as bar:
         while step < total_steps:
@@ -278,6 +282,12 @@ def train_in_chunks(run: Run, learner: Learner | SFTActor, total_steps: int, sav
                 remove_checkpoint(kept.pop(0), checkpoints)
             bar.update(stats.step - step)
             step = stats.step
+
+
+def steps_recorded(run: Run, unit_prefix: str) -> int:
+    """The step that the newest recorded training chunk reached (each unit is named by it: "iter_002/train/step_000040");
+    0 before any."""
+    return max((int(unit.rsplit("_", 1)[1]) for unit in run.manifest.units if unit.startswith(unit_prefix)), default=0)
 
 
 def remove_checkpoint(directory: Path, checkpoints: Path) -> None:

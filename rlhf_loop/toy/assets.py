@@ -18,6 +18,7 @@ from typing import Any
 from rlhf_loop.common.console import say
 from rlhf_loop.common.files import atomic_directory, atomic_write_jsonl, exclusive_lock
 from rlhf_loop.toy.task import (
+    VARIANTS,
     AnswerNoise,
     make_preference_pairs,
     make_prompts,
@@ -34,6 +35,9 @@ class ToyTaskConfig:
     enabled: bool = False  # build (or reuse) the toy assets at the start of a run
     dir: str = ".cache/toy_task"  # cache directory; its layout is fixed (see ToyAssets), rebuilt when the recipe changes
     seed: int = 0  # drives data generation, model initialisation, SFT and reward-model training
+    # short_lists (2-5 words asked; pi_0 already covers the answers: its best of 8 about 0.89) | long_lists (6-10
+    # words asked, the SFT answers give at most half: pi_0's best of 8 at most 0.5, better answers reached in steps)
+    variant: str = "short_lists"
     num_train_prompts: int = 3072  # prompts the loop samples from (data.prompts)
     num_eval_prompts: int = 128  # held-out prompts for eval/gold_mean (eval.prompts), disjoint from the train prompts
     num_sft_examples: int = 2048  # SFT conversations (prompt + imperfect answer), drawn over the train prompts
@@ -60,7 +64,12 @@ class ToyTaskConfig:
     rm_batch_size: int = 16  # pairs per reward-model optimizer step
 
     def sft_noise(self) -> AnswerNoise:
-        return AnswerNoise(self.sft_filler_rate, self.sft_off_category_rate, self.sft_count_miss_rate)
+        return AnswerNoise(self.sft_filler_rate, self.sft_off_category_rate, self.sft_count_miss_rate,
+                           max_share=VARIANTS[self.variant].sft_max_share)
+
+    def problems(self) -> list[str]:
+        return [] if self.variant in VARIANTS else [
+            f"toy_task.variant {self.variant!r} is unknown; use one of {', '.join(VARIANTS)}"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,8 @@ def recipe_key(cfg: ToyTaskConfig) -> str:
     """Hash of everything that shapes the assets: the config (less where they live and the on switch) and the
     recipe version."""
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("enabled", "dir")}
+    if cfg.variant == "short_lists":  # the task as it was before variants: the caches built then stay valid
+        del recipe["variant"]
     recipe["recipe_version"] = RECIPE_VERSION
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -160,14 +171,15 @@ def build_toy_assets(cfg: ToyTaskConfig, directory: str | Path) -> dict[str, Any
 
     started = time.monotonic()
     assets = toy_assets(directory)
-    train_prompts, eval_prompts = make_prompts(cfg.seed, cfg.num_train_prompts, cfg.num_eval_prompts)
+    variant = VARIANTS[cfg.variant]
+    train_prompts, eval_prompts = make_prompts(cfg.seed, cfg.num_train_prompts, cfg.num_eval_prompts, variant.counts)
     sft_examples = make_sft_examples(cfg.seed, train_prompts, cfg.num_sft_examples, cfg.sft_noise())
     rm_category_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_category_pairs, "rm-category",
                                               edited_fraction=0.0, category_fraction=1.0)
     rm_pairs = make_preference_pairs(cfg.seed, train_prompts, cfg.num_rm_pairs, "rm", cfg.rm_edited_fraction,
-                                     cfg.rm_category_fraction)
+                                     cfg.rm_category_fraction, variant.partial_rm_answers)
     rm_eval_pairs = make_preference_pairs(cfg.seed, eval_prompts, cfg.num_rm_eval_pairs, "rm-eval",
-                                          cfg.rm_edited_fraction, cfg.rm_category_fraction)
+                                          cfg.rm_edited_fraction, cfg.rm_category_fraction, variant.partial_rm_answers)
     atomic_write_jsonl(assets.train_prompts, train_prompts)
     atomic_write_jsonl(assets.eval_prompts, eval_prompts)
     atomic_write_jsonl(assets.sft_data, sft_examples)
@@ -191,7 +203,7 @@ def build_toy_assets(cfg: ToyTaskConfig, directory: str | Path) -> dict[str, Any
     rm_metrics = train_bradley_terry(category_stage, rm_pairs, assets.reward_model, epochs=cfg.rm_epochs,
                                      eval_pairs=rm_eval_pairs, **rm_training)
     shutil.rmtree(category_stage)
-    calibration = measure_calibration(assets)
+    calibration = measure_calibration(assets, variant=cfg.variant)
     stamp = {
         "recipe_key": recipe_key(cfg),
         "config": asdict(cfg),

@@ -3,6 +3,8 @@ reward model ranks two of pi_0's own samples as the gold rule does.
 
 The README's numbers assume both hold on every machine: pi_0 good enough to be on-task but far from perfect (its gold
 in `PI_0_GOLD_BAND`) and a reward model that ranks pi_0's samples right at least `MIN_REWARD_ACCURACY` of the time.
+The long_lists variant has a band of its own (`BANDS`): pi_0 further from the answers, and its best of K by gold at
+most half of a perfect answer's, so that what DPO has to reach is not already among pi_0's samples.
 The build measures them and writes them into build.json; `scripts/build_toy_assets.py` prints them.
 """
 
@@ -12,8 +14,19 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-PI_0_GOLD_BAND = (0.45, 0.65)
 MIN_REWARD_ACCURACY = 0.75
+
+
+@dataclass(frozen=True)
+class Band:
+    """What a variant's build must measure (besides MIN_REWARD_ACCURACY)."""
+
+    pi_0_gold: tuple[float, float]  # pi_0's mean gold, low and high
+    max_best_of_k_gold: float = 1.0  # pi_0's best of K by gold at most this: the answers left for DPO to reach
+
+
+BANDS = {"short_lists": Band(pi_0_gold=(0.45, 0.65)), "long_lists": Band(pi_0_gold=(0.1, 0.35), max_best_of_k_gold=0.5)}
+PI_0_GOLD_BAND = BANDS["short_lists"].pi_0_gold
 
 
 @dataclass(frozen=True)
@@ -27,21 +40,28 @@ class Calibration:
     reward_worst_of_k_gold: float  # ... and worst (max_min's rejected)
     samples_per_prompt: int
     prompts: int
+    variant: str = "short_lists"  # toy_task.variant (absent from the stamps of builds before variants)
 
     def problems(self) -> list[str]:
         """What falls outside the calibrated band, as sentences; empty when the build is as the README assumes."""
-        low, high = PI_0_GOLD_BAND
+        band = BANDS[self.variant]
+        low, high = band.pi_0_gold
         found = []
         if not low <= self.pi_0_gold <= high:
             found.append(f"pi_0's gold is {self.pi_0_gold:.3f}, outside {low}-{high}")
+        if self.pi_0_best_of_k_gold > band.max_best_of_k_gold:
+            found.append(f"pi_0's best of {self.samples_per_prompt} by gold is {self.pi_0_best_of_k_gold:.3f}, above "
+                         f"{band.max_best_of_k_gold}: its samples already cover the answers")
         if self.reward_accuracy < MIN_REWARD_ACCURACY:
             found.append(f"the reward model ranks pi_0's samples right {self.reward_accuracy:.3f} of the time, below "
                          f"{MIN_REWARD_ACCURACY}")
         return found
 
 
-def measure_calibration(assets, samples_per_prompt: int = 8, num_prompts: int = 64, seed: int = 0) -> Calibration:
-    """Sample K answers per held-out prompt at temperature 1 (HF generate, one thread) and score them."""
+def measure_calibration(assets, samples_per_prompt: int = 8, num_prompts: int = 64, seed: int = 0,
+                        variant: str = "short_lists") -> Calibration:
+    """Sample K answers per held-out prompt at temperature 1 (HF generate, one thread) and score them; `variant`
+    (toy_task.variant) picks the band they are held to."""
     import torch
 
     from reward.base import RewardQuery
@@ -73,6 +93,7 @@ def measure_calibration(assets, samples_per_prompt: int = 8, num_prompts: int = 
         reward_worst_of_k_gold=statistics.fmean(g[min(range(len(s)), key=s.__getitem__)] for g, s in zip(golds, scores)),
         samples_per_prompt=samples_per_prompt,
         prompts=len(prompts),
+        variant=variant,
     )
 
 

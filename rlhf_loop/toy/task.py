@@ -11,6 +11,12 @@ words dilute it, even good ones, and a repeated word counts once. The SFT answer
 samples. A Bradley-Terry reward model trained on gold-labelled pairs stands in for a learned preference model;
 `eval/gold_mean` on held-out prompts measures true quality.
 
+Two variants (`toy_task.variant`, see `VARIANTS`): short_lists, the task above (2-5 words asked; pi_0's best of 8
+already scores about 0.89, so pairs sampled once from pi_0 stay informative for a whole round), and long_lists, where
+pi_0 does not cover the answers: prompts ask for 6-10 words and the SFT answers give at most half of them, so pi_0's
+best of 8 stays at or below 0.5 and a longer answer is reached only in steps, each policy sampling what the one before
+almost never did. The gold rule is the same.
+
 This module holds the task and its data generators; `rlhf_loop.toy.assets` builds and caches the models.
 """
 
@@ -19,7 +25,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rlhf_loop.common.records import Messages
@@ -42,7 +48,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "vegetables": ("carrot", "potato", "onion", "garlic", "cabbage", "spinach", "lettuce", "celery",
                    "pumpkin", "broccoli", "radish", "pea", "bean", "cucumber", "turnip", "leek"),
 }
-COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 TEMPLATES = (
     "Name {count} {category}.",
     "List {count} {category}.",
@@ -83,6 +89,25 @@ class AnswerNoise:
     count_miss_rate: float  # the answer has the wrong number of words
     count_miss_size: int = 1  # by up to this many words either way (an answer can come out empty)
     repeat_rate: float = 0.0  # a slot repeats an earlier word
+    # below 1: a partial answer, of 1 up to this share of the asked count words (uniformly), instead of count misses
+    max_share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the prompts of a variant ask for, and how far the SFT answers (hence pi_0) fall short of it."""
+
+    counts: tuple[int, ...]  # how many words a prompt asks for
+    sft_max_share: float  # SFT answers give 1 up to this share of the asked count (1.0: the count, less count misses)
+    # half the reward model's independent answers are partial ones too, so it ranks what pi_0 and the policies after it
+    # sample, from a word or two up to the full count
+    partial_rm_answers: bool
+
+
+VARIANTS = {
+    "short_lists": Variant(counts=(2, 3, 4, 5), sft_max_share=1.0, partial_rm_answers=False),
+    "long_lists": Variant(counts=(6, 7, 8, 9, 10), sft_max_share=0.5, partial_rm_answers=True),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,9 +115,11 @@ class AnswerNoise:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_prompts(seed: int, num_train: int, num_eval: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out prompt rows: {"prompt": [user turn], "category": str, "count": int}."""
-    combos = list(itertools.product(GREETINGS, TEMPLATES, CATEGORIES, COUNT_WORDS))
+def make_prompts(seed: int, num_train: int, num_eval: int, counts: tuple[int, ...] = VARIANTS["short_lists"].counts
+                 ) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and held-out prompt rows: {"prompt": [user turn], "category": str, "count": int}, asking for
+    one of `counts` words."""
+    combos = list(itertools.product(GREETINGS, TEMPLATES, CATEGORIES, counts))
     if num_train + num_eval > len(combos):
         raise ValueError(
             f"toy_task asks for {num_train + num_eval} prompts but only {len(combos)} distinct ones exist; "
@@ -111,7 +138,9 @@ def _prompt_row(greeting: str, template: str, category: str, count: int) -> dict
 def sample_answer(rng: random.Random, category: str, count: int, noise: AnswerNoise) -> str:
     """A comma-separated answer for `category` with mistakes drawn at the rates of `noise`."""
     length = count
-    if rng.random() < noise.count_miss_rate:
+    if noise.max_share < 1.0:
+        length = rng.randint(1, max(1, int(count * noise.max_share)))
+    elif rng.random() < noise.count_miss_rate:
         length = max(0, count + rng.choice([d for d in range(-noise.count_miss_size, noise.count_miss_size + 1) if d]))
     unused = list(CATEGORIES[category])
     rng.shuffle(unused)
@@ -158,12 +187,13 @@ def make_sft_examples(seed: int, prompts: list[dict], num_examples: int, noise: 
 
 
 def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream: str = "rm",
-                          edited_fraction: float = 0.4, category_fraction: float = 0.4):
+                          edited_fraction: float = 0.4, category_fraction: float = 0.4, partial_answers: bool = False):
     """Gold-labelled pairs (ties dropped) over a wide spread of answer quality, so the reward model also ranks the
     better answers the policy reaches after a few DPO iterations. Besides pairs of independent answers:
     `edited_fraction` are one-word edits of each other, which pin the preference on one word, and
     `category_fraction` set a clean answer against itself with one word from another category, the one mistake
-    that needs the prompt to spot (a tiny model learns the rest long before it)."""
+    that needs the prompt to spot (a tiny model learns the rest long before it). `partial_answers`: half the
+    independent answers give only part of the asked count (long_lists)."""
     from reward.train_bradley_terry import PreferencePair
 
     rng = random.Random(f"{seed}-{stream}")
@@ -178,11 +208,11 @@ def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream
             words[rng.randrange(count)] = rng.choice(_OTHER_WORDS[category])
             second = ", ".join(words)
         else:
-            first = sample_answer(rng, category, count, _random_noise(rng))
+            first = sample_answer(rng, category, count, _random_noise(rng, partial_answers))
             if kind < category_fraction + edited_fraction:
                 second = edit_answer(rng, first, category)
             else:
-                second = sample_answer(rng, category, count, _random_noise(rng))
+                second = sample_answer(rng, category, count, _random_noise(rng, partial_answers))
         first_gold, second_gold = (gold_reward(row["prompt"], answer, row) for answer in (first, second))
         if first_gold == second_gold:
             continue
@@ -191,9 +221,13 @@ def make_preference_pairs(seed: int, prompts: list[dict], num_pairs: int, stream
     return pairs
 
 
-def _random_noise(rng: random.Random) -> AnswerNoise:
-    return AnswerNoise(filler_rate=rng.uniform(0.0, 0.5), off_category_rate=rng.uniform(0.0, 0.4),
-                       count_miss_rate=rng.uniform(0.0, 0.8), count_miss_size=3, repeat_rate=rng.choice((0.0, 0.0, 0.2)))
+def _random_noise(rng: random.Random, partial_answers: bool = False) -> AnswerNoise:
+    noise = AnswerNoise(filler_rate=rng.uniform(0.0, 0.5), off_category_rate=rng.uniform(0.0, 0.4),
+                        count_miss_rate=rng.uniform(0.0, 0.8), count_miss_size=3,
+                        repeat_rate=rng.choice((0.0, 0.0, 0.2)))
+    if partial_answers and rng.random() < 0.5:  # drawn only then: short_lists' pairs stay as they were
+        noise = replace(noise, max_share=rng.uniform(0.1, 1.0))
+    return noise
 
 
 def tokenizer_corpus(prompts: list[dict], sft_examples: list[dict]) -> list[str]:

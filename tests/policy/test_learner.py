@@ -211,6 +211,33 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_exactly(
         resumed.begin_iteration(1, make_pairs(tiny_tokenizer, 12, seed=9), reference_dir=None)
 
 
+@pytest.mark.integration  # DeepSpeed
+def test_an_iteration_in_blocks_goes_on_from_each_block_under_one_schedule_and_resumes_exactly(
+    tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    """train.sync_every_steps: the second block's pairs continue the step count, Adam and the learning-rate schedule
+    of the first; a learner that loaded the checkpoint at the block boundary trains it to the same weights."""
+    first, second = make_pairs(tiny_tokenizer, 8, seed=1), make_pairs(tiny_tokenizer, 8, seed=2)
+    train = train_config(lr_schedule="cosine", warmup_ratio=0.25)  # global batch 4: 2 steps a block, 4 planned
+    boundary = str(tmp_path / "step_2")
+    running = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    assert running.begin_iteration(1, first, None, first_step=0, planned_steps=4) == 2
+    assert running.train_steps(10).step == 2  # stops at the block's end
+    running.save_checkpoint(boundary)
+    assert running.begin_iteration(1, second, None, first_step=2, planned_steps=4) == 4
+    stats = running.train_steps(10)
+    rates = [learning_rate_at(step, 4, running._policy.spec) for step in (2, 3)]
+    assert stats.step == 4 and stats.learning_rate == pytest.approx(sum(rates) / 2) and rates[1] < rates[0]
+
+    resumed = DPOLearner(policy_config(tiny_policy_dir), train, device="cpu", seed=0)
+    resumed.load_checkpoint(boundary)
+    assert resumed.begin_iteration(1, second, None, first_step=2, planned_steps=4) == 4
+    assert resumed.train_steps(10) == stats
+    assert_same_weights(resumed.named_weights(), running.named_weights())
+    with pytest.raises(ValueError, match="train the blocks before it first"):
+        resumed.begin_iteration(1, first, None, first_step=6, planned_steps=8)
+
+
 @pytest.mark.parametrize("reset", [True, False])
 @pytest.mark.integration  # DeepSpeed
 def test_a_new_iteration_starts_at_step_0_with_fresh_adam_state_when_configured(

@@ -237,9 +237,15 @@ def test_one_update_behind_sigkilled_then_resumed_equals_uninterrupted(config, t
     units = json.loads((uninterrupted / "manifest.json").read_text())["units"]
     assert units["iter_003/rollouts/shard_00000"]["policy_version"] == 1
 
-    run_dir = tmp_path / "killed"
-    for number, point in enumerate(STALE_KILL_POINTS):
-        command = ("run", str(config), *stale, "--run-dir", str(run_dir)) if number == 0 else ("resume", str(run_dir))
+    killed_and_resumed_equals(config, stale, STALE_KILL_POINTS, tmp_path / "killed", uninterrupted)
+
+
+def killed_and_resumed_equals(config, overrides, kill_points, run_dir, uninterrupted):
+    """The run SIGKILLed at each point in turn, then resumed to the end, recorded no unit twice and ended with the
+    uninterrupted run's pairs, metrics, evaluations and weights."""
+    for number, point in enumerate(kill_points):
+        command = (("run", str(config), *overrides, "--run-dir", str(run_dir)) if number == 0
+                   else ("resume", str(run_dir)))
         result = rlhf_loop(*command, kill_at=point)
         assert result.returncode == -signal.SIGKILL, f"not killed at {point}: {result.stdout[-3000:]}"
     result = rlhf_loop("resume", str(run_dir))
@@ -252,3 +258,26 @@ def test_one_update_behind_sigkilled_then_resumed_equals_uninterrupted(config, t
     assert actual["metrics"] == expected["metrics"]
     assert actual["eval"] == expected["eval"]
     assert all(actual["weights"][k].equal(expected["weights"][k]) for k in expected["weights"])
+
+
+SEMI_ONLINE_KILL_POINTS = ["iter_001/train/step_000001:before", "iter_001/rollouts/shard_00001",
+                           "iter_001/sync/step_000002:before"]
+
+
+@pytest.mark.timeout(1200)  # five runs
+def test_semi_online_syncs_within_the_iteration_and_resumes_exactly_after_sigkills(config, tmp_path):
+    """train.sync_every_steps=1: one round of 12 prompts in blocks of 4 (1 step x 4 pairs), the engines synced before
+    the second and third; killed after a block's checkpoint, after a block's generation and during a sync, then
+    resumed, the run ends with the uninterrupted run's pairs, metrics and weights."""
+    semi_online = ("iterations=1", "train.sync_every_steps=1")
+    uninterrupted = tmp_path / "semi_online"
+    result = rlhf_loop("run", str(config), *semi_online, "--run-dir", str(uninterrupted))
+    assert result.returncode == 0, result.stdout[-3000:]
+    units = json.loads((uninterrupted / "manifest.json").read_text())["units"]
+    assert sorted(unit for unit in units if unit.startswith("iter_001/sync/")) == [
+        "iter_001/sync/step_000001", "iter_001/sync/step_000002"]
+    steps = [pair["policy_step"] for pair in read_jsonl(uninterrupted / "iter_001" / "pairs.jsonl")]
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2}  # each block from the weights synced before it
+    assert [units[f"iter_001/rollouts/shard_{i:05d}"]["policy_step"] for i in range(3)] == [0, 1, 2]
+
+    killed_and_resumed_equals(config, semi_online, SEMI_ONLINE_KILL_POINTS, tmp_path / "killed", uninterrupted)

@@ -1,6 +1,7 @@
 """The comparison script's arithmetic: the sweep, the best rate per arm, tables and verdict from finished run
 directories (built here by hand)."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -89,3 +90,36 @@ def test_the_arms_run_with_their_seeds_and_rate():
                                "toy_task.dir=.cache/toy_task_seed1"]
     assert arm.run_dir(Path("runs")) == Path("runs/offline-lr0.0002-assets1-seed3")
     assert "toy_task.dir=.cache/toy_task" in compare.Arm("online", 4e-4, 0, 0).overrides()
+
+
+def test_the_semi_online_arm_is_compared_with_offline_too():
+    curves = {"offline": {(0, 0): [0.5, 0.55], (1, 0): [0.5, 0.57]},
+              "semi_online": {(0, 0): [0.5, 0.60], (1, 0): [0.5, 0.58]},
+              "online": {(0, 0): [0.5, 0.6, 0.7], (1, 0): [0.5, 0.62, 0.74]}}
+    text = compare.verdict(curves)
+    assert "final gold offline 0.560 +- 0.010, semi_online 0.590 +- 0.010, online 0.720 +- 0.020" in text
+    assert "online - offline = 0.160 +- 0.010 (16.0 standard errors): online wins" in text
+    # paired gaps 0.05 and 0.01: mean 0.03, standard error 0.02
+    assert "semi_online - offline = 0.030 +- 0.020 (1.5 standard errors): no clear winner" in text
+    assert "online gold rises" not in compare.verdict({k: v for k, v in curves.items() if k != "online"})
+    one_seed = compare.verdict({name: {(0, 0): per_seed[(0, 0)]} for name, per_seed in curves.items()})
+    assert "online - offline = 0.150 on one asset seed: no standard error, no verdict" in one_seed
+    assert "wins" not in one_seed
+
+
+def test_every_arm_gets_the_same_pair_budget_and_the_task_its_own_assets():
+    smoke = compare.arm_overrides(argparse.Namespace(smoke=True, sync_every=None))
+    prompts = {name: next(int(o.split("=")[1]) for o in extra if o.startswith("data.prompts_per_iteration="))
+               for name, extra in smoke.items()}
+    assert prompts["offline"] == prompts["semi_online"] == compare.ONLINE_ITERATIONS * prompts["online"]
+    assert "train.sync_every_steps=2" in smoke["semi_online"]
+    assert not any("sync_every" in o for o in smoke["offline"] + smoke["online"])
+    full = compare.arm_overrides(argparse.Namespace(smoke=False, sync_every=4))
+    assert full == {"offline": (), "semi_online": ("train.sync_every_steps=4",), "online": ()}
+    assert compare.arm_overrides(argparse.Namespace(smoke=False, sync_every=None))["semi_online"] == ()
+
+    long = compare.Arm("semi_online", 4e-4, asset_seed=2, run_seed=0, task="long_lists", extra=("a=b",))
+    assert long.overrides()[2:] == ["toy_task.seed=2", "toy_task.dir=.cache/toy_task_long_lists_seed2",
+                                    "toy_task.variant=long_lists", "a=b"]
+    assert long.run_dir(Path("runs")) == Path("runs/long_lists-semi_online-lr0.0004-assets2-seed0")
+    assert "toy_task.dir=.cache/toy_task_long_lists" in compare.Arm("online", 4e-4, 0, 0, "long_lists").overrides()

@@ -6,9 +6,11 @@ import random
 
 import pytest
 
+from rlhf_loop.toy.assets import ToyTaskConfig
 from rlhf_loop.toy.task import (
     CATEGORIES,
     FILLERS,
+    VARIANTS,
     AnswerNoise,
     edit_answer,
     gold_reward,
@@ -107,3 +109,36 @@ def test_preference_pairs_are_labelled_by_gold_and_deterministic():
     for pair in category_only:
         row = rows[pair.prompt[0]["content"]]
         assert gold_reward(pair.prompt, pair.chosen, row) == 1.0 and len(pair.rejected.split(", ")) == row["count"]
+
+
+def test_long_lists_ask_for_more_words_than_pi_0_learns_to_give():
+    """long_lists: prompts ask for 6-10 words; SFT answers give 1 to half of them, so no SFT answer scores above 0.5
+    and the best of many gets there; the reward model's pairs span partial answers up to full ones and beyond."""
+    variant = VARIANTS["long_lists"]
+    train, held_out = make_prompts(seed=0, num_train=300, num_eval=40, counts=variant.counts)
+    assert {row["count"] for row in train + held_out} == set(variant.counts)
+    assert "Name ten" in " ".join(row["prompt"][0]["content"] for row in train)
+    noise = ToyTaskConfig(variant="long_lists").sft_noise()
+    examples = make_sft_examples(seed=0, prompts=train, num_examples=600, noise=noise)
+    rows = {row["prompt"][0]["content"]: row for row in train}
+    lengths, golds = [], []
+    for example in examples:
+        row, answer = rows[example["messages"][0]["content"]], example["messages"][1]["content"]
+        lengths.append((len(answer.split(", ")), row["count"]))
+        golds.append(gold_reward(example["messages"][:1], answer, row))
+    assert all(1 <= length <= count // 2 for length, count in lengths)
+    assert {length for length, count in lengths if count == 10} == {1, 2, 3, 4, 5}  # every length up to half
+    assert max(golds) == 0.5 and sum(golds) / len(golds) < 0.3
+    pairs = make_preference_pairs(seed=0, prompts=train, num_pairs=400, partial_answers=True)
+    answer_shares = [len(answer.split(", ")) / rows[pair.prompt[0]["content"]]["count"]
+                     for pair in pairs for answer in (pair.chosen, pair.rejected) if answer]
+    assert min(answer_shares) <= 0.2 and max(answer_shares) > 1.0
+    assert any(share <= 0.5 for share in answer_shares) and any(0.9 <= share <= 1.0 for share in answer_shares)
+
+
+def test_short_lists_is_the_default_task_and_partial_answers_are_long_lists_only():
+    train, _ = make_prompts(seed=0, num_train=200, num_eval=10)
+    assert {row["count"] for row in train} == set(VARIANTS["short_lists"].counts) == {2, 3, 4, 5}
+    assert ToyTaskConfig().sft_noise() == AnswerNoise(0.3, 0.1, 0.0)  # full-length SFT answers
+    partial = make_preference_pairs(seed=0, prompts=train, num_pairs=100, partial_answers=True)
+    assert make_preference_pairs(seed=0, prompts=train, num_pairs=100) != partial
