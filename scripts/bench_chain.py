@@ -10,6 +10,7 @@ Every stage is rlhf-loop's own code (policy/vllm_engine.py, reward/, policy/lear
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,8 @@ def chain(spec_path: str, result_path: str) -> None:
             tokens += report.get("tokens", 0)
             scores += report.get("scores", 0)
             pairs += report.get("pairs", 0)
+    for iteration in range(1, spec["setting"]["iterations"] + 1):  # the saved policies: 540 MB each for SmolLM2
+        shutil.rmtree(work_dir / f"policy_{iteration:03d}", ignore_errors=True)
     stages = {key: value for key, value in totals.items() if key != "pairs_s"}
     Path(result_path).write_text(json.dumps({
         "work_s": work, "stages": {**stages, "eval_s": None}, "tokens": tokens, "scores": int(scores),

@@ -77,7 +77,11 @@ def run_rlhf_loop(setting: Setting, assets: Assets, device: str, work_dir: Path,
     measured = run_measured(command, work_dir / "console.log", child_env(device, threads))
     if measured.returncode != 0:
         raise RuntimeError(f"rlhf-loop failed (exit {measured.returncode}); see {work_dir / 'console.log'}")
-    return rlhf_loop_row(setting, run_dir, measured)
+    row = rlhf_loop_row(setting, run_dir, measured)
+    # The weights are not needed to read the numbers back (--reread), and a SmolLM2 run writes 2 GB of them
+    for weights in [*run_dir.glob("iter_*/learner"), *run_dir.glob("iter_*/policy")]:
+        shutil.rmtree(weights)
+    return row
 
 
 def rlhf_loop_row(setting: Setting, run_dir: Path, measured) -> dict:
