@@ -35,8 +35,9 @@ class _RewardActor:
 
         if device == "cpu":
             # Scoring runs while the engines generate, on the same cores, each engine at every core
-            # (cluster.threads_per_actor): more threads than cores would make every OpenMP barrier wait for a
-            # thread the scheduler took off its core (the toy's generation ran 1.6x slower).
+            # (cluster.threads_per_actor): more threads than cores make every OpenMP barrier wait for a thread the
+            # scheduler took off its core (the toy's generation ran 1.6x slower with the learner's forward passes
+            # beside it at two threads each).
             import torch
 
             torch.set_num_threads(1)

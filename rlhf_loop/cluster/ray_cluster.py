@@ -81,7 +81,9 @@ def actor_threads(cluster_cfg, address: str | None, environ) -> int | None:
         return None
     if environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(environ["OMP_NUM_THREADS"])
-    return cluster_cfg.num_cpus or len(os.sched_getaffinity(0))
+    if cluster_cfg.num_cpus:
+        return cluster_cfg.num_cpus
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
 
 
 def join(address: str, init: Callable[[], Any], timeout_s: float) -> Any:
