@@ -172,6 +172,9 @@ def reread(args) -> None:
 
     results = json.loads((args.out / "bench.json").read_text())
     for key, rows in results["repeats"].items():
+        if key.count("/") != 2:
+            raise SystemExit(f"{args.out / 'bench.json'} was written by a bench.py without thread counts (its key "
+                             f"{key!r} has none); rerun the benchmark instead of --reread")
         setting_name, system, threads = key.split("/")
         if system != "rlhf-loop":
             continue
