@@ -3,7 +3,7 @@ fresh on-policy pairs pay?
 
     python scripts/compare_online_offline.py [--task short_lists|long_lists] [--arms offline semi_online online] \
         [--asset-seeds 0 1 2] [--run-seeds 0 1] [--learning-rates 1e-4 2e-4 4e-4 8e-4] [--sync-every S] \
-        [--runs-dir runs/compare] [--jobs 1] [--json results.json] [--smoke]
+        [--runs-dir runs/compare] [--jobs 1] [--json results.json] [--plot curves.png] [--smoke]
 
 configs/tiny_online.yaml runs 3 iterations of online DPO; configs/tiny_offline.yaml one round of DPO on the same
 total number of pairs, all sampled from pi_0; configs/tiny_semi_online.yaml the same round, but the rollout engines get
@@ -18,7 +18,9 @@ for 6-10 words, pi_0 gives at most half: `toy_task.variant`, rlhf_loop/toy/task.
 3. At those rates, every asset seed x run seed: the gold curve per iteration, what else moved by the end (KL to
    pi_0, length, reward-model score), and the verdict. The gap is paired by asset seed (every arm starts from the
    same pi_0), and standard errors treat the asset seed as the unit: the run seeds of one asset seed are averaged
-   first, so a lucky set of assets cannot count three times.
+   first, so a lucky set of assets cannot count three times. A gap counts as a win above 3 standard errors.
+4. The mechanism: the share of each arm's pairs whose chosen answer scores (gold) above pi_0's best of K on its
+   prompt, per third of the pair budget (pi_0's K samples on every prompt are the offline arm's rollouts).
 
 `--smoke` checks that the whole pipeline runs, in minutes: 32 prompts an online iteration (96 a round), 16 held-out
 prompts x 2 samples, a sync every 2 steps, any number of rates; its numbers are not a result.
@@ -52,6 +54,7 @@ SMOKE = {"prompts": 32, "eval": ["eval.num_prompts=16", "eval.samples_per_prompt
 # What moved besides gold, after the last iteration: how far from pi_0 (kl/ref), whether length was gamed, and what the
 # reward model thinks; these tell apart a policy that improved from one that drifted where the reward model is blind.
 # dpo/chosen_reward below zero means DPO lowered the likelihood of the very responses it was told to prefer.
+WIN_STANDARD_ERRORS = 3  # a gap counts as a win above this many standard errors
 DIAGNOSTICS = ("kl/ref", "dpo/chosen_reward", "eval/response_tokens_mean", "eval/reward_mean",
                "eval/win_rate_vs_initial")
 
@@ -189,7 +192,7 @@ def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = 
             continue
         standard_errors = difference / difference_se if difference_se > 0 else float("inf")
         lines.append(f"{name} - offline = {difference:.3f} +- {difference_se:.3f} ({standard_errors:.1f} standard "
-                     f"errors): {name + ' wins' if standard_errors > 2 else 'no clear winner'}")
+                     f"errors): {name + ' wins' if standard_errors > WIN_STANDARD_ERRORS else 'no clear winner'}")
     if "online" in curves:
         online_curve = curves["online"].values()
         per_iteration = [statistics.fmean(curve[i] for curve in online_curve)
@@ -197,6 +200,84 @@ def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = 
         rising = all(b > a for a, b in zip(per_iteration, per_iteration[1:]))
         lines.append(f"online gold rises every iteration: {'yes' if rising else 'no'}")
     return "\n".join(lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def pi_0_best_of_k(offline_dir: Path) -> dict[int, float]:
+    """pi_0's best gold of K on each prompt of the round, by prompt index: the offline arm samples all its pairs from
+    pi_0, on the prompts every arm of the same asset and run seed takes (the online iterations take them in slices)."""
+    from rlhf_loop.toy.task import gold_reward
+
+    best = {}
+    for shard in sorted((offline_dir / "iter_001" / "rollouts").glob("shard_*.jsonl")):
+        for rollout in read_jsonl(shard):
+            prompt = rollout["prompt"]
+            best[prompt["index"]] = max(gold_reward(prompt["messages"], response["text"], prompt["meta"])
+                                        for response in rollout["responses"])
+    return best
+
+
+def chosen_above_pi_0(run_dir: Path, best: dict[int, float], meta: dict[int, dict]) -> list[float]:
+    """The mechanism: the share of a run's pairs whose chosen answer scores (gold) above pi_0's best of K on its
+    prompt, in each third of the pair budget (the online arm's iterations 1-3; the semi-online arm's round by its
+    sync blocks; offline's is 0 by construction: its chosen answers are pi_0's own)."""
+    from rlhf_loop.toy.task import gold_reward
+
+    third = math.ceil(len(best) / ONLINE_ITERATIONS)
+    above: list[list[bool]] = [[] for _ in range(ONLINE_ITERATIONS)]
+    for pairs in sorted(run_dir.glob("iter_*/pairs.jsonl")):
+        for pair in read_jsonl(pairs):
+            index = pair["prompt_index"]
+            gold = gold_reward(pair["prompt_messages"], pair["chosen"]["text"], meta[index])
+            above[index // third].append(gold > best[index])
+    return [statistics.fmean(flags) if flags else float("nan") for flags in above]
+
+
+def prompt_meta(offline_dir: Path) -> dict[int, dict]:
+    return {rollout["prompt"]["index"]: rollout["prompt"]["meta"]
+            for shard in sorted((offline_dir / "iter_001" / "rollouts").glob("shard_*.jsonl"))
+            for rollout in read_jsonl(shard)}
+
+
+def mechanism_table(shares: dict[str, dict[tuple[int, int], list[float]]]) -> str:
+    lines = ["share of pairs whose chosen answer scores above pi_0's best of K (gold) on its prompt, by third of the "
+             "pair budget (online: its iteration), mean +- standard error over asset seeds", "",
+             "| third of the pairs | " + " | ".join(shares) + " |", "|---|" + "---|" * len(shares)]
+    for third in range(ONLINE_ITERATIONS):
+        cells = [cell(clustered({seeds: values[third] for seeds, values in per_seed.items()}))
+                 for per_seed in shares.values()]
+        lines.append(f"| {third + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float], task: str,
+                path: Path) -> None:
+    """Gold per iteration, each arm at its best rate: the mean over asset seeds with standard-error bars (the
+    one-round arms are a line from pi_0 to their end, drawn over the same three thirds of the pair budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, per_seed in curves.items():
+        length = max(len(curve) for curve in per_seed.values())
+        points = [clustered({seeds: curve[i] for seeds, curve in per_seed.items()}) for i in range(length)]
+        xs = [0, ONLINE_ITERATIONS] if length == 2 else list(range(length))
+        axes.errorbar(xs, [m for m, _ in points], yerr=[0 if math.isnan(se) else se for _, se in points],
+                      marker="o", capsize=3, label=f"{name} (lr {rates[name]:g})")
+    axes.set_xticks(range(ONLINE_ITERATIONS + 1))
+    axes.set_xlabel("pairs trained on (thirds of the budget; online: iterations)")
+    axes.set_ylabel("held-out gold (eval/gold_mean)")
+    axes.set_title(f"toy task {task}: each arm at its best learning rate")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def run_all(arms: list[Arm], runs_dir: Path, jobs: int) -> dict[Arm, Path]:
@@ -227,6 +308,7 @@ def main() -> int:
     parser.add_argument("--runs-dir", type=Path, help="default: runs/compare (runs/compare-smoke with --smoke)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each starts its own local Ray)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--plot", type=Path, help="draw the gold curves at each arm's best rate to this PNG")
     parser.add_argument("--smoke", action="store_true", help="a few minutes' check that every arm runs; no result")
     args = parser.parse_args()
     if len(args.learning_rates) < 3 and not args.smoke:
@@ -254,8 +336,18 @@ def main() -> int:
               for name in args.arms}
     if args.smoke:
         print("SMOKE RUN: tiny sizes, to show that every arm runs; these numbers are not a result\n")
-    print(f"task: {args.task}", sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals),
-          verdict(curves), sep="\n\n")
+    tables = [f"task: {args.task}", sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals)]
+    shares = {}
+    if "offline" in args.arms:  # pi_0's best of K per prompt comes from the offline arm's rollouts
+        offline = {(a.asset_seed, a.run_seed): p for a, p in final_dirs.items() if a.name == "offline"}
+        shares = {name: {(a.asset_seed, a.run_seed): chosen_above_pi_0(
+            p, pi_0_best_of_k(offline[a.asset_seed, a.run_seed]), prompt_meta(offline[a.asset_seed, a.run_seed]))
+            for a, p in final_dirs.items() if a.name == name} for name in args.arms}
+        tables.append(mechanism_table(shares))
+    print(*tables, verdict(curves), sep="\n\n")
+    if args.plot:
+        plot_curves(curves, rates, args.task, args.plot)
+        print(f"\ncurves: {args.plot}")
     if SHIPPED_LEARNING_RATE in args.learning_rates:
         shared = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in sweep_dirs.items()
                          if a.name == name and a.learning_rate == SHIPPED_LEARNING_RATE} for name in args.arms}
@@ -270,6 +362,8 @@ def main() -> int:
                              for rate, per_seeds in per_rate.items()} for name, per_rate in sweep_finals.items()},
             "curves": {name: {f"{a}/{s}": curve for (a, s), curve in per_seed.items()}
                        for name, per_seed in curves.items()},
+            "chosen_above_pi_0_best_of_k": {name: {f"{a}/{s}": values for (a, s), values in per_seed.items()}
+                                            for name, per_seed in shares.items()},
         }, indent=2) + "\n")
     return 0
 

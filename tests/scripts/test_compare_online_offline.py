@@ -123,3 +123,46 @@ def test_every_arm_gets_the_same_pair_budget_and_the_task_its_own_assets():
                                     "toy_task.variant=long_lists", "a=b"]
     assert long.run_dir(Path("runs")) == Path("runs/long_lists-semi_online-lr0.0004-assets2-seed0")
     assert "toy_task.dir=.cache/toy_task_long_lists" in compare.Arm("online", 4e-4, 0, 0, "long_lists").overrides()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_the_mechanism_counts_chosen_answers_above_pi_0s_best_of_k(tmp_path):
+    """pi_0's best of K per prompt comes from the offline run's rollouts; each pair's chosen answer is scored by the
+    gold rule against it, by third of the prompts."""
+    meta = {"category": "fruits", "count": 4}
+    prompts = [{"index": i, "messages": [{"role": "user", "content": "Name four fruits."}], "token_ids": [1],
+                "meta": meta} for i in range(6)]
+    # pi_0's best of 2 on each prompt: two fruits of four (gold 0.5)
+    pi_0 = [{"prompt": p, "responses": [{"text": "apple, pear"}, {"text": "stuff"}]} for p in prompts]
+    offline = tmp_path / "offline"
+    _write_jsonl(offline / "iter_001" / "rollouts" / "shard_00000.jsonl", pi_0[:4])
+    _write_jsonl(offline / "iter_001" / "rollouts" / "shard_00001.jsonl", pi_0[4:])
+
+    def pair(index: int, chosen: str) -> dict:
+        return {"prompt_index": index, "prompt_messages": prompts[index]["messages"], "chosen": {"text": chosen}}
+
+    _write_jsonl(offline / "iter_001" / "pairs.jsonl", [pair(i, "apple, pear") for i in range(6)])
+    online = tmp_path / "online"
+    _write_jsonl(online / "iter_001" / "pairs.jsonl", [pair(0, "apple, pear"), pair(1, "apple, pear")])
+    _write_jsonl(online / "iter_002" / "pairs.jsonl", [pair(2, "apple, pear, plum"), pair(3, "apple, pear")])
+    _write_jsonl(online / "iter_003" / "pairs.jsonl", [pair(4, "apple, pear, plum"), pair(5, "apple, pear, fig, kiwi")])
+
+    best, prompt_metas = compare.pi_0_best_of_k(offline), compare.prompt_meta(offline)
+    assert best == {i: 0.5 for i in range(6)}
+    assert compare.chosen_above_pi_0(offline, best, prompt_metas) == [0.0, 0.0, 0.0]
+    assert compare.chosen_above_pi_0(online, best, prompt_metas) == [0.0, 0.5, 1.0]
+    table = compare.mechanism_table({"online": {(0, 0): [0.0, 0.5, 1.0], (1, 0): [0.0, 0.3, 0.8]},
+                                     "offline": {(0, 0): [0.0] * 3, (1, 0): [0.0] * 3}})
+    assert "| 2 | 0.400 +- 0.100 | 0.000 +- 0.000 |" in table
+
+
+def test_the_curves_are_drawn(tmp_path):
+    curves = {"online": {(0, 0): [0.2, 0.3, 0.4, 0.5], (1, 0): [0.2, 0.35, 0.45, 0.5]},
+              "offline": {(0, 0): [0.2, 0.3], (1, 0): [0.2, 0.32]}}
+    path = tmp_path / "curves.png"
+    compare.plot_curves(curves, {"online": 8e-4, "offline": 4e-4}, "long_lists", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
