@@ -70,7 +70,7 @@ def actors_placed(actor: Any, slots: list[ActorSlot], warm: bool) -> list[dict[s
 
 
 def kept_warm(actors: list[dict[str, Any]]) -> str:
-    """" (kept warm: 1 of 1 reused)" for a role kept warm, "" otherwise (the start-up line)."""
+    """What the start-up line adds for a role kept warm, e.g. " (kept warm: 1 of 1 reused)"; nothing otherwise."""
     if not actors or "reused" not in actors[0]:
         return ""
     return f" (kept warm: {sum(actor['reused'] for actor in actors)} of {len(actors)} reused)"
