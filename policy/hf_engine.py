@@ -28,18 +28,27 @@ class HFEngine:
             raise ValueError(f"HFEngine device must be cpu or cuda, got {device!r}")
         self.device = torch.device(device)
         self.max_model_len = max_model_len
+        self.policy = policy
         self.tokenizer = load_tokenizer(policy.tokenizer_source, policy.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            policy.model_path,
-            dtype=torch_dtype(policy.dtype, device),
-            trust_remote_code=policy.trust_remote_code,
-        ).to(self.device)
-        self.model.eval()
+        self.model = self._load_policy()
         self.eos_token_ids = _eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         self._sync_group: SyncGroup | None = None  # joined at the first sync, kept for the run
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         return [Rollout(prompt=prompt, responses=self._sample(prompt, sampling)) for prompt in prompts]
+
+    def load_initial_weights(self) -> None:
+        """pi_0 again, loaded from policy.model_path as a new engine loads it (a warm engine taken by a new run)."""
+        del self.model  # before loading the new copy, so that the two never share the device
+        self.model = self._load_policy()
+
+    def _load_policy(self) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            self.policy.model_path,
+            dtype=torch_dtype(self.policy.dtype, self.device.type),
+            trust_remote_code=self.policy.trust_remote_code,
+        ).to(self.device)
+        return model.eval()
 
     @torch.inference_mode()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

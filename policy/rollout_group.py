@@ -14,6 +14,12 @@ engines forms the group anew. That learner has not trained since the last sync a
 one after another, as it does.
 `object_store`: the learner puts one full copy in Ray's object store and every engine loads it; a restarted engine
 loads the same copy again.
+
+Warm engines (cluster.keep_warm): given actor names, the group takes the live detached engines of those names, left
+by an earlier run with the same settings, and starts the missing ones detached under their names. A reused engine
+leaves the earlier run's sync group (its learner is gone) and loads pi_0's weights again, so that the run starts from
+where a new engine would; one that Ray restarted (its restart budget no longer whole) or that does not answer is
+replaced.
 """
 
 from __future__ import annotations
@@ -34,7 +40,16 @@ from policy.config import EnvironmentConfig, PolicyConfig, RolloutConfig
 from policy.learner_protocol import Learner
 from policy.rollout_protocol import RolloutEngine, Sampling
 from policy.weight_sync import SyncSpec
-from rlhf_loop.common.actor_calls import ActorDied, placement, wait, wait_restarted
+from rlhf_loop.common.actor_calls import (
+    REUSE_CHECK_TIMEOUT_S,
+    ActorDied,
+    detached,
+    placement,
+    reusable_actor,
+    wait,
+    wait_restarted,
+    was_restarted,
+)
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.faults import maybe_kill_actor
@@ -99,6 +114,16 @@ class EngineActor:
     def release_weight_sync(self) -> None:
         self.engine.release_weight_sync()
 
+    def start_run(self) -> None:
+        """A warm engine taken by a new run (cluster.keep_warm): it leaves the last run's sync group, whose learner
+        is gone, and holds pi_0's weights again, as a new engine would. (It never sleeps: keep_warm refuses
+        cluster.colocate.)"""
+        self.engine.release_weight_sync()
+        self.engine.load_initial_weights()
+
+    def restarted(self) -> bool:
+        return was_restarted()
+
     def placement(self) -> dict[str, Any]:
         return placement()
 
@@ -106,15 +131,17 @@ class EngineActor:
 def start_engine_actor(
     policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int, max_restarts: int = 0,
     placement: dict[str, Any] | None = None, sleeps: bool = False, environment: EnvironmentConfig | None = None,
+    name: str | None = None,
 ) -> ray.actor.ActorHandle:
     """An EngineActor with the resources and environment its device needs (returns before the engine is built).
     `placement`: the Ray options that put it on its placement-group bundle (`rlhf_loop.cluster.roles`); without, it takes
     rollout.gpus_per_engine on CUDA and no CPU. A dead one is restarted by Ray (its engine rebuilt from `policy`)
-    up to `max_restarts` times; calls that were in flight fail, and the group redoes them."""
+    up to `max_restarts` times; calls that were in flight fail, and the group redoes them. `name`: a warm engine,
+    detached under that name (cluster.keep_warm)."""
     return (
         ray.remote(EngineActor)
         .options(**{**_actor_resources(rollout, device), **(placement or {})}, max_restarts=max_restarts,
-                 max_task_retries=0)
+                 max_task_retries=0, **detached(name))
         .remote(policy, rollout, device, max_model_len, seed, sleeps, environment)
     )
 
@@ -136,16 +163,21 @@ class RolloutGroup:
 
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig, device: str, max_model_len: int, seed: int,
                  max_restarts: int = 0, placements: Sequence[dict[str, Any]] | None = None, sleeps: bool = False,
-                 environment: EnvironmentConfig | None = None):
+                 environment: EnvironmentConfig | None = None, names: Sequence[str] | None = None):
         """`placements`: each engine's Ray options for its placement-group bundle (see `start_engine_actor`).
         `sleeps`: the engines share GPUs with the learner (cluster.colocate) and free them in `asleep`.
-        `environment`: the engines run its episodes (`policy.episodes`) where they would sample single turns."""
+        `environment`: the engines run its episodes (`policy.episodes`) where they would sample single turns.
+        `names`: warm engines (cluster.keep_warm), one name each: the live ones of those names are reused (`reused`
+        says which), the others started detached."""
         placements = placements or [None] * rollout.num_engines
         if environment is not None:
             environment = dataclasses.replace(environment, factory=absolute_reference(environment.factory))
-        self.actors = [start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where, sleeps,
-                                          environment)
-                       for where in placements]
+        kept = ([reusable_actor(name, REUSE_CHECK_TIMEOUT_S) for name in names] if names is not None
+                else [None] * len(placements))
+        self.actors = [actor or start_engine_actor(policy, rollout, device, max_model_len, seed, max_restarts, where,
+                                                   sleeps, environment, name)
+                       for actor, where, name in zip(kept, placements, names or [None] * len(placements), strict=True)]
+        self.reused = [actor is not None for actor in kept]
         self.sleeps = sleeps
         self.timeout_s = rollout.call_timeout_s
         self.max_restarts = max_restarts
@@ -165,6 +197,7 @@ class RolloutGroup:
         self._weights_dir: Path | None = None  # ... or their export, once the learner has moved past them
         self._schedule: ColocationSchedule | None = None  # sleeps: set at the first `asleep`
         self._wait([actor.ready.remote() for actor in self.actors], "start-up")
+        self._wait([actor.start_run.remote() for actor, reused in zip(self.actors, self.reused) if reused], "start-up")
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         """K responses per prompt, in prompt order; each engine takes one contiguous chunk of the prompts."""

@@ -44,3 +44,7 @@ class RolloutEngine(Protocol):
     def release_weight_sync(self) -> None:
         """Leave the sync group now (the end of the run)."""
         ...
+
+    def load_initial_weights(self) -> None:
+        """pi_0's weights again, from where the engine was built from (a warm engine taken by a new run)."""
+        ...

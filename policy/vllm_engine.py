@@ -95,6 +95,13 @@ class VLLMEngine:
         self.llm.collective_rpc(_reprocess_tied_head)
         self._forget_cached_prefixes()
 
+    def load_initial_weights(self) -> None:
+        """pi_0's weights again, read from policy.model_path by vLLM's own loader, in place (a warm engine taken by a
+        new run): the reload without weights reads the model the engine was built from."""
+        self.llm.collective_rpc("reload_weights")
+        self.llm.collective_rpc(_reprocess_tied_head)
+        self._forget_cached_prefixes()
+
     def sleep(self) -> None:
         """Level 1: the weights go to host memory and the KV cache is dropped, so the colocated learner has the
         GPU; `wake_up` brings both back (then weights can be synced in as usual)."""

@@ -159,9 +159,16 @@ class ClusterConfig:
     # CUDA only: each learner rank shares its GPU with one rollout engine (and GPU 0 with the reward model, when it
     # runs a network); the engines sleep (weights to host memory, KV cache dropped) while the learner trains
     colocate: bool = False
+    # on a cluster the run joins (cluster.address): the rollout engines and the reward actor outlive the run, and the
+    # next run with the same settings takes them over instead of starting its own (imports and model builds skipped);
+    # `rlhf-loop cluster release` stops them (docs/cluster.md)
+    keep_warm: bool = False
 
     def problems(self) -> list[str]:
-        return failed([(self.max_actor_restarts >= 0,
+        return failed([(not (self.keep_warm and self.colocate),
+                        "cluster.keep_warm does not combine with cluster.colocate (the colocated engines share the "
+                        "GPUs of a learner that ends with each run); set one of them to false"),
+                       (self.max_actor_restarts >= 0,
                          f"cluster.max_actor_restarts must be >= 0, got {self.max_actor_restarts}"),
                         (self.connect_timeout_s > 0,
                          f"cluster.connect_timeout_s must be > 0, got {self.connect_timeout_s}"),
@@ -244,6 +251,9 @@ class RunConfig:
              f"rollout.samples_per_prompt {self.rollout.samples_per_prompt}; use at most {max_pairs_per_prompt(self)}"),
             (self.train.enabled or self.online,
              "pairs.dataset (offline DPO) needs train.enabled: true; there is nothing else to do with its pairs"),
+            (not (self.cluster.keep_warm and self.sft.enabled),
+             "cluster.keep_warm keeps engines that were built from pi_0 for the next run, and sft.enabled makes a new "
+             "pi_0 in every run directory; set one of them to false"),
             (not self.environment.enabled or self.online,
              "environment.factory runs episodes, which offline DPO (pairs.dataset) never samples; unset one of them"),
             (not self.environment.enabled

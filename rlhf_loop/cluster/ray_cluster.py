@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhf_loop.cluster.warm import NAMESPACE as WARM_NAMESPACE
 from rlhf_loop.common import console
 from rlhf_loop.common.background import in_background
 from rlhf_loop.common.errors import UserError
@@ -33,11 +34,18 @@ def resolve_device(device: str) -> str:
 @contextlib.contextmanager
 def ray_running(cluster_cfg) -> Iterator[Path]:
     """Ray for the block, joined or started here and shut down however the block ends; yields this session's log
-    directory (for `link_ray_logs` once the run directory exists)."""
+    directory (for `link_ray_logs` once the run directory exists). Under cluster.keep_warm the warm actors this run
+    held are given back first, and stay alive (`rlhf_loop.cluster.warm_registry`)."""
     try:
         yield start_ray(cluster_cfg)
     finally:
-        stop_ray()
+        try:
+            if cluster_cfg.keep_warm:
+                from rlhf_loop.cluster.warm_registry import leave_warm_actors
+
+                leave_warm_actors(cluster_cfg.address)
+        finally:
+            stop_ray()
 
 
 def start_ray(cluster_cfg) -> Path:
@@ -46,6 +54,9 @@ def start_ray(cluster_cfg) -> Path:
     import ray
 
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    if cluster_cfg.keep_warm and not address:
+        raise UserError("cluster.keep_warm keeps actors alive between runs on a Ray cluster that outlives them, and "
+                        "this run would start its own; start one with `ray start --head` and set cluster.address=auto")
     threads = actor_threads(cluster_cfg, address, os.environ)
     init = functools.partial(
         ray.init,
@@ -53,6 +64,8 @@ def start_ray(cluster_cfg) -> Path:
         num_cpus=cluster_cfg.num_cpus if address is None else None,
         _node_ip_address=cluster_cfg.node_ip_address,
         include_dashboard=False,
+        # keep_warm: the warm actors and their placement groups are named in one namespace every such run joins
+        namespace=WARM_NAMESPACE if cluster_cfg.keep_warm else None,
         log_to_driver=not console.is_quiet(),
         configure_logging=True,
         logging_level="WARNING",

@@ -1,7 +1,9 @@
 """The roles of a run as Ray actors: the rollout engines and the reward model (online runs) and the DPO learner
 (train.enabled). Every role's placement group is reserved first (`rlhf_loop.cluster.placement` lays them out), then the
 roles start at once, each actor on its bundle; where each ran and how long it took to start go to placement.json, and
-on more than one node every node must share the run directory (`rlhf_loop.cluster.shared_storage`)."""
+on more than one node every node must share the run directory (`rlhf_loop.cluster.shared_storage`). Under
+cluster.keep_warm the rollout engines and the reward actor, and their groups, are the live ones an earlier run left
+when the run can take them (`rlhf_loop.cluster.warm_registry`)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Started:
     actors: dict[str, Any]
     seconds: dict[str, float]
     layout: Layout
+    warm: frozenset[str] = frozenset()  # the roles kept warm (cluster.keep_warm): their actors say which were reused
 
 
 def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Started] | None = None
@@ -45,17 +48,32 @@ def start_actors(run: Run, policy: PolicyConfig, device: str, early: Future[Star
     role took to start go to RUN_DIR/placement.json and the log."""
     started = early.result() if early is not None else launch(run.cfg, policy, device)
     placement = {role: {"startup_s": round(started.seconds[role], 2), "placement": requested(started.layout, role),
-                        "actors": [{**where, "bundle": slot.bundle}
-                                   for where, slot in zip(actor.placement(), started.layout.slots[role], strict=True)]}
+                        "actors": actors_placed(actor, started.layout.slots[role], role in started.warm)}
                  for role, actor in started.actors.items()}
     atomic_write_json(run.run_dir.root / "placement.json", placement)
     checked_s = check_shared_storage(run.run_dir.root, placement, run.cfg.cluster.placement.timeout_s)
     since_launch = seconds_since_launch()
     logging.getLogger(__name__).info(
-        "start-up: %s%s%s", ", ".join(f"{role} {info['startup_s']:.1f} s" for role, info in placement.items()),
+        "start-up: %s%s%s", ", ".join(f"{role} {info['startup_s']:.1f} s{kept_warm(info['actors'])}"
+                                      for role, info in placement.items()),
         "" if since_launch is None else f"; every actor ready {since_launch:.1f} s after launch",
         "" if checked_s is None else f"; the run directory is shared by every node (checked in {checked_s:.2f} s)")
     return started.actors.get("rollout"), started.actors.get("reward"), started.actors.get("learner")
+
+
+def actors_placed(actor: Any, slots: list[ActorSlot], warm: bool) -> list[dict[str, Any]]:
+    """Where each of a role's actors runs and on which bundle; for a role kept warm, whether it was reused."""
+    placed = [{**where, "bundle": slot.bundle} for where, slot in zip(actor.placement(), slots, strict=True)]
+    if warm:
+        placed = [{**where, "reused": reused} for where, reused in zip(placed, actor.reused, strict=True)]
+    return placed
+
+
+def kept_warm(actors: list[dict[str, Any]]) -> str:
+    """What the start-up line adds for a role kept warm, e.g. " (kept warm: 1 of 1 reused)"; nothing otherwise."""
+    if not actors or "reused" not in actors[0]:
+        return ""
+    return f" (kept warm: {sum(actor['reused'] for actor in actors)} of {len(actors)} reused)"
 
 
 def launch_early(cfg: RunConfig, device: str) -> Future[Started] | None:
@@ -78,13 +96,20 @@ def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
 
     restarts = cfg.cluster.max_actor_restarts  # a dead engine or reward actor is restarted
     layout = role_layout(cfg, device)
-    options = reserve(layout, cfg.cluster.placement.timeout_s)
+    warm = {}
+    if cfg.cluster.keep_warm:
+        from rlhf_loop.cluster.warm_registry import take_warm_slots
+
+        warm = take_warm_slots(cfg, policy, device, layout)
+    options = reserve(layout, cfg.cluster.placement.timeout_s, {role: slot.name for role, slot in warm.items()})
     colocate = cfg.cluster.colocate
     roles: dict[str, Callable[[], Any]] = {}
     if cfg.online:  # offline DPO trains on a given preference dataset and samples nothing
         roles["rollout"] = lambda: RolloutGroup(policy, cfg.rollout, device, cfg.max_model_len, cfg.seed, restarts,
-                                                options["rollout"], sleeps=colocate, environment=cfg.environment)
-        roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts, options["reward"][0])
+                                                options["rollout"], sleeps=colocate, environment=cfg.environment,
+                                                names=warm["rollout"].actors if warm else None)
+        roles["reward"] = lambda: RewardScorer(cfg.reward, device, restarts, options["reward"][0],
+                                               name=warm["reward"].actors[0] if warm else None)
     if cfg.train.enabled:
         roles["learner"] = lambda: LearnerGroup(policy, cfg.train, device, cfg.seed, options["learner"])
 
@@ -100,25 +125,35 @@ def launch(cfg: RunConfig, policy: PolicyConfig, device: str) -> Started:
     futures = {role: in_background(timed, start, name=f"start-{role}") for role, start in roles.items()}
     started |= {role: future.result() for role, future in futures.items()}
     return Started({role: actor for role, (actor, _) in started.items()},
-                   {role: seconds for role, (_, seconds) in started.items()}, layout)
+                   {role: seconds for role, (_, seconds) in started.items()}, layout, frozenset(warm))
 
 
-def reserve(layout: Layout, timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+def reserve(layout: Layout, timeout_s: float, kept: dict[str, str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Every group of the layout, reserved before any actor starts; then each role's Ray options, one per actor.
-    A group not placed within `timeout_s` releases them all and stops the run with one line: which role, why, and
-    what to change. The groups live as long as this driver."""
+    A group not placed within `timeout_s` releases them all (but warm ones an earlier run made) and stops the run with
+    one line: which role, why, and what to change. The groups live as long as this driver, except those in `kept`
+    (group name -> warm slot name, cluster.keep_warm): detached, found again by a later run, made when missing."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if not layout.groups:
         return {}
-    groups = {group.name: ray.util.placement_group(list(group.bundles), strategy=group.ray_strategy)
-              for group in layout.groups}
+    kept = kept or {}
+    groups, made = {}, []
+    for group in layout.groups:
+        if group.name in kept:
+            from rlhf_loop.cluster.warm_registry import warm_group
+
+            groups[group.name], new = warm_group(kept[group.name], list(group.bundles), group.ray_strategy)
+        else:
+            groups[group.name], new = ray.util.placement_group(list(group.bundles), strategy=group.ray_strategy), True
+        if new:
+            made.append(groups[group.name])
     ready, _ = ray.wait([pg.ready() for pg in groups.values()], num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):
         placed = set(ray.get(ready))
         missing = next(group for group in layout.groups if groups[group.name] not in placed)
-        for pg in groups.values():
+        for pg in made:
             ray.util.remove_placement_group(pg)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         raise UserError(unplaceable(missing, nodes, timeout_s))

@@ -102,3 +102,49 @@ def wait_restarted(call: Callable[[], Any], timeout_s: float, role: str, timeout
             if time.monotonic() > deadline:
                 raise ActorTimeout(f"the {role} was not back within {timeout_s:g} s of its restart") from None
             time.sleep(0.2)
+
+
+# ---- warm actors (cluster.keep_warm): detached, named, taken again by a later run --------------------------------
+
+# A warm actor answers whether Ray restarted it at once, unless it is still busy with a call of a run whose driver died,
+# or hung: after this long it is replaced rather than waited for.
+REUSE_CHECK_TIMEOUT_S = 30.0
+
+
+def detached(name: str | None) -> dict[str, Any]:
+    """The Ray options of an actor that outlives the run, under `name` in this namespace; none without a name."""
+    return {"name": name, "lifetime": "detached"} if name is not None else {}
+
+
+def was_restarted() -> bool:
+    """Whether Ray restarted the calling actor, after its process died, at least once (called inside the actor)."""
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def reusable_actor(name: str, timeout_s: float) -> Any | None:
+    """The live detached actor `name` of this namespace, for this run to use again: None when there is none. An actor
+    that Ray restarted (its budget of restarts, cluster.max_actor_restarts, spent in part: a reused actor starts the
+    run with all of it), or that does not say within `timeout_s`, is stopped for good and None returned, so that a new
+    one takes its name. The actor has a method `restarted` that calls `was_restarted`."""
+    import ray
+
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        return None
+    try:
+        if not ray.get(actor.restarted.remote(), timeout=timeout_s):
+            return actor
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the name is free once Ray has marked the actor dead
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    return None

@@ -7,6 +7,7 @@
     rlhf-loop export RUN_DIR --iteration N --to DIR
     rlhf-loop report RUN_DIR
     rlhf-loop serve-reward CONFIG [key=value ...] [--host H] [--port P] [--replicas N] [--token T]
+    rlhf-loop cluster release [--address ADDR]
 
 `key=value` overrides may come anywhere on the line. `run` and `resume` keep the console to progress bars and one
 line per iteration; the libraries' output goes to RUN_DIR/logs/ (--verbose shows it on the console instead).
@@ -97,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, default=1, help="model copies serving requests in parallel")
     serve.add_argument("--token", default=None,
                        help="bearer token clients must send; prefer env RLHF_LOOP_REWARD_TOKEN (a flag shows in ps)")
+
+    cluster = commands.add_parser("cluster", help="the warm actors kept on a Ray cluster (cluster.keep_warm)",
+                                  description="the warm actors kept on a Ray cluster (cluster.keep_warm)")
+    actions = cluster.add_subparsers(required=True, metavar="ACTION")
+    release = _command(actions, "release", _cluster_release,
+                       "stop the warm actors that no running job holds, and free their resources")
+    release.set_defaults(name="cluster release")
+    release.add_argument("--address", default="auto",
+                         help="the Ray cluster's address, as cluster.address takes it (default: auto, the one here)")
     return parser
 
 
@@ -223,6 +233,19 @@ def _serve_reward(args) -> None:
               "set RLHF_LOOP_REWARD_TOKEN instead", file=sys.stderr)
     serve(load_reward_config(args.config, args.overrides), host=args.host, port=args.port,
           replicas=args.replicas, token=args.token or os.environ.get("RLHF_LOOP_REWARD_TOKEN"))
+
+
+def _cluster_release(args) -> None:
+    from rlhf_loop.cluster.ray_cluster import start_ray, stop_ray
+    from rlhf_loop.cluster.warm_registry import release_warm_actors
+    from rlhf_loop.config import ClusterConfig
+
+    try:
+        start_ray(ClusterConfig(address=args.address, keep_warm=True))  # joined in the warm actors' namespace
+        for line in release_warm_actors():
+            print(f"rlhf-loop: {line}", file=sys.stderr)
+    finally:
+        stop_ray()
 
 
 if __name__ == "__main__":

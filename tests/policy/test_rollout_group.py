@@ -14,7 +14,7 @@ from policy.rollout_protocol import Sampling
 from policy.rollout_group import RolloutGroup, contiguous_chunks
 from policy.weight_buckets import plan_buckets
 from policy.weight_sync import SyncGroup, host_store
-from rlhf_loop.common.actor_calls import ActorDied
+from rlhf_loop.common.actor_calls import ActorDied, wait_restarted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -184,6 +184,49 @@ def test_a_killed_engine_rejoins_the_collective_sync_and_gets_the_weights_again(
         assert group.greedy(prompts[:4], MAX_TOKENS) == new_greedy
     finally:
         group.shutdown()
+
+
+@pytest.mark.integration  # Ray and vLLM
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_a_warm_engine_taken_by_a_later_run_starts_it_as_a_new_engine_would(
+        ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy, engine):
+    """cluster.keep_warm: the engine a run leaves holds that run's last weights and its sync group with a learner that
+    is gone; the next group of that name takes the same process, which samples what a new engine samples and forms
+    a sync group with the next run's learner."""
+    config = RolloutConfig(engine=engine, num_engines=1, weight_sync="collective", weight_sync_bucket_mb=1)
+    names = [f"warm-test-{engine}"]
+    earlier = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, names=names)
+    try:
+        assert earlier.reused == [False]
+        new_engine_samples = earlier.generate(prompts[:4], SAMPLING)
+        earlier.sync_from(ThreadLearner(named_parameters(new_model)))  # the earlier run trained and synced
+        assert earlier.generate(prompts[:4], SAMPLING) != new_engine_samples
+        later = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, names=names)
+        assert later.reused == [True] and later.placement() == earlier.placement()
+        assert later.generate(prompts[:4], SAMPLING) == new_engine_samples
+        later.sync_from(ThreadLearner(named_parameters(new_model)))  # the later run's learner: a group of its own
+        assert later.greedy(prompts[:4], MAX_TOKENS) == [hf_greedy(new_model, prompts[:4], MAX_TOKENS)]
+    finally:
+        earlier.shutdown()  # the detached actor goes only when killed
+
+
+@pytest.mark.integration  # Ray
+def test_a_warm_engine_that_ray_restarted_is_replaced_by_a_new_one(ray_local, policy_config):
+    """Its budget of restarts is spent in part: the later run gets a new engine with all of it."""
+    config = RolloutConfig(engine="hf", num_engines=1)
+    names = ["warm-test-restarted"]
+    earlier = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=1, names=names)
+    try:
+        (killed,) = earlier.placement()
+        os.kill(killed["pid"], signal.SIGKILL)
+        wait_restarted(earlier.actors[0].ready.remote, 300, "rollout engine 0", "rollout.call_timeout_s")
+        (restarted,) = earlier.placement()
+        later = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=1, names=names)
+        (new,) = later.placement()
+        assert later.reused == [False] and new["pid"] not in (killed["pid"], restarted["pid"])
+        later.shutdown()
+    finally:
+        earlier.shutdown()
 
 
 def test_an_engine_restarted_while_the_learner_moves_on_gets_the_export_it_sampled_from(monkeypatch, tmp_path):

@@ -31,6 +31,25 @@ def test_actor_scores_like_in_process(ray_local, tiny_reward_dir, tiny_messages)
     assert [r.scores for r in remote] == [r.scores for r in local]
 
 
+def test_a_warm_reward_actor_taken_by_a_later_run_keeps_its_model(ray_local, tiny_reward_dir, tiny_messages):
+    """cluster.keep_warm: the later scorer of that name takes the same process and scores as before, without building
+    the model again."""
+    from reward.actor import RewardScorer
+
+    cfg = RewardConfig(model_path=str(tiny_reward_dir), batch_size=3)
+    queries = [RewardQuery(m, ["one two", "three", ""]) for m in tiny_messages]
+    earlier = RewardScorer(cfg, "cpu", name="warm-test-reward")
+    try:
+        model_id = ray_local.get(earlier._actor.__ray_call__.remote(lambda actor: id(actor.model)))
+        scores = [r.scores for r in earlier.score(queries)]
+        later = RewardScorer(cfg, "cpu", name="warm-test-reward")
+        assert (earlier.reused, later.reused) == ([False], [True]) and later.placement() == earlier.placement()
+        assert ray_local.get(later._actor.__ray_call__.remote(lambda actor: id(actor.model))) == model_id
+        assert [r.scores for r in later.score(queries)] == scores
+    finally:
+        earlier.shutdown()
+
+
 def test_bad_model_dir_fails_at_construction(ray_local, tmp_path):
     from reward.actor import RewardScorer
 

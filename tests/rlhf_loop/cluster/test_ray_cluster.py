@@ -112,6 +112,18 @@ def test_ray_address_from_the_environment_is_joined(recorded_init, monkeypatch):
     assert recorded_init[-1]["address"] == "auto"
 
 
+def test_keep_warm_joins_its_namespace_and_refuses_a_cluster_that_would_end_with_the_run(recorded_init, monkeypatch):
+    with pytest.raises(UserError, match=r"^cluster.keep_warm keeps actors alive between runs on a Ray cluster that "
+                                        r"outlives them.*`ray start --head` and set cluster.address=auto$"):
+        cluster.start_ray(ClusterConfig(keep_warm=True))
+    assert recorded_init == []  # nothing started
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    cluster.start_ray(ClusterConfig(keep_warm=True))
+    assert recorded_init[-1]["namespace"] == "rlhf_loop_warm"  # where the warm actors are named
+    cluster.start_ray(ClusterConfig())
+    assert recorded_init[-1]["namespace"] is None  # a job's own anonymous one
+
+
 def test_a_join_stuck_inside_ray_init_ends_with_one_line_at_the_timeout(recorded_init, monkeypatch):
     import ray
 

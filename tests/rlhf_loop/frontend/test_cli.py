@@ -141,6 +141,21 @@ def test_a_command_without_overrides_refuses_them(capsys, tmp_path):
     fails(capsys, ["status", str(tmp_path), "iterations=2"], "`rlhf-loop status` takes no key=value overrides")
 
 
+def test_cluster_release_without_a_cluster_there_is_one_line(capsys):
+    from rlhf_loop.common.network import free_port
+
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"  # nobody listens there
+    assert main(["cluster", "release", "--address", address]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"rlhf-loop: error: cannot reach the Ray cluster at {address}") and error.count("\n") == 1
+
+
+def test_cluster_needs_an_action(capsys):
+    with pytest.raises(SystemExit):
+        main(["cluster"])
+    assert "ACTION" in capsys.readouterr().err
+
+
 def test_watch_needs_a_positive_interval(capsys, tmp_path):
     fails(capsys, ["status", str(tmp_path), "--watch", "--interval", "0"], "--interval must be > 0 seconds")
 
