@@ -4,8 +4,10 @@
     chat_token_ids(tokenizer, [*messages, assistant_turn(response)])   # a scored conversation
     prompt_and_last_turn(tokenizer, conversation)                       # SFT and preference pairs: (prompt, turn)
     tokens_after_turn(tokenizer, conversation, replies, sampled_ids)    # episodes: what follows a sampled turn
+    sampled_message(tokenizer, sampled_ids, context_ids, text)           # episodes: a sampled turn as a message
 
-The template's text is tokenized without adding special tokens: the template writes BOS itself.
+The template's text is tokenized without adding special tokens: the template writes BOS itself. `tools` (an
+environment's JSON-schema tool definitions) go to the template, which renders them in its own format.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from jinja2 import TemplateError
+
+from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Messages
 
 # `{% generation %}...{% endgeneration %}` marks the assistant's tokens; transformers then returns their mask.
@@ -23,12 +28,16 @@ def assistant_turn(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False,
+              tools: list[dict[str, Any]] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
 
 
-def chat_token_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
-    return tokenizer(chat_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+def chat_token_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False,
+                   tools: list[dict[str, Any]] | None = None) -> list[int]:
+    return tokenizer(chat_text(tokenizer, messages, add_generation_prompt, tools),
+                     add_special_tokens=False)["input_ids"]
 
 
 def prompt_and_last_turn(tokenizer: Any, messages: Messages) -> tuple[list[int], list[int]]:
@@ -68,7 +77,8 @@ def _split_by_assistant_mask(tokenizer: Any, messages: Messages) -> tuple[list[i
     return full[:start], full[start:]
 
 
-def tokens_after_turn(tokenizer: Any, conversation: Messages, replies: Messages, sampled: list[int]) -> list[int]:
+def tokens_after_turn(tokenizer: Any, conversation: Messages, replies: Messages, sampled: list[int],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The tokens that follow an assistant turn's sampled tokens in an episode: the rest of the turn's closing as the
     template writes it (e.g. ChatML's newline after <|im_end|>), then `replies` and the next generation prompt.
 
@@ -76,10 +86,15 @@ def tokens_after_turn(tokenizer: Any, conversation: Messages, replies: Messages,
     stopped on. Rendering whole conversations and taking differences keeps the sampled ids as they are (no
     re-tokenisation of the model's text), so an episode's tokens are exactly the contexts its turns were sampled
     from; it needs the template to render earlier turns the same way once later ones are added (Llama 3, ChatML,
-    the toy's do). None of these tokens were sampled: an episode's loss mask is 0 on them."""
-    before = chat_token_ids(tokenizer, conversation[:-1], add_generation_prompt=True)
-    closed = chat_token_ids(tokenizer, conversation)
-    after = chat_token_ids(tokenizer, [*conversation, *replies], add_generation_prompt=True)
+    the toy's do). None of these tokens were sampled: an episode's loss mask is 0 on them. The assistant turn may be
+    a parsed one (content and tool_calls): its rendering serves only to find its closing tokens."""
+    try:
+        before = chat_token_ids(tokenizer, conversation[:-1], add_generation_prompt=True, tools=tools)
+        closed = chat_token_ids(tokenizer, conversation, tools=tools)
+        after = chat_token_ids(tokenizer, [*conversation, *replies], add_generation_prompt=True, tools=tools)
+    except TemplateError as e:  # e.g. a tool turn without a key the template reads
+        raise ValueError(f"the chat template cannot render the reply {replies!r:.120}: {e}; give its messages the "
+                         f"keys the template reads") from None
     if closed[:len(before)] != before or after[:len(closed)] != closed:
         raise ValueError("the chat template renders earlier turns differently once a later turn is added, so an "
                          "episode's turns cannot be appended to its tokens; use a template that renders each turn on "
@@ -91,3 +106,34 @@ def tokens_after_turn(tokenizer: Any, conversation: Messages, replies: Messages,
                          f"stopped on; its turn renders as {turn[-4:]} at the end")
     closing = turn[len(turn) - turn[::-1].index(stop):]
     return closing + after[len(closed):]
+
+
+def check_response_template(tokenizer: Any) -> None:
+    """Refuse a tokenizer whose response_template (the declarative parser of its chat format that transformers
+    reads from tokenizer_config.json) is malformed, before any turn is parsed with it."""
+    from transformers.utils.chat_parsing import ResponseParser
+
+    template = getattr(tokenizer, "response_template", None)
+    if template is None:
+        return
+    try:
+        ResponseParser(template, prefix="")
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the policy tokenizer's response_template is malformed ({e}); fix or remove it in its "
+                        f"tokenizer_config.json") from None
+
+
+def sampled_message(tokenizer: Any, sampled: list[int], context: list[int], text: str,
+                    tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A sampled assistant turn as a message. Where the tokenizer has a response_template, the turn's tokens
+    (decoded with their special tokens, which mark tool calls in some formats) are parsed by it after `context`,
+    the ids the turn was sampled after: content, tool_calls and whatever else the template defines, tool-call
+    arguments cast by the `tools` schemas. Without one, or where the turn does not parse (a tool call's JSON the
+    policy malformed), the message is `text` as content."""
+    if getattr(tokenizer, "response_template", None) is None:
+        return assistant_turn(text)
+    try:
+        parsed = tokenizer.parse_response(tokenizer.decode(sampled), prefix=tokenizer.decode(context), tools=tools)
+    except ValueError:
+        return assistant_turn(text)
+    return {"role": "assistant", "content": "", **parsed}  # content always there, a string, as in every message

@@ -12,6 +12,12 @@
                 return Step([], done=True, outcome=1.0)
             return Step([{"role": "user", "content": "Higher." if ... else "Lower."}])
 
+An environment that offers tools gives them as its `tools` attribute (read after reset, so it may depend on the
+row): JSON-schema tool definitions, as `tokenizer.apply_chat_template(..., tools=...)` takes them. Every rendering of
+its episodes passes them, so the chat template writes them in its own format; where the policy tokenizer has a
+`response_template`, the assistant's message reaches `step` parsed by it (content, tool_calls), and the reply may hold
+tool turns ({"role": "tool", "content": ..., plus the keys the template needs, such as name or tool_call_id}).
+
 The factory (a class, or any callable without arguments) makes one environment per episode: the K episodes of a
 prompt each get their own, reset with the same row. An environment must be deterministic given its row and the
 assistant's messages (no clock, no unseeded randomness): a resumed run replays the episodes of an unfinished shard
@@ -20,6 +26,7 @@ and must get the same ones. A leaf module: the driver (first messages) and the r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +34,10 @@ from typing import Any, Protocol
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Messages
 from rlhf_loop.common.user_code import load_code_reference
+
+# what environments' messages must be, as errors say it
+MESSAGE_SHAPE = ("{'role', 'content'} messages (both strings; other keys, such as a tool turn's name or "
+                 "tool_call_id, JSON values)")
 
 
 @dataclass(frozen=True)
@@ -39,12 +50,15 @@ class Step:
 
 
 class Environment(Protocol):
+    """Optionally also `tools`: a list of JSON-schema tool definitions (see the module's docstring)."""
+
     def reset(self, row: dict[str, Any]) -> Messages:
         """Start an episode from a dataset row (every column); returns its first messages (system/user turns)."""
         ...
 
-    def step(self, message: dict[str, str]) -> Step:
-        """The assistant's message ({"role": "assistant", "content": ...}) -> the reply, done flag and outcome."""
+    def step(self, message: dict[str, Any]) -> Step:
+        """The assistant's message ({"role": "assistant", "content": ...}, plus "tool_calls" and whatever else the
+        tokenizer's response_template parses) -> the reply, done flag and outcome."""
         ...
 
 
@@ -66,29 +80,61 @@ def load_environment(reference: str, key: str = "environment.factory") -> Enviro
 
 def first_messages(environment: Environment, row: dict[str, Any], reference: str) -> Messages:
     """`environment.reset(row)`, checked to be chat messages; errors name the environment."""
-    messages = environment.reset(row)
-    if not (isinstance(messages, list) and messages
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages)):
-        raise UserError(f"environment {reference}: reset returned {messages!r:.80}; it must return a non-empty list of "
-                        f"{{'role', 'content'}} messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    returned = environment.reset(row)
+    messages = _chat_messages(returned)
+    if not messages:
+        raise UserError(f"environment {reference}: reset returned {returned!r:.80}; it must return a non-empty list "
+                        f"of {MESSAGE_SHAPE}")
+    return messages
+
+
+def environment_tools(environment: Environment, reference: str) -> list[dict[str, Any]] | None:
+    """The environment's `tools` (read after reset), checked to be tool definitions; None where it offers none."""
+    tools = getattr(environment, "tools", None)
+    if tools is None or tools == []:
+        return None
+    named = isinstance(tools, list) and all(
+        isinstance(tool, dict) and isinstance(tool.get("function", tool), dict)
+        and isinstance(tool.get("function", tool).get("name"), str) for tool in tools)
+    copied = _json_copy(tools) if named else None
+    if copied is None:
+        raise UserError(f"environment {reference}: tools is {tools!r:.80}; it must be a list of JSON-schema tool "
+                        f"definitions such as {{'type': 'function', 'function': {{'name', 'description', "
+                        f"'parameters'}}}}")
+    return copied
 
 
 def checked_step(step: Any, reference: str) -> Step:
     """A step's result, checked: a Step (or an object with its fields) whose messages are chat messages."""
-    messages = getattr(step, "messages", None)
     if not isinstance(step, Step) and not hasattr(step, "done"):
         raise UserError(f"environment {reference}: step returned {type(step).__name__}; it must return "
                         f"rlhf_loop.common.environments.Step(messages, done, outcome)")
-    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                               and isinstance(m.get("content"), str) for m in messages)):
-        raise UserError(f"environment {reference}: step returned messages {messages!r:.80}; they must be a list of "
-                        f"{{'role', 'content'}} messages")
+    returned = getattr(step, "messages", None)
+    messages = _chat_messages(returned)
+    if messages is None:
+        raise UserError(f"environment {reference}: step returned messages {returned!r:.80}; they must be a list of "
+                        f"{MESSAGE_SHAPE}")
     outcome = step.outcome
     if outcome is not None and not isinstance(outcome, (int, float)):
         raise UserError(f"environment {reference}: step returned outcome {outcome!r:.40}; it must be a number or None")
     if not step.done and not messages:
         raise UserError(f"environment {reference}: step returned no messages and done=False; reply, or end the episode")
-    return Step([{"role": m["role"], "content": m["content"]} for m in messages], bool(step.done),
-                None if outcome is None else float(outcome))
+    return Step(messages, bool(step.done), None if outcome is None else float(outcome))
+
+
+def _chat_messages(value: Any) -> Messages | None:
+    """A copy of `value` where it is a list of chat messages (MESSAGE_SHAPE); None where it is not. The copy keeps
+    the environment from changing what the episode recorded. Keys set to None are left out: a `datasets` row fills
+    every message with every key any message has, and templates test for a key with `is defined`."""
+    if not (isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                            and isinstance(m.get("content"), str) for m in value)):
+        return None
+    return _json_copy([{key: item for key, item in m.items() if item is not None} for m in value])
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy through JSON, the form records are written in; None where `value` is not JSON data."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        return None

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # chat messages: role and content strings, maybe more (tool_calls, name, ...)
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Prompt:
     messages: Messages  # the conversation so far (system/user turns), as chat messages
     token_ids: list[int]  # the messages rendered by the policy tokenizer, generation prompt appended
     meta: dict[str, Any] = field(default_factory=dict)  # the dataset row's other columns (answers, labels, ...)
+    tools: list[dict[str, Any]] | None = None  # an environment's tool definitions, rendered into token_ids
 
 
 EPISODE_ENDS = ("done", "max_turns", "max_tokens", "turn_cut")  # why an episode ended; see Episode.end

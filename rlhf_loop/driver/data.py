@@ -75,36 +75,44 @@ def render_prompts(rows, column: str, source: str, tokenizer, max_tokens: int, f
                    column_key: str = "data.prompt_column", environment: str | None = None) -> PromptSet:
     """Render each row's prompt with the chat template; skip (and count) those longer than max_tokens. Errors name
     `column_key`, the config key that chose the column. With an `environment` (environment.factory) the prompt is
-    the first messages its reset(row) gives, and the prompt's meta is the whole row (the engines reset with it)."""
-    first_messages = _environment_reset(environment) if environment is not None else None
-    if first_messages is None:
+    the first messages its reset(row) gives, rendered with its tools, and the prompt's meta is the whole row (the
+    engines reset with it)."""
+    reset = _environment_reset(environment) if environment is not None else None
+    if reset is None:
         require_columns(rows, [column], lambda _: f"prompt column {column!r} is not in {source}",
                         f"set {column_key} to one of them")
     prompts, skipped = [], 0
     for offset, row in enumerate(rows):
-        if first_messages is not None:
+        tools = None
+        if reset is not None:
             meta = {key: value for key, value in row.items() if _is_json(value)}
-            messages = first_messages(meta)
+            messages, tools = reset(meta)
         else:
             messages = as_messages(row[column])
             meta = {key: value for key, value in row.items() if key != column and _is_json(value)}
         if messages is None:
             raise UserError(f"column {column!r} of {source} holds {type(row[column]).__name__} values; it must hold "
                             f"strings or lists of {{'role', 'content'}} messages: set {column_key} to such a column")
-        token_ids = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
+        token_ids = chat_token_ids(tokenizer, messages, add_generation_prompt=True, tools=tools)
         if len(token_ids) > max_tokens:
             skipped += 1
             continue
-        prompts.append(Prompt(index=first_index + offset, messages=messages, token_ids=token_ids, meta=meta))
+        prompts.append(Prompt(index=first_index + offset, messages=messages, token_ids=token_ids, meta=meta,
+                              tools=tools))
     return PromptSet(prompts, skipped)
 
 
-def _environment_reset(reference: str) -> Callable[[dict[str, Any]], Messages]:
-    """A row's first messages from the environment named by environment.factory (a fresh one per row)."""
-    from rlhf_loop.common.environments import first_messages, load_environment
+def _environment_reset(reference: str) -> Callable[[dict[str, Any]], tuple[Messages, list[dict] | None]]:
+    """A row's first messages and tools from the environment named by environment.factory (a fresh one per row)."""
+    from rlhf_loop.common.environments import environment_tools, first_messages, load_environment
 
     factory = load_environment(reference)
-    return lambda row: first_messages(factory(), row, reference)
+
+    def reset(row: dict[str, Any]) -> tuple[Messages, list[dict] | None]:
+        environment = factory()
+        return first_messages(environment, row, reference), environment_tools(environment, reference)
+
+    return reset
 
 
 def iteration_prompts(data, iteration: int, tokenizer, seed: int, environment: str | None = None) -> PromptSet:

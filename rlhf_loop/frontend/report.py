@@ -526,7 +526,13 @@ def sample_pairs(pairs: list[Pair]) -> list[tuple[str, Pair]]:
 
 def _messages(messages: list[dict]) -> str:
     return "".join(f"<div class='message'><span class='role'>{_esc(message.get('role', '?'))}</span>"
-                   f"{_esc(_cut(str(message.get('content', ''))))}</div>" for message in messages)
+                   f"{_esc(_cut(_message_text(message)))}</div>" for message in messages)
+
+
+def _message_text(message: dict) -> str:
+    """The content, then any other key (a parsed turn's tool_calls, a tool turn's name) as JSON on its own line."""
+    extras = [f"{key}: {json.dumps(value)}" for key, value in message.items() if key not in ("role", "content")]
+    return "\n".join([str(message.get("content", "")), *extras])
 
 
 def _pair_card(pair: Pair, label: str) -> str:

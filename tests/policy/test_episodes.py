@@ -1,6 +1,7 @@
 """Episodes in a rollout engine: K per prompt, turn by turn, all live episodes of a call batched per turn; their
 tokens are exactly the conversation the chat template renders, with the loss mask on the policy's tokens only
-(checked token by token against transformers' assistant mask of a template that marks assistant turns)."""
+(checked token by token against transformers' assistant mask of a template that marks assistant turns); tool calls
+in the template's own format, parsed by the tokenizer's response_template."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import pytest
 from policy.config import EnvironmentConfig
 from policy.episodes import EpisodeRunner
 from policy.rollout_protocol import Sampling
-from rlhf_loop.common.chat import chat_token_ids
+from rlhf_loop.common.chat import assistant_turn, chat_token_ids
+from rlhf_loop.common.environments import load_environment
 from rlhf_loop.common.errors import UserError
 from rlhf_loop.common.records import Prompt, Response, Rollout
 from rlhf_loop.common.seeds import derived_seed
 from tests.rlhf_loop.common.test_chat import MARKED_TEMPLATE
+from tests.tool_calls import CALCULATOR, ENVIRONMENT as CALCULATOR_ENVIRONMENT, tool_call_text, tool_tokenizer
 
 ENVIRONMENT = '''
 from rlhf_loop.common.environments import Step
@@ -161,3 +164,111 @@ def test_a_reset_that_changed_since_the_prompts_were_made_is_refused(tiny_tokeni
     prompts = [replace(prompts_of(tiny_tokenizer, ["Say apple."])[0], meta={"question": "Something else."})]
     with pytest.raises(UserError, match="reset gave other first messages"):
         run(tiny_tokenizer, factory, prompts)
+
+
+# ---- tool calls ------------------------------------------------------------------------------------------------------
+
+class CalculatorEngine:
+    """Samples `call` (a calculator call) until the context holds a tool's reply, then the answer."""
+
+    def __init__(self, tokenizer, call: str = tool_call_text()):
+        self.tokenizer, self.call = tokenizer, call
+
+    def generate(self, prompts, sampling):
+        rollouts = []
+        for prompt in prompts:
+            text = "It is 5." if "<tool_response" in self.tokenizer.decode(prompt.token_ids) else self.call
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            rollouts.append(Rollout(prompt, [Response(text, ids, "stop")]))
+        return rollouts
+
+
+@pytest.fixture
+def calculator(tmp_path):
+    path = tmp_path / "calculator.py"
+    path.write_text(CALCULATOR_ENVIRONMENT)
+    return lambda name="Calculator": f"{path}:{name}"
+
+
+def sum_prompt(tokenizer, tools=(CALCULATOR,)):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    tools = list(tools) or None
+    return Prompt(0, messages, chat_token_ids(tokenizer, messages, add_generation_prompt=True, tools=tools),
+                  {"a": 2, "b": 3}, tools)
+
+
+def test_a_tool_call_is_parsed_stepped_and_answered_in_the_templates_format(tiny_tokenizer, calculator):
+    """Token by token: the prompt renders the tools, the sampled call reaches step() as tool_calls, the tool's reply
+    follows as the template's tool turn, and the loss mask is transformers' assistant mask of the conversation."""
+    tokenizer = tool_tokenizer(tiny_tokenizer)
+    prompt = sum_prompt(tokenizer)
+    assert '{"name": "calculator", "description": "Adds or multiplies two integers."' in tokenizer.decode(
+        prompt.token_ids)
+    rollouts, _ = run(tokenizer, calculator(), [prompt], replace(SAMPLING, n=2), engine=CalculatorEngine(tokenizer))
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"a": 2, "b": 3, "operation": "add"}}}
+    parsed = {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]}
+    seen = load_environment(calculator()).seen
+    assert seen == [parsed, parsed, assistant_turn("It is 5."), assistant_turn("It is 5.")]  # both episodes' turns
+    oracle_tokenizer = tool_tokenizer(tiny_tokenizer, marked=True)
+    for response in rollouts[0].responses:
+        episode = response.episode
+        assert episode.messages == [parsed, {"role": "tool", "name": "calculator", "content": "5"},
+                                    assistant_turn("It is 5.")]
+        assert (episode.turns, episode.end, episode.outcome, response.text) == (2, "done", 1.0, "It is 5.")
+        oracle = oracle_tokenizer.apply_chat_template([*prompt.messages, *episode.messages], tools=[CALCULATOR],
+                                                      tokenize=True, return_dict=True,
+                                                      return_assistant_tokens_mask=True)
+        assert prompt.token_ids + response.token_ids == list(oracle["input_ids"])
+        assert episode.loss_mask == list(oracle["assistant_masks"])[len(prompt.token_ids):]
+        between = [token for token, mask in zip(response.token_ids, episode.loss_mask) if not mask]
+        assert tokenizer.decode(between) == ('<|start_header_id|>tool<|end_header_id|>\n\n<tool_response '
+                                             'name="calculator">5</tool_response><|eot_id|>'
+                                             '<|start_header_id|>assistant<|end_header_id|>\n\n')
+
+
+def test_the_sampled_call_keeps_its_tokens_where_the_template_would_write_it_otherwise(tiny_tokenizer, calculator):
+    """A call written unlike the template (a newline before it, its integers quoted) is parsed and cast for step(),
+    but the episode keeps the sampled tokens: the loss counts exactly them, never a re-rendering."""
+    tokenizer = tool_tokenizer(tiny_tokenizer)
+    call = tool_call_text('{"a": "2", "b": "3", "operation": "add"}', before="Let me compute.\n")
+    prompt = sum_prompt(tokenizer)
+    rollouts, _ = run(tokenizer, calculator(), [prompt], replace(SAMPLING, n=1),
+                      engine=CalculatorEngine(tokenizer, call))
+    response = rollouts[0].responses[0]
+    episode = response.episode
+    assert episode.messages[0]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3, "operation": "add"}
+    assert episode.messages[1]["content"] == "5" and episode.outcome == 1.0  # cast to integers: 2 + 3, not "2" "3"
+    sampled = [token for token, mask in zip(response.token_ids, episode.loss_mask) if mask]
+    assert sampled == [token for text in (call, "It is 5.")
+                       for token in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    rendered = chat_token_ids(tokenizer, [*prompt.messages, *episode.messages], tools=[CALCULATOR])
+    assert prompt.token_ids + response.token_ids != rendered  # the template would have written the call otherwise
+
+
+def test_without_a_response_template_the_environment_gets_the_text(tiny_tokenizer, calculator):
+    tokenizer = tool_tokenizer(tiny_tokenizer, response_template=None)
+    rollouts, _ = run(tokenizer, calculator(), [sum_prompt(tokenizer)], replace(SAMPLING, n=1),
+                      engine=CalculatorEngine(tokenizer))
+    assert load_environment(calculator()).seen == [assistant_turn(tool_call_text())]
+    episode = rollouts[0].responses[0].episode  # no tool_calls: the calculator took the text for an answer
+    assert (episode.turns, episode.end, episode.outcome) == (1, "done", 0.0)
+
+
+@pytest.mark.parametrize("environment, message", [
+    ("NamelessCalculator", r"environment .*:NamelessCalculator: the chat template cannot render the reply .*a tool "
+                           r"turn needs the name of its tool"),
+    ("NumberCalculator", r"environment .*:NumberCalculator: step returned messages .*; they must be a list of "
+                         r"\{'role', 'content'\} messages"),
+])
+def test_malformed_tool_turns_are_one_line_errors(tiny_tokenizer, calculator, environment, message):
+    tokenizer = tool_tokenizer(tiny_tokenizer)
+    with pytest.raises(UserError, match=message) as error:
+        run(tokenizer, calculator(environment), [sum_prompt(tokenizer)], replace(SAMPLING, n=1),
+            engine=CalculatorEngine(tokenizer))
+    assert "\n" not in str(error.value)
+
+
+def test_tools_that_changed_since_the_prompts_were_made_are_refused(tiny_tokenizer, calculator):
+    tokenizer = tool_tokenizer(tiny_tokenizer)
+    with pytest.raises(UserError, match="reset gave other first messages or tools for prompt 0"):
+        run(tokenizer, calculator(), [sum_prompt(tokenizer, tools=())], engine=CalculatorEngine(tokenizer))

@@ -6,6 +6,7 @@ from policy.config import PolicyConfig
 from rlhf_loop.config import DataConfig, EvalConfig
 from rlhf_loop.driver.data import iteration_prompts, load_rows, render_prompts
 from rlhf_loop.common.errors import UserError
+from tests.tool_calls import CALCULATOR, ENVIRONMENT as CALCULATOR_ENVIRONMENT, tool_tokenizer
 
 
 def write_jsonl(path, rows):
@@ -104,3 +105,17 @@ def test_an_environment_makes_each_prompt_from_its_row_and_keeps_the_whole_row(t
                                                                       tokenize=True, return_dict=False)
     with pytest.raises(UserError, match=r"environment\.factory .*defines no 'Missing'"):
         iteration_prompts(cfg, 1, tiny_tokenizer, seed=0, environment=f"{environment}:Missing")
+
+
+def test_an_environments_tools_are_rendered_into_its_prompts(tmp_path, tiny_tokenizer):
+    environment = tmp_path / "calculator.py"
+    environment.write_text(CALCULATOR_ENVIRONMENT)
+    tokenizer = tool_tokenizer(tiny_tokenizer)
+    path = write_jsonl(tmp_path / "sums.jsonl", [{"a": 2, "b": 3}])
+    prompts = render_prompts(load_rows(path, "train"), "prompt", path, tokenizer, 1000,
+                             environment=f"{environment}:Calculator").prompts
+    assert prompts[0].tools == [CALCULATOR]
+    assert prompts[0].token_ids == tokenizer.apply_chat_template(prompts[0].messages, tools=[CALCULATOR],
+                                                                 add_generation_prompt=True, tokenize=True,
+                                                                 return_dict=False)
+    assert '"name": "calculator"' in tokenizer.decode(prompts[0].token_ids)

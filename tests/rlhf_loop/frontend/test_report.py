@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import random
 from html.parser import HTMLParser
 from pathlib import Path
@@ -279,3 +281,16 @@ def test_a_pair_of_episodes_shows_every_turn_with_its_ending_and_outcome():
                                           0.0), "largest margin")
     assert "2 turns, ended done, outcome 0.9" in card and "1 turns, ended max_turns, outcome none" in card
     assert card.count("<span class='role'>assistant</span>") == 3 and "Again &lt;please&gt;." in card
+
+
+def test_an_episodes_tool_calls_and_tool_turns_show_their_keys():
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"a": 2, "b": 3}}}
+    turns = [{"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "name": "calculator", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    episode = records.Episode(turns, [1, 0, 1], 2, "done", 1.0)
+    pair = records.pair_from_json(json.loads(json.dumps(records.to_json(records.Pair(
+        0, [{"role": "user", "content": "2 + 3?"}], [9], Response("It is 5.", [1, 2, 3], "stop", episode),
+        Response("It is 5.", [1, 2, 3], "stop", episode), 1.0, 0.0)))))  # as the run directory holds it
+    assert pair.chosen.episode.messages == turns
+    card = report._pair_card(pair, "largest margin")
+    assert html.escape(f"tool_calls: {json.dumps([call])}") in card and html.escape('name: "calculator"') in card
