@@ -30,7 +30,8 @@ def assistant_turn(text: str) -> dict[str, str]:
 
 def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False,
               tools: list[dict[str, Any]] | None = None) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+    with_tools = {"tools": tools} if tools else {}  # only where there are some: not every tokenizer takes the key
+    return tokenizer.apply_chat_template(messages, **with_tools, add_generation_prompt=add_generation_prompt,
                                          tokenize=False)
 
 
