@@ -392,8 +392,8 @@ def evaluate(run: Run, rollout: RolloutGroup, reward: RewardModel, learner: Lear
             row["gold"] = value
         metrics["eval/gold_mean"] = statistics.fmean(golds)
     if iteration is not None:
-        metrics["kl/ref"] = kl_to_reference(rollout, learner, prompts, sampling,
-                                            [(prompt, r) for prompt, r, _ in samples])
+        metrics["kl/ref"], metrics["kl/ref_stderr"] = kl_to_reference(rollout, learner, prompts, sampling,
+                                                                      [(prompt, r) for prompt, r, _ in samples])
         initial_tokens = run.manifest.info(EVAL_INITIAL)["metrics"]["eval/response_tokens_mean"]
         metrics["eval/length_drift"] = metrics["eval/response_tokens_mean"] / initial_tokens  # 1: pi_0's length
         initial = read_jsonl(run.manifest.verified_file(EVAL_INITIAL))
@@ -414,14 +414,17 @@ def _episode_row(response: records.Response) -> dict:
 
 
 def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[Prompt], sampling: Sampling,
-                    samples: Sequence[tuple[Prompt, records.Response]]) -> float:
-    """KL(pi || ref), estimated as the mean over y ~ pi of log pi(y) - log ref(y), the log-ratio the learner computes
+                    samples: Sequence[tuple[Prompt, records.Response]]) -> tuple[float, float]:
+    """KL(pi || ref) and the standard error of its estimate: the mean over y ~ pi of log pi(y) - log ref(y), the
+    log-ratio the learner computes
     from the policy's own distribution (temperature 1, every token). That mean is unbiased only when y is drawn from
     that same distribution: drawn at top_p < 1, y never holds the tokens outside the nucleus, so the mean is taken
     over another distribution (0.64 nats for a true 0.28 on the toy case in the tests), and no importance weighting
     can bring back tokens that are never drawn; a temperature other than 1 skews it too. So the evaluation samples
     serve only when they were drawn at temperature 1 and top_p 1; otherwise the KL gets its own samples, drawn that
-    way (as many, with a seed of their own)."""
+    way (as many, with a seed of their own). The estimate is unbiased but heavy-tailed: a few samples that ref finds
+    far less likely than pi carry much of it, and an episode sums the ratio over all its turns, so its standard error
+    tells a moved policy from a noisy estimate."""
     if (sampling.temperature, sampling.top_p) != (1.0, 1.0):
         own = replace(sampling, temperature=1.0, top_p=1.0, seed=derived_seed(sampling.seed, "kl"))
         samples = [(item.prompt, response) for item in rollout.generate(prompts, own) for response in item.responses]
@@ -430,7 +433,8 @@ def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[P
         log_ratios = learner.log_ratios(prompts_ids, responses_ids, [r.loss_mask for _, r in samples])
     else:
         log_ratios = learner.log_ratios(prompts_ids, responses_ids)
-    return statistics.fmean(log_ratios)
+    stderr = statistics.stdev(log_ratios) / math.sqrt(len(log_ratios)) if len(log_ratios) > 1 else math.nan
+    return statistics.fmean(log_ratios), stderr
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------

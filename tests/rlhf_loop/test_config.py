@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_loop.config import RunConfig, load_config, to_yaml
+from rlhf_loop.toy import smollm2
 from rlhf_loop.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,15 +108,22 @@ def test_every_shipped_config_is_valid(path):
     assert cfg.iterations >= 1
 
 
-def test_the_online_and_offline_comparison_spends_the_same_budget():
-    """Same pairs, same DPO steps, same everything else: only where the pairs are sampled from differs."""
-    online, offline = (load_config(REPO / "configs" / name) for name in ("tiny_online.yaml", "tiny_offline.yaml"))
-    assert online.iterations == 3 and offline.iterations == 1
+@pytest.mark.parametrize("prefix", ["tiny", "smollm2"])
+def test_the_online_and_offline_comparison_spends_the_same_budget(prefix):
+    """Same pairs, same DPO steps, same everything else: only where the pairs are sampled from differs. The
+    semi-online arm syncs more often than once an online iteration."""
+    online, offline, semi_online = (load_config(REPO / "configs" / f"{prefix}_{arm}.yaml")
+                                    for arm in ("online", "offline", "semi_online"))
+    assert online.iterations == 3 and offline.iterations == semi_online.iterations == 1
     total = online.iterations * online.data.prompts_per_iteration
-    assert offline.data.prompts_per_iteration == total
-    assert total <= online.toy_task.num_train_prompts  # every pair comes from a prompt never seen before
+    assert offline.data.prompts_per_iteration == semi_online.data.prompts_per_iteration == total
+    # every pair comes from a prompt never seen before
+    assert total <= (online.toy_task.num_train_prompts if online.toy_task.enabled else smollm2.NUM_TRAIN_PROMPTS)
     assert online.train == offline.train and online.rollout == offline.rollout and online.reward == offline.reward
-    assert online.eval == offline.eval
+    assert online.eval == offline.eval == semi_online.eval
+    assert semi_online.train.sync_every_steps is not None and offline.train.sync_every_steps is None
+    assert online.data.prompts_per_iteration % semi_online.sync_block_prompts == 0
+    assert semi_online.sync_block_prompts < online.data.prompts_per_iteration
 
 
 def test_a_file_can_build_on_a_base_file(tmp_path):

@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("compare_online_offline",
                                                REPO / "scripts" / "compare_online_offline.py")
@@ -123,6 +125,20 @@ def test_every_arm_gets_the_same_pair_budget_and_the_task_its_own_assets():
                                     "toy_task.variant=long_lists", "a=b"]
     assert long.run_dir(Path("runs")) == Path("runs/long_lists-semi_online-lr0.0004-assets2-seed0")
     assert "toy_task.dir=.cache/toy_task_long_lists" in compare.Arm("online", 4e-4, 0, 0, "long_lists").overrides()
+
+
+def test_the_real_model_runs_its_own_configs_and_its_run_seeds_are_the_units():
+    arm = compare.Arm("semi_online", 1e-5, asset_seed=0, run_seed=2, extra=("a=b",), model="smollm2")
+    assert arm.overrides() == ["seed=2", "train.learning_rate=1e-05", "a=b"]  # no toy task to build
+    assert arm.run_dir(Path("runs")) == Path("runs/smollm2-semi_online-lr1e-05-seed2")
+    assert compare.MODELS["smollm2"].config("semi_online").name == "smollm2_semi_online.yaml"
+    assert all(compare.MODELS[model].config(name).exists() for model in compare.MODELS for name in compare.ARMS)
+    # one model, one prompt set: each run seed is a unit of its own, where the toy task averages run seeds of an asset
+    assert arm.key == (2, 0) and compare.Arm("online", 4e-4, 1, 2).key == (1, 2)
+    finals = {compare.Arm("online", 1e-5, 0, seed, model="smollm2").key: value for seed, value in ((0, 0.2), (1, 0.4))}
+    assert compare.clustered(finals) == pytest.approx((0.3, 0.1))
+    text = compare.verdict({"offline": {(0, 0): [0.1, 0.2]}, "online": {(0, 0): [0.1, 0.3]}}, unit="run seed")
+    assert "on one run seed: no standard error, no verdict" in text
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

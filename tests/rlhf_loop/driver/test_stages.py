@@ -489,8 +489,9 @@ def test_evaluate_metrics_rows_and_win_rate_against_the_initial_policy(run_dir):
     (call,) = [c for c in learner.calls if c[0] == "log_ratios"]
     assert call[1] == [prompt(i).token_ids for i, _ in later]
     assert call[2] == [list(range(len(t))) for _, t in later]
-    assert metrics["kl/ref"] == pytest.approx(statistics.fmean(
-        0.5 * len(t) - 0.1 * len(prompt(i).token_ids) for i, t in later))
+    ratios = [0.5 * len(t) - 0.1 * len(prompt(i).token_ids) for i, t in later]
+    assert metrics["kl/ref"] == pytest.approx(statistics.fmean(ratios))
+    assert metrics["kl/ref_stderr"] == pytest.approx(statistics.stdev(ratios) / len(ratios) ** 0.5)
     rows = read_jsonl(run_dir.iteration(1) / "eval.jsonl")
     assert [(r["prompt_index"], r["response"], r["tokens"]) for r in rows] == [(i, t, len(t)) for i, t in later]
 
@@ -546,6 +547,8 @@ def test_the_kl_estimate_is_unbiased_whatever_the_evaluation_samples_with(run_di
     assert ToyPolicy.kl({0: 0.5 / 0.7, 1: 0.2 / 0.7}) == pytest.approx(0.654, abs=1e-3)
     # 2,000 samples: standard error 0.707 / sqrt(2000) = 0.016
     assert metrics["kl/ref"] == pytest.approx(exact, abs=0.05)
+    spread = math.sqrt(sum(p * math.log(p / r) ** 2 for p, r in zip(ToyPolicy.PI, ToyPolicy.REF)) - exact ** 2)
+    assert metrics["kl/ref_stderr"] == pytest.approx(spread / math.sqrt(2000), rel=0.1)
     evaluation = Sampling(n=40, temperature=temperature, top_p=top_p, max_tokens=cfg.eval.max_tokens,
                           seed=derived_seed(cfg.seed, "eval"))
     drawn_for_kl = [] if (temperature, top_p) == (1.0, 1.0) else [
