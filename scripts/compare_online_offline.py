@@ -1,7 +1,8 @@
-"""Online vs semi-online vs offline DPO on the toy task with a gold reward, each at its own best learning rate: do
-fresh on-policy pairs pay?
+"""Online vs semi-online vs offline DPO on a task with a gold reward, each at its own best learning rate: do fresh
+on-policy pairs pay?
 
-    python scripts/compare_online_offline.py [--task short_lists|long_lists] [--arms offline semi_online online] \
+    python scripts/compare_online_offline.py [--model toy|smollm2] [--task short_lists|long_lists] \
+        [--arms offline semi_online online] \
         [--asset-seeds 0 1 2] [--run-seeds 0 1] [--learning-rates 1e-4 2e-4 4e-4 8e-4] [--sync-every S] \
         [--runs-dir runs/compare] [--jobs 1] [--json results.json] [--plot curves.png] [--smoke]
 
@@ -21,6 +22,11 @@ for 6-10 words, pi_0 gives at most half: `toy_task.variant`, rlhf_loop/toy/task.
    first, so a lucky set of assets cannot count three times. A gap counts as a win above 3 standard errors.
 4. The mechanism: the share of each arm's pairs whose chosen answer scores (gold) above pi_0's best of K on its
    prompt, per third of the pair budget (pi_0's K samples on every prompt are the offline arm's rollouts).
+
+`--model smollm2` runs the same three arms on the real model, SmolLM2-135M-Instruct, with configs/smollm2_online.yaml,
+smollm2_offline.yaml and smollm2_semi_online.yaml (3 iterations x 32 list requests against one round of 96, the gold
+rule as the reward: configs/smollm2.yaml). There is one model and one prompt set, so no asset seeds: the run seeds are
+the independent units of the standard errors.
 
 `--smoke` checks that the whole pipeline runs, in minutes: 32 prompts an online iteration (96 a round), 16 held-out
 prompts x 2 samples, a sync every 2 steps, any number of rates; its numbers are not a result.
@@ -42,10 +48,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"offline": REPO / "configs" / "tiny_offline.yaml",
-           "semi_online": REPO / "configs" / "tiny_semi_online.yaml",
-           "online": REPO / "configs" / "tiny_online.yaml"}
-SHIPPED_LEARNING_RATE = 4e-4  # configs/tiny.yaml's train.learning_rate: the shared-rate note
+ARMS = ("offline", "semi_online", "online")
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the arms train: their configs (`{prefix}_{arm}.yaml`), the demo's rate and what a standard error treats as
+    independent."""
+
+    config_prefix: str
+    shipped_learning_rate: float  # the demo config's train.learning_rate: the shared-rate note
+    unit: str  # asset seed: each builds its own toy task; run seed: one real model and prompt set
+
+    def config(self, arm: str) -> Path:
+        return REPO / "configs" / f"{self.config_prefix}_{arm}.yaml"
+
+
+MODELS = {"toy": Model("tiny", 4e-4, "asset seed"), "smollm2": Model("smollm2", 1e-5, "run seed")}
 ONLINE_ITERATIONS = 3  # configs/tiny_online.yaml's; the one-round arms take as many prompts as its iterations together
 TASKS = ("short_lists", "long_lists")  # toy_task.variant
 # --smoke: every stage of every arm in minutes (prompts an online iteration; held-out prompts and samples; sync steps)
@@ -69,12 +88,22 @@ class Arm:
     run_seed: int
     task: str = "short_lists"  # toy_task.variant
     extra: tuple[str, ...] = ()  # further overrides (--sync-every, --smoke's sizes)
+    model: str = "toy"  # MODELS
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(independent unit, replicate within it): what the tables average and pair by."""
+        return (self.asset_seed, self.run_seed) if MODELS[self.model].unit == "asset seed" else (self.run_seed, 0)
 
     def run_dir(self, runs_dir: Path) -> Path:
+        if self.model != "toy":
+            return runs_dir / f"{self.model}-{self.name}-lr{self.learning_rate:g}-seed{self.run_seed}"
         task = "" if self.task == "short_lists" else f"{self.task}-"
         return runs_dir / f"{task}{self.name}-lr{self.learning_rate:g}-assets{self.asset_seed}-seed{self.run_seed}"
 
     def overrides(self) -> list[str]:
+        if self.model != "toy":
+            return [f"seed={self.run_seed}", f"train.learning_rate={self.learning_rate:g}", *self.extra]
         # Asset seed 0 of the default task shares the demo's cache; the others get their own.
         cache = ".cache/toy_task" + ("" if self.task == "short_lists" else f"_{self.task}")
         cache += "" if self.asset_seed == 0 else f"_seed{self.asset_seed}"
@@ -93,7 +122,7 @@ def run(arm: Arm, runs_dir: Path) -> Path:
             return run_dir
         command = ["resume", str(run_dir)]
     else:
-        command = ["run", str(CONFIGS[arm.name]), *arm.overrides(), "--run-dir", str(run_dir)]
+        command = ["run", str(MODELS[arm.model].config(arm.name)), *arm.overrides(), "--run-dir", str(run_dir)]
     print(f"$ rlhf-loop {' '.join(command)}", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "rlhf_loop.frontend.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
     return run_dir
@@ -118,8 +147,8 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
 
 
 def clustered(values: dict[tuple[int, int], float]) -> tuple[float, float]:
-    """Mean and standard error of values keyed by (asset seed, run seed): run seeds are averaged within each asset
-    seed first, and the asset seeds are the independent units."""
+    """Mean and standard error of values keyed by (unit, replicate), Arm.key: (asset seed, run seed) on the toy task,
+    where run seeds are averaged within each asset seed first and the asset seeds are the independent units."""
     per_asset: dict[int, list[float]] = {}
     for (asset_seed, _), value in sorted(values.items()):
         per_asset.setdefault(asset_seed, []).append(value)
@@ -130,10 +159,10 @@ def cell(mean_se: tuple[float, float]) -> str:
     return "{:.3f} +- {:.3f}".format(*mean_se)
 
 
-def sweep_table(finals: dict[str, dict[float, dict[tuple[int, int], float]]]) -> str:
+def sweep_table(finals: dict[str, dict[float, dict[tuple[int, int], float]]], unit: str = "asset seed") -> str:
     """Final gold per arm and learning rate, the best of each arm marked."""
     rates = sorted({rate for per_rate in finals.values() for rate in per_rate})
-    lines = ["final eval/gold_mean per learning rate (sweep), mean +- standard error over asset seeds", "",
+    lines = [f"final eval/gold_mean per learning rate (sweep), mean +- standard error over {unit}s", "",
              "| learning rate | " + " | ".join(finals) + " |", "|---|" + "---|" * len(finals)]
     best = {name: best_rate(per_rate) for name, per_rate in finals.items()}
     for rate in rates:
@@ -151,13 +180,14 @@ def best_rate(per_rate: dict[float, dict[tuple[int, int], float]]) -> float:
     return max(per_rate, key=lambda rate: clustered(per_rate[rate])[0])
 
 
-def curve_table(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float]) -> str:
+def curve_table(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float],
+                unit: str = "asset seed") -> str:
     iterations = max(len(curve) for per_seed in curves.values() for curve in per_seed.values())
     units = len({asset for per_seed in curves.values() for asset, _ in per_seed})
     runs = len(next(iter(curves.values())))
     header = " | ".join(f"{name} (lr {rates[name]:g})" for name in curves)
     lines = [f"eval/gold_mean per iteration at each arm's best learning rate, mean +- standard error over {units} "
-             f"asset seeds ({runs} runs per arm)", "", f"| iteration | {header} |", "|---|" + "---|" * len(curves)]
+             f"{unit}s ({runs} runs per arm)", "", f"| iteration | {header} |", "|---|" + "---|" * len(curves)]
     for i in range(iterations):
         cells = [cell(clustered({key: curve[i] for key, curve in per_seed.items() if i < len(curve)}))
                  if any(i < len(curve) for curve in per_seed.values()) else "" for per_seed in curves.values()]
@@ -180,15 +210,16 @@ def gap(online: dict[tuple[int, int], float], offline: dict[tuple[int, int], flo
     return clustered({seeds: online[seeds] - offline[seeds] for seeds in online.keys() & offline.keys()})
 
 
-def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = "each arm at its best rate") -> str:
+def verdict(curves: dict[str, dict[tuple[int, int], list[float]]], label: str = "each arm at its best rate",
+            unit: str = "asset seed") -> str:
     """Online against offline (and semi-online against offline, when it ran); whether online gold rises every
     iteration."""
     finals = {name: {seeds: curve[-1] for seeds, curve in per_seed.items()} for name, per_seed in curves.items()}
     lines = [f"{label}: final gold " + ", ".join(f"{name} {cell(clustered(values))}" for name, values in finals.items())]
     for name in (arm for arm in ("online", "semi_online") if arm in finals and "offline" in finals):
         difference, difference_se = gap(finals[name], finals["offline"])
-        if math.isnan(difference_se):  # one asset seed: nothing to measure the spread by
-            lines.append(f"{name} - offline = {difference:.3f} on one asset seed: no standard error, no verdict")
+        if math.isnan(difference_se):  # one unit: nothing to measure the spread by
+            lines.append(f"{name} - offline = {difference:.3f} on one {unit}: no standard error, no verdict")
             continue
         standard_errors = difference / difference_se if difference_se > 0 else float("inf")
         lines.append(f"{name} - offline = {difference:.3f} +- {difference_se:.3f} ({standard_errors:.1f} standard "
@@ -242,9 +273,9 @@ def prompt_meta(offline_dir: Path) -> dict[int, dict]:
             for rollout in read_jsonl(shard)}
 
 
-def mechanism_table(shares: dict[str, dict[tuple[int, int], list[float]]]) -> str:
+def mechanism_table(shares: dict[str, dict[tuple[int, int], list[float]]], unit: str = "asset seed") -> str:
     lines = ["share of pairs whose chosen answer scores above pi_0's best of K (gold) on its prompt, by third of the "
-             "pair budget (online: its iteration), mean +- standard error over asset seeds", "",
+             f"pair budget (online: its iteration), mean +- standard error over {unit}s", "",
              "| third of the pairs | " + " | ".join(shares) + " |", "|---|" + "---|" * len(shares)]
     for third in range(ONLINE_ITERATIONS):
         cells = [cell(clustered({seeds: values[third] for seeds, values in per_seed.items()}))
@@ -253,9 +284,9 @@ def mechanism_table(shares: dict[str, dict[tuple[int, int], list[float]]]) -> st
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float], task: str,
+def plot_curves(curves: dict[str, dict[tuple[int, int], list[float]]], rates: dict[str, float], title: str,
                 path: Path) -> None:
-    """Gold per iteration, each arm at its best rate: the mean over asset seeds with standard-error bars (the
+    """Gold per iteration, each arm at its best rate: the mean over the units with standard-error bars (the
     one-round arms are a line from pi_0 to their end, drawn over the same three thirds of the pair budget)."""
     import matplotlib
 
@@ -272,7 +303,7 @@ def plot_curves(curves: dict[str, dict[tuple[int, int], list[float]]], rates: di
     axes.set_xticks(range(ONLINE_ITERATIONS + 1))
     axes.set_xlabel("pairs trained on (thirds of the budget; online: iterations)")
     axes.set_ylabel("held-out gold (eval/gold_mean)")
-    axes.set_title(f"toy task {task}: each arm at its best learning rate")
+    axes.set_title(f"{title}: each arm at its best learning rate")
     axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,9 +330,10 @@ def arm_overrides(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=TASKS, default="short_lists", help="toy_task.variant")
-    parser.add_argument("--arms", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", choices=list(MODELS), default="toy", help="smollm2: the real model")
+    parser.add_argument("--task", choices=TASKS, default="short_lists", help="toy_task.variant (the toy model only)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1, 2], help="the toy model only")
     parser.add_argument("--run-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4, 8e-4])
     parser.add_argument("--sync-every", type=int, help="semi_online's train.sync_every_steps (default: its config's)")
@@ -313,48 +345,56 @@ def main() -> int:
     args = parser.parse_args()
     if len(args.learning_rates) < 3 and not args.smoke:
         parser.error("--learning-rates needs at least 3 values: each arm is compared at its best of a real sweep")
+    if args.model != "toy" and args.task != "short_lists":
+        parser.error(f"--task {args.task} is a toy task's variant; --model {args.model} runs its own config's prompts")
+    model = MODELS[args.model]
+    asset_seeds = args.asset_seeds if args.model == "toy" else [0]
     runs_dir = args.runs_dir or REPO / "runs" / ("compare-smoke" if args.smoke else "compare")
     extra = arm_overrides(args)
 
     def arm(name: str, rate: float, asset: int, seed: int) -> Arm:
-        return Arm(name, rate, asset, seed, args.task, extra[name])
+        return Arm(name, rate, asset, seed, args.task, extra[name], args.model)
 
     sweep = [arm(name, rate, asset, args.run_seeds[0])
-             for rate in args.learning_rates for asset in args.asset_seeds for name in args.arms]
+             for rate in args.learning_rates for asset in asset_seeds for name in args.arms]
     sweep_dirs = run_all(sweep, runs_dir, args.jobs)
-    sweep_finals = {name: {rate: {(a.asset_seed, a.run_seed): gold_curve(path)[-1]
+    sweep_finals = {name: {rate: {a.key: gold_curve(path)[-1]
                                   for a, path in sweep_dirs.items() if a.name == name and a.learning_rate == rate}
                            for rate in args.learning_rates} for name in args.arms}
     rates = {name: best_rate(per_rate) for name, per_rate in sweep_finals.items()}
 
-    final = [arm(name, rates[name], asset, seed) for asset in args.asset_seeds for seed in args.run_seeds
+    final = [arm(name, rates[name], asset, seed) for asset in asset_seeds for seed in args.run_seeds
              for name in args.arms]
     final_dirs = run_all(final, runs_dir, args.jobs)
-    curves = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in final_dirs.items() if a.name == name}
+    curves = {name: {a.key: gold_curve(p) for a, p in final_dirs.items() if a.name == name}
               for name in args.arms}
-    finals = {name: {(a.asset_seed, a.run_seed): final_metrics(p) for a, p in final_dirs.items() if a.name == name}
+    finals = {name: {a.key: final_metrics(p) for a, p in final_dirs.items() if a.name == name}
               for name in args.arms}
     if args.smoke:
         print("SMOKE RUN: tiny sizes, to show that every arm runs; these numbers are not a result\n")
-    tables = [f"task: {args.task}", sweep_table(sweep_finals), curve_table(curves, rates), diagnostics_table(finals)]
+    title = f"toy task {args.task}" if args.model == "toy" else f"{args.model} on the list requests"
+    tables = [title, sweep_table(sweep_finals, model.unit), curve_table(curves, rates, model.unit),
+              diagnostics_table(finals)]
     shares = {}
     if "offline" in args.arms:  # pi_0's best of K per prompt comes from the offline arm's rollouts
-        offline = {(a.asset_seed, a.run_seed): p for a, p in final_dirs.items() if a.name == "offline"}
-        shares = {name: {(a.asset_seed, a.run_seed): chosen_above_pi_0(
-            p, pi_0_best_of_k(offline[a.asset_seed, a.run_seed]), prompt_meta(offline[a.asset_seed, a.run_seed]))
+        offline = {a.key: p for a, p in final_dirs.items() if a.name == "offline"}
+        shares = {name: {a.key: chosen_above_pi_0(
+            p, pi_0_best_of_k(offline[a.key]), prompt_meta(offline[a.key]))
             for a, p in final_dirs.items() if a.name == name} for name in args.arms}
-        tables.append(mechanism_table(shares))
-    print(*tables, verdict(curves), sep="\n\n")
+        tables.append(mechanism_table(shares, model.unit))
+    print(*tables, verdict(curves, unit=model.unit), sep="\n\n")
     if args.plot:
-        plot_curves(curves, rates, args.task, args.plot)
+        plot_curves(curves, rates, title, args.plot)
         print(f"\ncurves: {args.plot}")
-    if SHIPPED_LEARNING_RATE in args.learning_rates:
-        shared = {name: {(a.asset_seed, a.run_seed): gold_curve(p) for a, p in sweep_dirs.items()
-                         if a.name == name and a.learning_rate == SHIPPED_LEARNING_RATE} for name in args.arms}
-        note = verdict(shared, f"note: every arm at the demo's rate {SHIPPED_LEARNING_RATE:g}").splitlines()
+    shipped = model.shipped_learning_rate
+    if shipped in args.learning_rates:
+        shared = {name: {a.key: gold_curve(p) for a, p in sweep_dirs.items()
+                         if a.name == name and a.learning_rate == shipped} for name in args.arms}
+        note = verdict(shared, f"note: every arm at the demo's rate {shipped:g}", model.unit).splitlines()
         print("\n" + "\n".join(line for line in note if "rises every iteration" not in line))
     if args.json:
         args.json.write_text(json.dumps({
+            "model": args.model,
             "task": args.task,
             "smoke": args.smoke,
             "best_learning_rates": rates,
