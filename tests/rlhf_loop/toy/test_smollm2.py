@@ -242,3 +242,41 @@ def test_the_demo_config_plans_before_the_model_is_built(tmp_path):
     assert plan_report(load_config(REPO / "configs" / "smollm2.yaml", [unbuilt])).problems == []
     problems = plan_report(load_config(REPO / "configs" / "smollm2.yaml", [unbuilt, "smollm2.enabled=false"])).problems
     assert any("policy.model_path" in problem for problem in problems)
+
+
+@pytest.mark.integration  # needs the converted model's tokenizer
+def test_episodes_are_the_real_chatml_conversation_with_the_mask_on_the_answers(model_dir, tokenizer,
+                                                                                list_prompts):
+    """configs/smollm2_episodes.yaml's environment on the real template: prompt + episode tokens are the conversation
+    as ChatML renders it (default system turn, `<|im_end|>` then a newline the policy never samples), and the loss
+    mask covers exactly the sampled answers and their `<|im_end|>`."""
+    from policy.config import EnvironmentConfig
+    from policy.episodes import EpisodeRunner
+    from policy.rollout_protocol import Sampling
+    from rlhf_loop.common.chat import chat_token_ids
+    from tests.policy.test_episodes import ScriptedEngine
+
+    from rlhf_loop.driver.data import load_rows, render_prompts
+
+    cfg = EnvironmentConfig(factory="rlhf_loop.toy.retry_environment:WordListRetry", max_turns=3,
+                            max_episode_tokens=192)
+    source = str(model_dir.parent / "eval_prompts.jsonl")
+    prompts = render_prompts(load_rows(source, "train").select(range(2)), "prompt", source, tokenizer, max_tokens=128,
+                             environment=cfg.factory).prompts
+    assert [p.token_ids for p in prompts] == [p.token_ids for p in list_prompts[:2]]  # as without the environment
+    sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_tokens=8, seed=3)
+    rollouts = EpisodeRunner(cfg, tokenizer).run(ScriptedEngine(tokenizer), prompts, sampling)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    turns = []
+    for rollout in rollouts:
+        for response in rollout.responses:
+            episode = response.episode
+            rendered = chat_token_ids(tokenizer, [*rollout.prompt.messages, *episode.messages])
+            assert tokenizer.decode(rendered[:3]).startswith("<|im_start|>system")
+            assert rollout.prompt.token_ids + response.token_ids + newline == rendered
+            answers = [m["content"] for m in episode.messages if m["role"] == "assistant"]
+            sampled = [token for token, counts in zip(response.token_ids, episode.loss_mask) if counts]
+            assert sampled == [token for answer in answers for token in
+                               tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+            turns.append(episode.turns)
+    assert max(turns) == 3  # asked again, twice: the retries' tokens were checked too
