@@ -416,13 +416,12 @@ def _episode_row(response: records.Response) -> dict:
 def kl_to_reference(rollout: RolloutGroup, learner: Learner, prompts: Sequence[Prompt], sampling: Sampling,
                     samples: Sequence[tuple[Prompt, records.Response]]) -> tuple[float, float]:
     """KL(pi || ref) and the standard error of its estimate: the mean over y ~ pi of log pi(y) - log ref(y), the
-    log-ratio the learner computes
-    from the policy's own distribution (temperature 1, every token). That mean is unbiased only when y is drawn from
-    that same distribution: drawn at top_p < 1, y never holds the tokens outside the nucleus, so the mean is taken
-    over another distribution (0.64 nats for a true 0.28 on the toy case in the tests), and no importance weighting
-    can bring back tokens that are never drawn; a temperature other than 1 skews it too. So the evaluation samples
-    serve only when they were drawn at temperature 1 and top_p 1; otherwise the KL gets its own samples, drawn that
-    way (as many, with a seed of their own). The estimate is unbiased but heavy-tailed: a few samples that ref finds
+    log-ratio the learner computes from the policy's own distribution (temperature 1, every token). That mean is
+    unbiased only when y is drawn from that same distribution: drawn at top_p < 1, y never holds the tokens outside
+    the nucleus, so the mean is taken over another distribution (0.64 nats for a true 0.28 on the toy case in the
+    tests), and no importance weighting can bring back tokens that are never drawn; a temperature other than 1 skews
+    it too. So the evaluation samples serve only when they were drawn at temperature 1 and top_p 1; otherwise the KL
+    gets its own samples, drawn that way (as many, with a seed of their own). The estimate is unbiased but heavy-tailed: a few samples that ref finds
     far less likely than pi carry much of it, and an episode sums the ratio over all its turns, so its standard error
     tells a moved policy from a noisy estimate."""
     if (sampling.temperature, sampling.top_p) != (1.0, 1.0):
