@@ -187,11 +187,8 @@ class LearnerGroup:
 
     def start_weight_broadcast(self, spec: SyncSpec, bucket_bytes: int) -> list[ray.ObjectRef]:
         """Rank 0's broadcast (and under multi-rank ZeRO-3 the other ranks' gathers), started but not waited for:
-        the engines receive at the same time. Wait for the refs with `wait_for_broadcast`."""
+        the engines receive at the same time, and the rollout group waits for these refs beside theirs."""
         return [actor.send_weights.remote(spec, bucket_bytes) for actor in self._weight_ranks]
-
-    def wait_for_broadcast(self, refs: list[ray.ObjectRef]) -> None:
-        self._wait(refs, "sync")
 
     def offload_states(self) -> None:
         """cluster.colocate: every rank's optimizer state to host memory, its allocator cache emptied."""

@@ -69,11 +69,10 @@ class Learner(Protocol):
         ...
 
     def start_weight_broadcast(self, spec: Any, bucket_bytes: int) -> list[Any]:
-        """Start broadcasting the weights as `spec` (a `policy.weight_sync.SyncSpec`) says; returns handles for
-        `wait_for_broadcast`, so that the engines can be told to receive meanwhile."""
+        """Start broadcasting the weights as `spec` (a `policy.weight_sync.SyncSpec`) says, without waiting: returns
+        a Ray object reference per learner rank taking part, which the rollout group waits for beside the engines'
+        (so that it sees at once any rank of the sync that fails)."""
         ...
-
-    def wait_for_broadcast(self, handles: list[Any]) -> None: ...
 
     def offload_states(self) -> None:
         """cluster.colocate: the optimizer state to host memory and the allocator's cache emptied, while the

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,20 +40,21 @@ from policy.colocation import ColocationSchedule, OffloadingLearner
 from policy.config import EnvironmentConfig, PolicyConfig, RolloutConfig
 from policy.learner_protocol import Learner
 from policy.rollout_protocol import RolloutEngine, Sampling
-from policy.weight_sync import SyncSpec
+from policy.weight_sync import SyncSpec, WeightSyncAborted, abort_sync
 from rlhf_loop.common.actor_calls import (
     REUSE_CHECK_TIMEOUT_S,
     ActorDied,
     detached,
     placement,
     reusable_actor,
+    timed_out,
     wait,
     wait_restarted,
     was_restarted,
 )
 from rlhf_loop.common.console import say
 from rlhf_loop.common.errors import UserError
-from rlhf_loop.common.faults import maybe_kill_actor
+from rlhf_loop.common.faults import fault_env, maybe_kill_actor
 from rlhf_loop.common.records import Prompt, Rollout
 from rlhf_loop.common.user_code import absolute_reference
 
@@ -109,6 +111,7 @@ class EngineActor:
         self.engine.wake_up(tags)
 
     def receive_weights(self, spec: SyncSpec, first_rank: int) -> None:
+        maybe_kill_actor("sync")  # the kill tests' RLHF_LOOP_KILL_ACTOR
         self.engine.receive_weights(spec, first_rank)
 
     def release_weight_sync(self) -> None:
@@ -150,11 +153,11 @@ def _actor_resources(rollout: RolloutConfig, device: str) -> dict:
     if device == "cuda":
         return dict(num_gpus=rollout.gpus_per_engine)
     # CPU: reserve no cores, so that a 2-core machine fits the learner, the reward actor and the engines.
-    env_vars = {}
+    env_vars = fault_env()  # a test may set them after its Ray cluster started
     if rollout.engine == "vllm":
         # Set before the worker imports vLLM; the explicit KV size also overrides a value inherited from the shell.
-        env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib),
-                    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        env_vars |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib),
+                     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     return dict(num_cpus=0, runtime_env={"env_vars": env_vars})
 
 
@@ -231,7 +234,22 @@ class RolloutGroup:
 
     def _broadcast(self, learner: Learner, indices: Sequence[int]) -> None:
         """Learner rank 0 sends, the engines `indices` receive, all at once. Ranks: 0 the learner, then each
-        engine's workers in turn. A rank that does not come is named by the learner's error."""
+        engine's workers in turn. An engine that dies meanwhile is restarted, as long as restarts are left, and the
+        sync done again in a new group."""
+        while True:
+            spec = self._next_sync(learner, indices)
+            sending = learner.start_weight_broadcast(spec, self._bucket_bytes)
+            receiving = [self.actors[index].receive_weights.remote(spec, 1 + position * self._workers)
+                         for position, index in enumerate(indices)]
+            died = self._finish_sync(spec, sending, dict(zip(receiving, indices)))
+            if died is None:
+                return
+            index, error = died
+            if self.restarts >= self.max_restarts:
+                raise error
+            self._restart(index, "sync")
+
+    def _next_sync(self, learner: Learner, indices: Sequence[int]) -> SyncSpec:
         host, port = learner.weight_sync_address()
         indices = tuple(indices)
         if indices != self._members:
@@ -241,12 +259,38 @@ class RolloutGroup:
         spec = SyncSpec(host, port, f"group-{self._groups}-{self._session}", tuple(names), self._sync_timeout_s,
                         sync=self._syncs_in_group)
         self._syncs_in_group += 1
-        sending = learner.start_weight_broadcast(spec, self._bucket_bytes)
-        receiving = [self.actors[index].receive_weights.remote(spec, 1 + position * self._workers)
-                     for position, index in enumerate(indices)]
-        learner.wait_for_broadcast(sending)
-        for index, ref in zip(indices, receiving):
-            self._wait(ref, "sync", index)
+        return spec
+
+    def _finish_sync(self, spec: SyncSpec, sending: list[ray.ObjectRef],
+                     receiving: dict[ray.ObjectRef, int]) -> tuple[int, ActorDied] | None:
+        """Wait for every rank of the sync (`receiving`: each engine's ref and index). The first rank to fail or die
+        aborts the sync for the others, which would otherwise wait for it until rollout.weight_sync_timeout_s.
+        Returns None if all went well, or the engine that died and the error that says so; any other failure is
+        raised (the cause, not the aborts it set off)."""
+        roles = {ref: f"learner rank {rank}" for rank, ref in enumerate(sending)}
+        roles |= {ref: f"rollout engine {index}" for ref, index in receiving.items()}
+        failures: list[tuple[ray.ObjectRef, Exception]] = []
+        pending = list(roles)
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise timed_out(roles[pending[0]], "sync", self.timeout_s, "rollout.call_timeout_s")
+            try:
+                wait(ready[0], max(deadline - time.monotonic(), 0.1), roles[ready[0]], "sync", "rollout.call_timeout_s")
+            except (UserError, ray.exceptions.RayError) as error:
+                if not failures:
+                    what = "died" if isinstance(error, ActorDied) else f"failed ({type(error).__name__})"
+                    abort_sync(spec, f"{roles[ready[0]]} {what}")
+                failures.append((ready[0], error))
+        if failures:
+            self._members = None  # an aborted group is not used again
+        for ref, error in failures:
+            if ref in receiving and isinstance(error, ActorDied):
+                return receiving[ref], error
+        if failures:
+            raise next((error for _, error in failures if not isinstance(error, WeightSyncAborted)), failures[0][1])
+        return None
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[list[int]]]:
         """Every engine's greedy token ids for every prompt: [engine][prompt] -> token ids (to check weight sync)."""
@@ -294,19 +338,25 @@ class RolloutGroup:
         return results
 
     def _recover(self, index: int, stage: str) -> None:
-        self.restarts += 1
-        say(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
-            f"{self.max_restarts} restarts) and redoing its work")
+        """Restart the engine and give it the weights the others hold."""
+        self._restart(index, stage)
         actor = self.actors[index]
-        # Ray rebuilds the engine from the initial policy; the weights go in again.
-        wait_restarted(actor.ready.remote, self.timeout_s, f"rollout engine {index}", "rollout.call_timeout_s")
-        self._members = None  # the new process is in no sync group: the next sync forms one
         if self._learner is not None:
             self._broadcast(self._learner, [index])
         elif self._weights_dir is not None:
             self._weights_ref, self._weights_dir = ray.put(exported_weights(self._weights_dir)), None
         if self._learner is None and self._weights_ref is not None:
             self._wait(actor.update_weights.remote(self._weights_ref), "restart", index)
+
+    def _restart(self, index: int, stage: str) -> None:
+        """Wait until Ray has rebuilt the dead engine `index`, from the initial policy (the caller gives it the
+        weights again)."""
+        self.restarts += 1
+        say(f"rlhf-loop: rollout engine {index} died during {stage}; restarted it ({self.restarts} of "
+            f"{self.max_restarts} restarts) and redoing its work")
+        wait_restarted(self.actors[index].ready.remote, self.timeout_s, f"rollout engine {index}",
+                       "rollout.call_timeout_s")
+        self._members = None  # the new process is in no sync group: the next sync forms one
 
     def _wait(self, refs: Any, stage: str, index: int | None = None) -> Any:
         role = "rollout engines" if index is None else f"rollout engine {index}"

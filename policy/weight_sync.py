@@ -12,13 +12,16 @@ over a PrefixStore of the learner's store named by `session`, and shut down expl
 When the members change (an engine restarted), the driver names a new session and every rank forms the new group.
 It never touches the default process group, so DeepSpeed's (learner) and vLLM's (engine) stay as they are. Before the
 group forms, every rank checks in on the store; a rank missing after `timeout_s` becomes one line naming it, on every
-rank that came. On the engines, vLLM's weight-transfer API drives the receiving side
-(`policy.vllm_weight_transfer`).
+rank that came. A rank that dies or fails mid-sync would leave the others waiting out `timeout_s`, so the driver,
+which sees it first, marks the sync aborted on the store (`abort_sync`): every waiting rank looks there each second
+and stops with `WeightSyncAborted` (on CUDA, a broadcast already enqueued still ends at NCCL's own timeout). On the
+engines, vLLM's weight-transfer API drives the receiving side (`policy.vllm_weight_transfer`).
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -32,6 +35,15 @@ from rlhf_loop.common.errors import UserError
 
 class WeightSyncTimeout(UserError):
     """A rank of the weight-sync group did not arrive (or a broadcast did not finish) in time."""
+
+
+class WeightSyncAborted(UserError):
+    """The driver stopped the sync because another rank failed or died (`abort_sync`)."""
+
+
+ABORTED_KEY = "aborted"  # in the session's keys: why the driver stopped the sync
+LOOK_EVERY_S = 1.0  # how often a waiting rank looks for the abort
+POLL_S = 0.005  # how often a waiting rank looks for what it waits for
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,17 @@ class SyncSpec:
 def host_store(host: str = "0.0.0.0") -> dist.TCPStore:
     """The store every group meets on, hosted by the sender on a free port (`store.port`)."""
     return dist.TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+
+
+def abort_sync(spec: SyncSpec, reason: str) -> None:
+    """Stop every rank of the group `spec.session` that still waits (the driver, when a rank has failed or died):
+    each raises WeightSyncAborted within a second or so. The group cannot be used again; the next sync names a new
+    one. If the store cannot be reached, the ranks stop at their own timeout instead."""
+    try:
+        store = dist.TCPStore(spec.host, spec.port, None, False, timedelta(seconds=10))
+        dist.PrefixStore(spec.session, store).set(ABORTED_KEY, reason)
+    except dist.DistError:
+        pass
 
 
 class SyncGroup:
@@ -96,13 +119,12 @@ class SyncGroup:
         group = self._live()
         if self.rank == 0:
             raise ValueError("rank 0 sends; ranks 1.. receive")
-        try:
-            plan: list[Bucket] = pickle.loads(self._store.get(f"plan/{sync}"))
-        except dist.DistStoreError:
+        if not _wait_for_keys(self._store, [f"plan/{sync}"], self.spec, self.rank):
             raise WeightSyncTimeout(
                 f"weight sync {self.spec.session}: {self.spec.rank_names[0]} did not start sync {sync} within "
                 f"{self.spec.timeout_s:g} s ({self.spec.rank_names[self.rank]} waited); check that role's log, or "
-                f"raise {self.spec.timeout_key}") from None
+                f"raise {self.spec.timeout_key}")
+        plan: list[Bucket] = pickle.loads(self._store.get(f"plan/{sync}"))
 
         def post(bucket: Bucket):
             buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
@@ -129,6 +151,15 @@ class SyncGroup:
         return self._group
 
     def _finish(self, work, buffer: torch.Tensor) -> None:
+        """Wait for one bucket's broadcast. On gloo, look for the driver's abort every second meanwhile: a rank
+        whose sender has failed would otherwise wait until the group's timeout. (NCCL's wait() only orders the
+        stream, so there is nothing to interrupt.)"""
+        look_at = time.monotonic() + LOOK_EVERY_S
+        while self.device.type == "cpu" and not work.is_completed():
+            time.sleep(POLL_S)
+            if time.monotonic() >= look_at:
+                _raise_if_aborted(self._store, self.spec, self.rank)
+                look_at += LOOK_EVERY_S
         try:
             work.wait()
         except RuntimeError as error:
@@ -158,13 +189,11 @@ def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) 
     """Check in, wait until every rank has, and form the group."""
     session.set(f"arrived/{rank}", "1")
     keys = [f"arrived/{other}" for other in range(spec.world_size)]
-    try:
-        session.wait(keys, timedelta(seconds=spec.timeout_s))
-    except dist.DistStoreError:
+    if not _wait_for_keys(session, keys, spec, rank):
         missing = [f"rank {r} ({spec.rank_names[r]})" for r, key in enumerate(keys) if not session.check([key])]
         raise WeightSyncTimeout(
             f"weight sync {spec.session}: {', '.join(missing) or 'a rank'} did not arrive within {spec.timeout_s:g} s "
-            f"({spec.rank_names[rank]} waited); check that role's log, or raise {spec.timeout_key}") from None
+            f"({spec.rank_names[rank]} waited); check that role's log, or raise {spec.timeout_key}")
     timeout = timedelta(seconds=spec.timeout_s)
     if device.type == "cuda":
         # A group of its own beside DeepSpeed's default one, on a store of our choosing: torch offers no public
@@ -173,6 +202,27 @@ def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) 
         options._timeout = timeout
         return dist.ProcessGroupNCCL(session, rank, spec.world_size, options)
     return dist.ProcessGroupGloo(session, rank, spec.world_size, timeout)
+
+
+def _wait_for_keys(session: dist.Store, keys: list[str], spec: SyncSpec, rank: int) -> bool:
+    """Whether `keys` were all set within `spec.timeout_s`; the driver's abort raises at once. (Polled with
+    check(): a store wait() that times out logs a warning each time.)"""
+    deadline = time.monotonic() + spec.timeout_s
+    look_at = time.monotonic() + LOOK_EVERY_S
+    while not session.check(keys):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+        if time.monotonic() >= look_at:
+            _raise_if_aborted(session, spec, rank)
+            look_at += LOOK_EVERY_S
+    return True
+
+
+def _raise_if_aborted(session: dist.Store, spec: SyncSpec, rank: int) -> None:
+    if session.check([ABORTED_KEY]):
+        reason = session.get(ABORTED_KEY).decode()
+        raise WeightSyncAborted(f"weight sync {spec.session}: {spec.rank_names[rank]} stopped waiting: {reason}")
 
 
 def _from_rank_0() -> dist.BroadcastOptions:

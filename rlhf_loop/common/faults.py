@@ -5,7 +5,8 @@ itself at a named point, exactly as a preempted node or the OOM killer would sto
     RLHF_LOOP_KILL_AT=iter_001/pairs:before     ... with the unit's files written, before the manifest records it
     RLHF_LOOP_KILL_AT=iter_001/pairs:manifest   ... in the middle of the manifest write that records it
     RLHF_LOOP_KILL_AT=checkpoint:iter_001/step_000002   a learner rank dies writing that checkpoint
-    RLHF_LOOP_KILL_ACTOR=rollout,reward:DIR     the first call of each named actor role dies once (DIR/ROLE marks it)
+    RLHF_LOOP_KILL_ACTOR=rollout,reward:DIR     the first call of each named actor role dies once (DIR/ROLE marks it);
+                                                roles: rollout, episodes, sync (an engine, as a weight sync begins), reward
 
 A leaf module; a no-op unless the variables are set.
 """
@@ -37,3 +38,9 @@ def maybe_kill_actor(role: str) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_env() -> dict[str, str]:
+    """The fault-injection variables set in this process, for an actor's runtime_env (Ray's workers otherwise see
+    the environment of the process that started the cluster)."""
+    return {key: os.environ[key] for key in (KILL_AT_ENV, KILL_ACTOR_ENV) if key in os.environ}

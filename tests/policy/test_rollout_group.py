@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from policy.rollout_group import RolloutGroup, contiguous_chunks
 from policy.weight_buckets import plan_buckets
 from policy.weight_sync import SyncGroup, host_store
 from rlhf_loop.common.actor_calls import ActorDied, wait_restarted
+from rlhf_loop.common.faults import KILL_ACTOR_ENV
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,49 +128,54 @@ def test_a_killed_engine_is_restarted_with_the_synced_weights_until_restarts_run
         group.shutdown()
 
 
-class ThreadLearner:
-    """The learner's side of the collective sync without DeepSpeed: `named` sent from a thread of the test process."""
+def sending_rank():
+    """Learner rank 0's side of the collective sync without DeepSpeed, as an actor class (defined here, so that Ray
+    sends the class itself to the workers: they cannot import tests/)."""
 
-    def __init__(self, named):
-        self.named = dict(named)
-        self.store = host_store()
-        self.group = None  # rank 0's place in the sync group, as LearnerActor keeps it
+    class SendingRank:
+        def __init__(self, named):
+            self.named = dict(named)
+            self.store = host_store()
+            self.group = None  # its place in the sync group, kept from sync to sync as LearnerActor keeps it
+
+        def address(self):
+            return "127.0.0.1", self.store.port
+
+        def send(self, spec, bucket_bytes):
+            plan = plan_buckets([(name, t.shape, t.dtype) for name, t in self.named.items()], bucket_bytes)
+            if self.group is None or self.group.spec.session != spec.session:
+                if self.group is not None:
+                    self.group.shutdown()
+                self.group = SyncGroup(spec, 0, torch.device("cpu"), self.store)
+            self.group.send(spec.sync, plan, ([self.named[s.name] for s in b.slots] for b in plan))
+
+    return SendingRank
+
+
+class ActorLearner:
+    """The `Learner` calls a collective sync makes, over one `sending_rank` actor; counts the broadcasts."""
+
+    def __init__(self, ray, named):
+        self.ray = ray
+        self.rank = ray.remote(sending_rank()).options(num_cpus=0).remote(named)
+        self.address = ray.get(self.rank.address.remote())
         self.broadcasts = 0
 
+    def shutdown(self):
+        self.ray.kill(self.rank)
+
     def weight_sync_address(self):
-        return "127.0.0.1", self.store.port
+        return self.address
 
     def start_weight_broadcast(self, spec, bucket_bytes):
-        plan = plan_buckets([(name, t.shape, t.dtype) for name, t in self.named.items()], bucket_bytes)
-        errors = []
-
-        def run():
-            try:
-                if self.group is None or self.group.spec.session != spec.session:
-                    if self.group is not None:
-                        self.group.shutdown()
-                    self.group = SyncGroup(spec, 0, torch.device("cpu"), self.store)
-                self.group.send(spec.sync, plan, ([self.named[s.name] for s in b.slots] for b in plan))
-            except Exception as error:  # noqa: BLE001 - re-raised in wait_for_broadcast
-                errors.append(error)
-
-        thread = threading.Thread(target=run)
-        thread.start()
         self.broadcasts += 1
-        return [(thread, errors)]
-
-    def wait_for_broadcast(self, handles):
-        for thread, errors in handles:
-            thread.join(timeout=120)
-            assert not thread.is_alive()
-            if errors:
-                raise errors[0]
+        return [self.rank.send.remote(spec, bucket_bytes)]
 
 
 @pytest.mark.integration  # Ray
 def test_a_killed_engine_rejoins_the_collective_sync_and_gets_the_weights_again(
         ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy):
-    learner = ThreadLearner(named_parameters(new_model))
+    learner = ActorLearner(ray_local, named_parameters(new_model))
     config = RolloutConfig(engine="hf", num_engines=1, weight_sync="collective", weight_sync_bucket_mb=1)
     group = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=1)
     try:
@@ -184,6 +190,54 @@ def test_a_killed_engine_rejoins_the_collective_sync_and_gets_the_weights_again(
         assert group.greedy(prompts[:4], MAX_TOKENS) == new_greedy
     finally:
         group.shutdown()
+        learner.shutdown()
+
+
+@pytest.mark.integration  # Ray and vLLM
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_an_engine_that_dies_in_a_sync_is_restarted_and_the_sync_done_again_at_once(
+        ray_local, policy_config, prompts, new_model, named_parameters, hf_greedy, monkeypatch, tmp_path, engine):
+    """The other engine, already in the group and receiving, and the learner stop waiting for it within seconds
+    (not rollout.weight_sync_timeout_s); every engine ends with the learner's weights."""
+    monkeypatch.setenv(KILL_ACTOR_ENV, f"sync:{tmp_path}")  # an engine that starts receiving dies, if no marker
+    (tmp_path / "sync").touch()  # ... and there is one: the first sync forms the group undisturbed
+    learner = ActorLearner(ray_local, named_parameters(new_model))
+    config = RolloutConfig(engine=engine, num_engines=2, weight_sync="collective", weight_sync_bucket_mb=1,
+                           weight_sync_timeout_s=300)
+    group = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=1)
+    try:
+        group.sync_from(learner)
+        (tmp_path / "sync").unlink()  # the first engine to start receiving the next sync dies
+        start = time.monotonic()
+        group.sync_from(learner)
+        assert time.monotonic() - start < 150
+        assert (tmp_path / "sync").exists() and group.restarts == 1 and learner.broadcasts == 3
+        new_greedy = hf_greedy(new_model, prompts[:4], MAX_TOKENS)  # the restarted engine began from pi_0
+        assert group.greedy(prompts[:4], MAX_TOKENS) == [new_greedy, new_greedy]
+    finally:
+        group.shutdown()
+        learner.shutdown()
+
+
+@pytest.mark.integration  # Ray
+def test_an_engine_that_dies_in_a_sync_with_no_restarts_left_stops_it_at_once_naming_the_engine(
+        ray_local, policy_config, new_model, named_parameters, monkeypatch, tmp_path):
+    monkeypatch.setenv(KILL_ACTOR_ENV, f"sync:{tmp_path}")
+    learner = ActorLearner(ray_local, named_parameters(new_model))
+    config = RolloutConfig(engine="hf", num_engines=2, weight_sync="collective", weight_sync_bucket_mb=1,
+                           weight_sync_timeout_s=300)
+    group = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, max_restarts=0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ActorDied, match=r"the rollout engine [01] died during sync") as error:
+            group.sync_from(learner)
+        assert time.monotonic() - start < 120
+        assert "\n" not in str(error.value) and "rlhf-loop resume" in str(error.value)
+        # the learner's side was stopped too: it answers at once
+        assert ray_local.get(learner.rank.address.remote(), timeout=30) == learner.address
+    finally:
+        group.shutdown()
+        learner.shutdown()
 
 
 @pytest.mark.integration  # Ray and vLLM
@@ -196,18 +250,21 @@ def test_a_warm_engine_taken_by_a_later_run_starts_it_as_a_new_engine_would(
     config = RolloutConfig(engine=engine, num_engines=1, weight_sync="collective", weight_sync_bucket_mb=1)
     names = [f"warm-test-{engine}"]
     earlier = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, names=names)
+    learners = [ActorLearner(ray_local, named_parameters(new_model)) for _ in range(2)]
     try:
         assert earlier.reused == [False]
         new_engine_samples = earlier.generate(prompts[:4], SAMPLING)
-        earlier.sync_from(ThreadLearner(named_parameters(new_model)))  # the earlier run trained and synced
+        earlier.sync_from(learners[0])  # the earlier run trained and synced
         assert earlier.generate(prompts[:4], SAMPLING) != new_engine_samples
         later = RolloutGroup(policy_config, config, "cpu", max_model_len=256, seed=0, names=names)
         assert later.reused == [True] and later.placement() == earlier.placement()
         assert later.generate(prompts[:4], SAMPLING) == new_engine_samples
-        later.sync_from(ThreadLearner(named_parameters(new_model)))  # the later run's learner: a group of its own
+        later.sync_from(learners[1])  # the later run's learner: a group of its own
         assert later.greedy(prompts[:4], MAX_TOKENS) == [hf_greedy(new_model, prompts[:4], MAX_TOKENS)]
     finally:
         earlier.shutdown()  # the detached actor goes only when killed
+        for learner in learners:
+            learner.shutdown()
 
 
 @pytest.mark.integration  # Ray

@@ -11,7 +11,7 @@ import torch
 
 from policy.config import LoRAConfig, RolloutConfig, TrainConfig
 from policy.weight_buckets import plan_buckets
-from policy.weight_sync import SyncGroup, SyncSpec, WeightSyncTimeout, host_store
+from policy.weight_sync import SyncGroup, SyncSpec, WeightSyncAborted, WeightSyncTimeout, abort_sync, host_store
 from rlhf_loop.common.records import Pair, Response
 from rlhf_loop.driver.stages import sync_weights
 
@@ -177,3 +177,81 @@ def test_a_sender_that_never_starts_the_sync_is_one_line_naming_it():
     finally:
         receiver.shutdown()
         groups[0].shutdown()
+
+
+def test_the_drivers_abort_stops_ranks_waiting_for_one_that_will_never_come():
+    store = host_store("127.0.0.1")
+    spec = SyncSpec("127.0.0.1", store.port, "dead-engine", ("learner rank 0", "rollout engine 0", "rollout engine 1"),
+                    timeout_s=300)
+    errors = []
+
+    def rank(number):
+        try:
+            SyncGroup(spec, number, CPU, store if number == 0 else None)
+        except Exception as error:  # noqa: BLE001 - the result
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in (0, 1)]  # rank 2 never comes
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    abort_sync(spec, "rollout engine 1 died")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - start < 15
+    assert len(errors) == 2 and all(isinstance(error, WeightSyncAborted) for error in errors)
+    assert {str(error) for error in errors} == {
+        f"weight sync dead-engine: {name} stopped waiting: rollout engine 1 died"
+        for name in ("learner rank 0", "rollout engine 0")}
+
+
+def test_the_drivers_abort_stops_a_receiver_in_the_middle_of_a_broadcast():
+    """The learner has published the plan but stalls before its first bucket (as when another receiver's death
+    broke its broadcast): the receivers, already waiting on gloo for that bucket, stop at the abort."""
+    store = host_store("127.0.0.1")
+    spec = SyncSpec("127.0.0.1", store.port, "stalled", ("learner rank 0", "rollout engine 0"), timeout_s=20)
+    named = [("w", torch.ones(8))]
+    plan = plan_buckets([(name, tensor.shape, tensor.dtype) for name, tensor in named], 1024)
+    go_on = threading.Event()
+    groups, errors = {}, []
+
+    def stalled_buckets():
+        go_on.wait(timeout=60)
+        yield [named[0][1]]
+
+    def sender():
+        groups[0] = SyncGroup(spec, 0, CPU, store)
+        try:
+            groups[0].send(0, plan, stalled_buckets())
+        except WeightSyncTimeout:
+            pass  # its receiver has gone
+        finally:
+            groups[0].shutdown()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    receiver = SyncGroup(spec, 1, CPU)
+    try:
+        received = receiver.receive(0)
+        waiter = threading.Thread(target=lambda: errors.append(_first_error(received)))
+        start = time.monotonic()
+        waiter.start()
+        time.sleep(0.5)
+        abort_sync(spec, "rollout engine 1 died")
+        waiter.join(timeout=30)
+        assert time.monotonic() - start < 10  # the gloo timeout is 20 s
+        assert len(errors) == 1 and isinstance(errors[0], WeightSyncAborted)
+        assert "rollout engine 0 stopped waiting" in str(errors[0])
+    finally:
+        go_on.set()
+        receiver.shutdown()
+        thread.join(timeout=60)
+
+
+def _first_error(received) -> Exception | None:
+    try:
+        next(received)
+    except Exception as error:  # noqa: BLE001 - the result
+        return error
+    return None
