@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -171,8 +172,27 @@ def _run_loop(cfg, run_dir, ray_logs: Path, verbose: bool, early_actors: Future 
     if not verbose:
         link_ray_logs(ray_logs, run_dir.root / "logs")
     with beating(run_dir):
-        loop.run(cfg, run_dir, early_actors)
+        try:
+            loop.run(cfg, run_dir, early_actors)
+        except Exception as error:
+            if isinstance(error, UserError) or (hint := full_disk_hint(run_dir.root)) is None:
+                raise
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(f"{first_line}; {hint}") from error
     say(f"rlhf-loop: finished; `rlhf-loop report {run_dir.root}` writes its HTML report")
+
+
+LOW_DISK_BYTES = 1 << 30  # below this much free space a failed write is most likely a full disk
+
+
+def full_disk_hint(run_dir: Path) -> str | None:
+    """What to do when a run failed on a disk with little room left (a checkpoint that did not fit fails deep in
+    torch.save, with a message that does not say so); None while there is room."""
+    free = shutil.disk_usage(run_dir).free
+    if free >= LOW_DISK_BYTES:
+        return None
+    return (f"the disk of {run_dir} has {free / (1 << 20):.0f} MB free, most likely the cause: free space (the "
+            f"largest files are learner checkpoints, iter_*/learner/ in earlier runs), then `rlhf-loop resume {run_dir}`")
 
 
 @contextlib.contextmanager

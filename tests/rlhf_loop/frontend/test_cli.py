@@ -193,6 +193,30 @@ def test_the_toy_models_are_built_before_the_actors_that_load_them_start(config,
     assert order.index("toy assets") < order.index("actors")
 
 
+def test_a_failure_on_a_full_disk_is_one_line_saying_so_and_the_run_is_kept(capsys, config, tmp_path, monkeypatch):
+    """A checkpoint that does not fit fails inside torch.save with a message about zip records; on a disk with
+    under 1 GiB free the error says what it most likely is."""
+    from collections import namedtuple
+
+    from rlhf_loop import loop
+    from rlhf_loop.frontend import cli
+
+    def checkpoint_that_does_not_fit(cfg, run_dir, early_actors=None):
+        raise RuntimeError("learner rank 0 failed during checkpoint: unexpected pos 923979584 vs 923979472")
+
+    monkeypatch.setattr(loop, "run", checkpoint_that_does_not_fit)
+    usage = namedtuple("usage", "total used free")
+    run_dir = tmp_path / "r"
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(2 << 40, (2 << 40) - (882 << 20), 882 << 20))
+    err = fails(capsys, ["run", config(), "--run-dir", str(run_dir)], "unexpected pos 923979584 vs 923979472; the disk of")
+    assert "has 882 MB free, most likely the cause" in err and f"`rlhf-loop resume {run_dir}`" in err
+    assert (run_dir / "config.yaml").exists()  # nothing deleted: resume continues it
+    # with room on the disk the error is not dressed up as a full disk
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(2 << 40, 1 << 40, 1 << 40))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        main(["run", config(), "--run-dir", str(tmp_path / "r2")])
+
+
 # A refusal that comes while the actors start (the check is slower than Ray here, as it is on a busy machine): the
 # wrapper holds the config check back until the actors' start has begun, plus a delay that puts the refusal in each
 # phase of it (reserving the placement groups, creating the actors, waiting in `ray.get` for them to load models).
