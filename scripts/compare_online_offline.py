@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,7 +126,15 @@ def run(arm: Arm, runs_dir: Path) -> Path:
         command = ["run", str(MODELS[arm.model].config(arm.name)), *arm.overrides(), "--run-dir", str(run_dir)]
     print(f"$ rlhf-loop {' '.join(command)}", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "rlhf_loop.frontend.cli", *command], check=True, cwd=REPO, stdout=sys.stderr)
+    drop_learner_checkpoints(run_dir)
     return run_dir
+
+
+def drop_learner_checkpoints(run_dir: Path) -> None:
+    """A finished run's learner checkpoints (iter_*/learner/) go: the comparison reads metrics, rollouts and pairs,
+    and on SmolLM2 the checkpoints are 1.6 GB an iteration, about 40 GB over the 19 runs of the README's sweep."""
+    for learner in run_dir.glob("iter_*/learner"):
+        shutil.rmtree(learner)
 
 
 def gold_curve(run_dir: Path) -> list[float]:

@@ -182,3 +182,14 @@ def test_the_curves_are_drawn(tmp_path):
     path = tmp_path / "curves.png"
     compare.plot_curves(curves, {"online": 8e-4, "offline": 4e-4}, "long_lists", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_runs_learner_checkpoints_go_and_what_the_comparison_reads_stays(tmp_path):
+    run_dir = fake_run(tmp_path / "online", [0.1, 0.2, 0.3], kl=1.0)
+    for iteration in (1, 2):
+        (run_dir / f"iter_00{iteration}" / "learner" / "step_000004").mkdir(parents=True)
+        (run_dir / f"iter_00{iteration}" / "learner" / "step_000004" / "model_states.pt").write_bytes(b"\0" * 64)
+        (run_dir / f"iter_00{iteration}" / "pairs.jsonl").write_text("{}\n")
+    compare.drop_learner_checkpoints(run_dir)
+    assert not list(run_dir.glob("iter_*/learner"))
+    assert (run_dir / "iter_001" / "pairs.jsonl").exists() and compare.gold_curve(run_dir) == [0.1, 0.2, 0.3]
