@@ -6,7 +6,8 @@ itself at a named point, exactly as a preempted node or the OOM killer would sto
     RLHF_LOOP_KILL_AT=iter_001/pairs:manifest   ... in the middle of the manifest write that records it
     RLHF_LOOP_KILL_AT=checkpoint:iter_001/step_000002   a learner rank dies writing that checkpoint
     RLHF_LOOP_KILL_ACTOR=rollout,reward:DIR     the first call of each named actor role dies once (DIR/ROLE marks it);
-                                                roles: rollout, episodes, sync (an engine, as a weight sync begins), reward
+                                                roles: rollout, episodes, sync (an engine as a weight sync begins),
+                                                reward
 
 A leaf module; a no-op unless the variables are set.
 """

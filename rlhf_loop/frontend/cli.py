@@ -192,7 +192,8 @@ def full_disk_hint(run_dir: Path) -> str | None:
     if free >= LOW_DISK_BYTES:
         return None
     return (f"the disk of {run_dir} has {free / (1 << 20):.0f} MB free, most likely the cause: free space (the "
-            f"largest files are learner checkpoints, iter_*/learner/ in earlier runs), then `rlhf-loop resume {run_dir}`")
+            f"largest files are learner checkpoints, iter_*/learner/ in earlier runs), then "
+            f"`rlhf-loop resume {run_dir}`")
 
 
 @contextlib.contextmanager

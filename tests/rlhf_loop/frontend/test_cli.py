@@ -208,7 +208,8 @@ def test_a_failure_on_a_full_disk_is_one_line_saying_so_and_the_run_is_kept(caps
     usage = namedtuple("usage", "total used free")
     run_dir = tmp_path / "r"
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(2 << 40, (2 << 40) - (882 << 20), 882 << 20))
-    err = fails(capsys, ["run", config(), "--run-dir", str(run_dir)], "unexpected pos 923979584 vs 923979472; the disk of")
+    err = fails(capsys, ["run", config(), "--run-dir", str(run_dir)],
+                "unexpected pos 923979584 vs 923979472; the disk of")
     assert "has 882 MB free, most likely the cause" in err and f"`rlhf-loop resume {run_dir}`" in err
     assert (run_dir / "config.yaml").exists()  # nothing deleted: resume continues it
     # with room on the disk the error is not dressed up as a full disk
