@@ -63,7 +63,7 @@ class RolloutConfig:
     # are the extra memory a sync needs on each side
     weight_sync_bucket_mb: int = 256
     # collective: a rank of the sync not arriving (or a bucket not arriving) in this long stops the run with one line
-    # naming the rank
+    # naming the rank (a rank that fails or dies stops the others at once)
     weight_sync_timeout_s: float = 600.0
 
     @property
