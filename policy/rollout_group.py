@@ -283,14 +283,13 @@ class RolloutGroup:
                     what = "died" if isinstance(error, ActorDied) else f"failed ({type(error).__name__})"
                     abort_sync(spec, f"{roles[ready[0]]} {what}")
                 failures.append((ready[0], error))
-        if failures:
-            self._members = None  # an aborted group is not used again
+        if not failures:
+            return None
+        self._members = None  # an aborted group is not used again
         for ref, error in failures:
             if ref in receiving and isinstance(error, ActorDied):
                 return receiving[ref], error
-        if failures:
-            raise next((error for _, error in failures if not isinstance(error, WeightSyncAborted)), failures[0][1])
-        return None
+        raise next((error for _, error in failures if not isinstance(error, WeightSyncAborted)), failures[0][1])
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[list[int]]]:
         """Every engine's greedy token ids for every prompt: [engine][prompt] -> token ids (to check weight sync)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -154,12 +154,8 @@ class SyncGroup:
         """Wait for one bucket's broadcast. On gloo, look for the driver's abort every second meanwhile: a rank
         whose sender has failed would otherwise wait until the group's timeout. (NCCL's wait() only orders the
         stream, so there is nothing to interrupt.)"""
-        look_at = time.monotonic() + LOOK_EVERY_S
-        while self.device.type == "cpu" and not work.is_completed():
-            time.sleep(POLL_S)
-            if time.monotonic() >= look_at:
-                _raise_if_aborted(self._store, self.spec, self.rank)
-                look_at += LOOK_EVERY_S
+        if self.device.type == "cpu":
+            _wait_until(work.is_completed, self._store, self.spec, self.rank, timeout_s=None)  # gloo's own timeout
         try:
             work.wait()
         except RuntimeError as error:
@@ -207,10 +203,17 @@ def _join(spec: SyncSpec, session: dist.Store, rank: int, device: torch.device) 
 def _wait_for_keys(session: dist.Store, keys: list[str], spec: SyncSpec, rank: int) -> bool:
     """Whether `keys` were all set within `spec.timeout_s`; the driver's abort raises at once. (Polled with
     check(): a store wait() that times out logs a warning each time.)"""
-    deadline = time.monotonic() + spec.timeout_s
-    look_at = time.monotonic() + LOOK_EVERY_S
-    while not session.check(keys):
-        if time.monotonic() >= deadline:
+    return _wait_until(lambda: session.check(keys), session, spec, rank, spec.timeout_s)
+
+
+def _wait_until(ready: Callable[[], bool], session: dist.Store, spec: SyncSpec, rank: int,
+                timeout_s: float | None) -> bool:
+    """Whether `ready()` came true within `timeout_s` (None: no limit of ours), looking for the driver's abort
+    every second meanwhile."""
+    start = time.monotonic()
+    look_at = start + LOOK_EVERY_S
+    while not ready():
+        if timeout_s is not None and time.monotonic() - start >= timeout_s:
             return False
         time.sleep(POLL_S)
         if time.monotonic() >= look_at:
